@@ -1,0 +1,133 @@
+// The pybind11 module eplib._C. Tensors cross this boundary as raw addresses (tensor.data_ptr())
+// plus sizes, so the native core never links against libtorch. The Python transports check
+// dtypes, shapes and contiguity before calling in; the GIL is released while kernels run.
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+
+#include "cpu/kernels.h"
+#include "eplib/layout.h"
+#include "cpu/parallel.h"
+#ifdef EPLIB_WITH_CUDA
+#include "cuda/runtime.h"
+#endif
+
+namespace py = pybind11;
+
+namespace {
+
+template <typename T>
+T* as_ptr(uintptr_t address) {
+  return reinterpret_cast<T*>(address);
+}
+
+bool built_with_cuda() {
+#ifdef EPLIB_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+int cuda_device_count() {
+#ifdef EPLIB_WITH_CUDA
+  return eplib::cuda::device_count();
+#else
+  return 0;
+#endif
+}
+
+int cuda_runtime_version() {
+#ifdef EPLIB_WITH_CUDA
+  return eplib::cuda::runtime_version();
+#else
+  return 0;
+#endif
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  using eplib::DType;
+  namespace cpu = eplib::cpu;
+  const auto release_gil = py::call_guard<py::gil_scoped_release>();
+
+  m.doc() = "eplib native core: CPU kernels and (when built with nvcc) CUDA kernels.";
+
+  m.def("built_with_cuda", &built_with_cuda, "True when the CUDA part was compiled in.");
+  m.def("cuda_device_count", &cuda_device_count, "Visible CUDA devices (0 without driver or GPU).");
+  m.def("cuda_available", [] { return cuda_device_count() > 0; }, "True when CUDA kernels can run here.");
+  m.def("cuda_runtime_version", &cuda_runtime_version, "CUDA runtime version compiled in (0 without CUDA).");
+  m.def("set_num_threads", &cpu::set_num_threads, py::arg("num_threads"));
+  m.def("get_num_threads", &cpu::get_num_threads);
+
+  m.def(
+      "dispatch_layout",
+      [](uintptr_t topk_idx, int64_t num_tokens, int num_topk, int num_experts, int num_ranks,
+         uintptr_t num_tokens_per_rank, uintptr_t num_tokens_per_expert, uintptr_t is_token_in_rank) {
+        cpu::dispatch_layout(as_ptr<const int64_t>(topk_idx), num_tokens, num_topk, num_experts, num_ranks,
+                             as_ptr<int32_t>(num_tokens_per_rank), as_ptr<int32_t>(num_tokens_per_expert),
+                             as_ptr<bool>(is_token_in_rank));
+      },
+      release_gil);
+
+  m.def(
+      "send_positions",
+      [](uintptr_t is_token_in_rank, int64_t num_tokens, int num_ranks, uintptr_t send_pos,
+         uintptr_t num_tokens_per_rank) {
+        cpu::send_positions(as_ptr<const bool>(is_token_in_rank), num_tokens, num_ranks, as_ptr<int32_t>(send_pos),
+                            as_ptr<int32_t>(num_tokens_per_rank));
+      },
+      release_gil);
+
+  m.def(
+      "dispatch_pack",
+      [](uintptr_t x, int64_t x_bytes, uintptr_t x_scales, int64_t scales_bytes, uintptr_t topk_idx,
+         uintptr_t topk_weights, int num_topk, int num_experts, uintptr_t send_pos, int64_t num_tokens, int num_ranks,
+         uintptr_t send_buffer) {
+        cpu::dispatch_pack(as_ptr<const uint8_t>(x), x_bytes, as_ptr<const uint8_t>(x_scales), scales_bytes,
+                           as_ptr<const int64_t>(topk_idx), as_ptr<const float>(topk_weights), num_topk, num_experts,
+                           as_ptr<const int32_t>(send_pos), num_tokens, num_ranks, as_ptr<uint8_t>(send_buffer));
+      },
+      release_gil);
+
+  m.def(
+      "dispatch_unpack",
+      [](uintptr_t recv_buffer, int64_t num_rows, int64_t x_bytes, int64_t scales_bytes, int num_topk,
+         uintptr_t recv_x, uintptr_t recv_x_scales, uintptr_t recv_src_idx, uintptr_t recv_topk_idx,
+         uintptr_t recv_topk_weights) {
+        cpu::dispatch_unpack(as_ptr<const uint8_t>(recv_buffer), num_rows, x_bytes, scales_bytes, num_topk,
+                             as_ptr<uint8_t>(recv_x), as_ptr<uint8_t>(recv_x_scales), as_ptr<int32_t>(recv_src_idx),
+                             as_ptr<int64_t>(recv_topk_idx), as_ptr<float>(recv_topk_weights));
+      },
+      release_gil);
+
+  m.def(
+      "combine_pack",
+      [](uintptr_t x, int64_t x_bytes, uintptr_t topk_weights, int num_topk, int64_t num_rows, uintptr_t send_buffer) {
+        cpu::combine_pack(as_ptr<const uint8_t>(x), x_bytes, as_ptr<const float>(topk_weights), num_topk, num_rows,
+                          as_ptr<uint8_t>(send_buffer));
+      },
+      release_gil);
+
+  m.def(
+      "combine_reduce",
+      [](int dtype, uintptr_t recv_buffer, int64_t hidden, int num_topk, uintptr_t send_pos, int64_t num_tokens,
+         int num_ranks, uintptr_t bias_0, uintptr_t bias_1, uintptr_t combined_x, uintptr_t combined_topk_weights) {
+        cpu::combine_reduce(static_cast<DType>(dtype), as_ptr<const uint8_t>(recv_buffer), hidden, num_topk,
+                            as_ptr<const int32_t>(send_pos), num_tokens, num_ranks, as_ptr<const void>(bias_0),
+                            as_ptr<const void>(bias_1), as_ptr<void>(combined_x), as_ptr<float>(combined_topk_weights));
+      },
+      release_gil);
+
+  m.def(
+      "dispatch_row_stride",
+      [](int64_t x_bytes, int64_t scales_bytes, int num_topk) {
+        return eplib::make_dispatch_row_layout(x_bytes, scales_bytes, num_topk).stride;
+      },
+      "Bytes of one packed dispatch row (x, scales, src index, top-k ids and weights, 16-byte aligned).");
+  m.def(
+      "combine_row_stride",
+      [](int64_t x_bytes, int num_topk) { return eplib::make_combine_row_layout(x_bytes, num_topk).stride; },
+      "Bytes of one combine row (x, then top-k weights when num_topk > 0).");
+}

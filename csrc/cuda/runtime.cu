@@ -1,0 +1,23 @@
+#include <cuda_runtime.h>
+
+#include "runtime.h"
+
+namespace eplib::cuda {
+
+int device_count() {
+  int count = 0;
+  // Without a driver or device the runtime answers with an error code instead of a count.
+  if (cudaGetDeviceCount(&count) != cudaSuccess) {
+    cudaGetLastError();  // clear the sticky error in our (static) runtime instance
+    return 0;
+  }
+  return count;
+}
+
+int runtime_version() {
+  int version = 0;
+  cudaRuntimeGetVersion(&version);
+  return version;
+}
+
+}  // namespace eplib::cuda

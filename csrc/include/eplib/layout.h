@@ -1,0 +1,81 @@
+// Index arithmetic that decides where a token goes. Shared verbatim by the CPU kernels and the
+// CUDA kernels, so the CPU tests exercise the same logic the GPU runs.
+#pragma once
+
+#include <cstdint>
+
+#include "eplib/macros.h"
+
+namespace eplib {
+
+// Every segment of a packed row starts on a 16-byte boundary so that GPU kernels can move it with
+// int4 loads and stores.
+constexpr int64_t kRowAlignment = 16;
+
+EPLIB_HOST_DEVICE int64_t align_up(int64_t value, int64_t alignment) {
+  return (value + alignment - 1) / alignment * alignment;
+}
+
+// Rank r owns experts [r * experts_per_rank, (r + 1) * experts_per_rank).
+EPLIB_HOST_DEVICE int rank_of_expert(int64_t expert, int experts_per_rank) {
+  return static_cast<int>(expert / experts_per_rank);
+}
+
+// The id that rank `rank` uses for global expert `expert`, or -1 when another rank owns it
+// (also for the masked slot -1).
+EPLIB_HOST_DEVICE int32_t local_expert_id(int64_t expert, int rank, int experts_per_rank) {
+  const int64_t first = static_cast<int64_t>(rank) * experts_per_rank;
+  return (expert >= first && expert < first + experts_per_rank) ? static_cast<int32_t>(expert - first) : -1;
+}
+
+// Byte layout of one dispatched row in a send or receive region:
+//   [x: x_bytes][pad][scales: scales_bytes][pad][src_idx: int32][topk_idx: int32 x K][topk_weights: f32 x K][pad]
+// scales_bytes is 0 unless x is the FP8 tuple; num_topk is 0 when no top-k travels.
+struct DispatchRowLayout {
+  int64_t x_bytes;
+  int64_t scales_offset;
+  int64_t scales_bytes;
+  int64_t src_idx_offset;
+  int64_t topk_idx_offset;
+  int64_t topk_weights_offset;
+  int num_topk;
+  int64_t stride;
+};
+
+EPLIB_HOST_DEVICE DispatchRowLayout make_dispatch_row_layout(int64_t x_bytes, int64_t scales_bytes, int num_topk) {
+  DispatchRowLayout layout{};
+  layout.x_bytes = x_bytes;
+  layout.scales_offset = align_up(x_bytes, kRowAlignment);
+  layout.scales_bytes = scales_bytes;
+  layout.src_idx_offset = align_up(layout.scales_offset + scales_bytes, kRowAlignment);
+  layout.topk_idx_offset = layout.src_idx_offset + static_cast<int64_t>(sizeof(int32_t));
+  layout.topk_weights_offset = layout.topk_idx_offset + static_cast<int64_t>(sizeof(int32_t)) * num_topk;
+  layout.num_topk = num_topk;
+  layout.stride = align_up(layout.topk_weights_offset + static_cast<int64_t>(sizeof(float)) * num_topk, kRowAlignment);
+  return layout;
+}
+
+// Byte layout of one row sent back by combine: [x: x_bytes][pad][topk_weights: f32 x K][pad].
+// Without weights the row is x alone, unpadded, so the expert output can be sent as it is.
+struct CombineRowLayout {
+  int64_t x_bytes;
+  int64_t topk_weights_offset;  // -1 when no weights travel
+  int num_topk;
+  int64_t stride;
+};
+
+EPLIB_HOST_DEVICE CombineRowLayout make_combine_row_layout(int64_t x_bytes, int num_topk) {
+  CombineRowLayout layout{};
+  layout.x_bytes = x_bytes;
+  layout.num_topk = num_topk;
+  if (num_topk == 0) {
+    layout.topk_weights_offset = -1;
+    layout.stride = x_bytes;
+  } else {
+    layout.topk_weights_offset = align_up(x_bytes, kRowAlignment);
+    layout.stride = align_up(layout.topk_weights_offset + static_cast<int64_t>(sizeof(float)) * num_topk, kRowAlignment);
+  }
+  return layout;
+}
+
+}  // namespace eplib

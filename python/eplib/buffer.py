@@ -1,0 +1,283 @@
+"""``eplib.Buffer``: DeepEP V1's ``deep_ep.Buffer`` (normal mode), call for call.
+
+Code written for DeepEP runs on eplib by changing the import. The Buffer checks every argument,
+then hands the call to a transport (``eplib.transports``) that moves the rows between ranks.
+"""
+
+from typing import List, Optional, Tuple, Union
+
+import torch
+import torch.distributed as dist
+
+from ._dtypes import KERNEL_DTYPE_CODES
+from .config import Config
+from .event import EventOverlap
+from .handle import DispatchHandle
+from .transports import CpuTransport
+from .validation import check_bias, check_int, check_num_experts, check_tensor, check_topk, check_x
+
+Tensor = torch.Tensor
+XType = Union[Tensor, Tuple[Tensor, Tensor]]
+
+TRANSPORTS = ("auto", "cpu")
+
+# DeepEP's recommended chunk sizes by group size; eplib's cpu transport does not use them.
+_DISPATCH_CHUNKS = {2: (24, 256), 4: (6, 256), 8: (6, 256), 16: (36, 288), 24: (8, 288), 32: (32, 288),
+                    64: (20, 288), 128: (20, 560), 144: (32, 720), 160: (28, 720)}
+_COMBINE_CHUNKS = {2: (10, 256), 4: (9, 256), 8: (4, 256), 16: (4, 288), 24: (1, 288), 32: (1, 288),
+                   64: (1, 288), 128: (1, 560), 144: (2, 720), 160: (2, 720)}
+
+
+class Buffer:
+    """Expert-parallel dispatch and combine across the ranks of a process group.
+
+    Constructor keywords are DeepEP's. On the cpu transport these have no effect and are kept
+    only so that DeepEP code runs unchanged: ``num_nvl_bytes``, ``num_rdma_bytes`` (no peer or
+    RDMA buffer is allocated), ``low_latency_mode``, ``num_qps_per_rank``,
+    ``allow_nvlink_for_low_latency_mode``, ``allow_mnnvl``, ``use_fabric``, ``enable_shrink``.
+    ``explicitly_destroy`` works as in DeepEP: ``destroy()`` must then be called and is allowed
+    only then. ``comm`` (an mpi4py communicator) is not supported: pass a ``group``.
+
+    ``transport`` (eplib only): ``"auto"`` picks per call by the tensors' device; ``"cpu"`` runs
+    CPU tensors over the group's gloo backend.
+
+    Attributes: ``rank``, ``group_size``, ``group``, ``num_nvl_bytes``, ``num_rdma_bytes``,
+    ``low_latency_mode``, ``explicitly_destroy`` and the class attribute ``num_sms``.
+    """
+
+    num_sms: int = 20
+
+    def __init__(self, group: dist.ProcessGroup, num_nvl_bytes: int = 0, num_rdma_bytes: int = 0,
+                 low_latency_mode: bool = False, num_qps_per_rank: int = 24,
+                 allow_nvlink_for_low_latency_mode: bool = True, allow_mnnvl: bool = False,
+                 explicitly_destroy: bool = False, *, use_fabric: bool = False, enable_shrink: bool = False,
+                 comm=None, transport: str = "auto") -> None:
+        if group is None:
+            raise ValueError("group: expected a torch.distributed ProcessGroup, got None"
+                             + ("; mpi4py communicators (comm=) are not supported" if comm is not None else ""))
+        if not isinstance(group, dist.ProcessGroup):
+            raise TypeError(f"group: expected a torch.distributed ProcessGroup, got {type(group).__name__}")
+        if transport not in TRANSPORTS:
+            raise ValueError(f"transport: expected one of {TRANSPORTS}, got {transport!r}")
+        check_int("num_nvl_bytes", num_nvl_bytes, 0)
+        check_int("num_rdma_bytes", num_rdma_bytes, 0)
+        self.group = group
+        self.rank = group.rank()
+        self.group_size = group.size()
+        self.num_nvl_bytes = num_nvl_bytes
+        self.num_rdma_bytes = num_rdma_bytes
+        self.low_latency_mode = low_latency_mode
+        self.explicitly_destroy = explicitly_destroy
+        self.transport = transport
+        self._cpu = CpuTransport(group)
+        self._destroyed = False
+
+    # ----------------------------------------------------------------------------------------
+    # Lifetime and compatibility helpers
+    # ----------------------------------------------------------------------------------------
+
+    def destroy(self) -> None:
+        """Release the buffer's resources; allowed only with ``explicitly_destroy=True``."""
+        if not self.explicitly_destroy:
+            raise RuntimeError("destroy(): the Buffer was created with explicitly_destroy=False; its resources are "
+                               "released when it is garbage-collected")
+        self._destroyed = True
+        self._cpu = None
+
+    def _check_alive(self) -> None:
+        if self._destroyed:
+            raise RuntimeError("this Buffer was destroyed; create a new one")
+
+    @staticmethod
+    def set_num_sms(new_num_sms: int) -> None:
+        """Set the SMs that GPU kernels may use (even, as in DeepEP). No effect on CPU."""
+        check_int("new_num_sms", new_num_sms, 2)
+        if new_num_sms % 2 != 0:
+            raise ValueError(f"new_num_sms: expected an even number, got {new_num_sms}")
+        Buffer.num_sms = new_num_sms
+
+    @staticmethod
+    def capture() -> EventOverlap:
+        """An event on the current CUDA stream, or a completed no-op event without CUDA."""
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream())
+            return EventOverlap(event)
+        return EventOverlap()
+
+    def get_comm_stream(self) -> Optional["torch.cuda.Stream"]:
+        """The communication stream of GPU transports; None on CPU, where calls finish before returning."""
+        return None
+
+    @staticmethod
+    def get_dispatch_config(num_ranks: int) -> Config:
+        """DeepEP's recommended dispatch config for ``num_ranks`` (its defaults for other sizes)."""
+        send, recv = _DISPATCH_CHUNKS.get(check_int("num_ranks", num_ranks, 1), (6, 256))
+        return Config(Buffer.num_sms, send, recv, 6, 128)
+
+    @staticmethod
+    def get_combine_config(num_ranks: int) -> Config:
+        """DeepEP's recommended combine config for ``num_ranks`` (its defaults for other sizes)."""
+        send, recv = _COMBINE_CHUNKS.get(check_int("num_ranks", num_ranks, 1), (6, 256))
+        return Config(Buffer.num_sms, send, recv, 6, 128)
+
+    @staticmethod
+    def get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int,
+                                       num_experts: int) -> int:
+        """Bytes for DeepEP's low-latency layout, bf16 rows: send and receive regions of dispatch
+        (``[max_tokens]`` and ``[E_local, max_tokens * R]`` rows with a 16-byte header) and of
+        combine, double-buffered, rounded up to 128 bytes."""
+        max_tokens = check_int("num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank, 1)
+        check_int("hidden", hidden, 1)
+        check_num_experts(num_experts, check_int("num_ranks", num_ranks, 1))
+        row_bytes = 16 + (hidden * 2 + 15) // 16 * 16
+        experts_per_rank = num_experts // num_ranks
+        one_direction = max_tokens * row_bytes + experts_per_rank * max_tokens * num_ranks * row_bytes
+        return (2 * 2 * one_direction + 127) // 128 * 128
+
+    # ----------------------------------------------------------------------------------------
+    # Normal-mode API
+    # ----------------------------------------------------------------------------------------
+
+    def _transport_for(self, x: Tensor) -> CpuTransport:
+        if x.device.type == "cpu":
+            return self._cpu
+        raise ValueError(f"x: this build of eplib moves CPU tensors only (transport 'cpu'); got a tensor on "
+                         f"{x.device}. The nccl and ipc transports for CUDA tensors are not built yet")
+
+    def get_dispatch_layout(self, topk_idx: Tensor, num_experts: int, previous_event: Optional[EventOverlap] = None,
+                            async_finish: bool = False, allocate_on_comm_stream: bool = False
+                            ) -> Tuple[Tensor, Optional[Tensor], Tensor, Tensor, EventOverlap]:
+        """Count where each token goes.
+
+        Args:
+            topk_idx: int64 ``[T, K]``, expert ids in ``[-1, E)``; -1 is a masked slot.
+            num_experts: E, a multiple of the group size.
+
+        Returns:
+            ``num_tokens_per_rank`` int32 ``[R]`` (a token counts once per rank), ``None`` (DeepEP's
+            RDMA counts; eplib has no RDMA rank level), ``num_tokens_per_expert`` int32 ``[E]``
+            (counts (token, slot) pairs: an id repeated in one token's row counts twice),
+            ``is_token_in_rank`` bool ``[T, R]``, and an ``EventOverlap``.
+        """
+        self._check_alive()
+        check_num_experts(num_experts, self.group_size)
+        topk_idx = check_tensor("topk_idx", topk_idx, [torch.int64], [None, None])
+        transport = self._transport_for(topk_idx)
+        num_tokens_per_rank, num_tokens_per_expert, is_token_in_rank = transport.get_dispatch_layout(
+            topk_idx, num_experts)
+        return num_tokens_per_rank, None, num_tokens_per_expert, is_token_in_rank, EventOverlap()
+
+    def dispatch(self, x: XType, handle: Optional[DispatchHandle] = None,
+                 num_tokens_per_rank: Optional[Tensor] = None, num_tokens_per_rdma_rank: Optional[Tensor] = None,
+                 is_token_in_rank: Optional[Tensor] = None, num_tokens_per_expert: Optional[Tensor] = None,
+                 topk_idx: Optional[Tensor] = None, topk_weights: Optional[Tensor] = None,
+                 expert_alignment: int = 1, num_worst_tokens: int = 0, config: Optional[Config] = None,
+                 previous_event: Optional[EventOverlap] = None, async_finish: bool = False,
+                 allocate_on_comm_stream: bool = False
+                 ) -> Tuple[XType, Optional[Tensor], Optional[Tensor], Optional[List[int]], Optional[DispatchHandle],
+                            EventOverlap]:
+        """Send each token to every rank that owns one of its experts, once per rank.
+
+        Args:
+            x: ``[T, H]`` contiguous bf16/fp16/fp32, or the FP8 tuple (float8_e4m3fn ``[T, H]``,
+                float32 scales ``[T, H/128]``). A non-contiguous x raises ValueError (no silent copy).
+            handle: the handle of an earlier dispatch: cached mode, only x travels, along the same layout.
+            num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert: from ``get_dispatch_layout``;
+                required without a handle, and checked against each other and topk_idx (ValueError
+                on a mismatch). ``num_tokens_per_rdma_rank`` is accepted and ignored.
+            topk_idx: int64 ``[T, K]`` and topk_weights: float32 ``[T, K]``, both or neither.
+            expert_alignment: each per-expert count is rounded up to a multiple of this.
+            num_worst_tokens: if > 0, outputs have exactly this many rows (ValueError on the
+                rank that receives more); padding rows are zero with ``recv_topk_idx == -1``.
+            config, previous_event, async_finish, allocate_on_comm_stream: DeepEP's; no effect on CPU.
+
+        Returns:
+            ``recv_x`` ``[N, H]`` (a tuple for FP8), rows ordered by source rank then source token;
+            ``recv_topk_idx`` int64 ``[N, K]`` with receiver-local expert ids, -1 elsewhere;
+            ``recv_topk_weights`` float32 ``[N, K]``, 0 where the id is -1;
+            ``num_recv_tokens_per_expert_list`` (``E/R`` ints; ``[]`` with num_worst_tokens);
+            ``handle``; an ``EventOverlap``. In cached mode only ``recv_x`` and the event are set.
+        """
+        self._check_alive()
+        values, scales = check_x(x, list(KERNEL_DTYPE_CODES), allow_fp8=True)
+        transport = self._transport_for(values)
+        num_tokens = values.shape[0]
+        check_int("expert_alignment", expert_alignment, 1)
+        check_int("num_worst_tokens", num_worst_tokens, 0)
+        if config is not None and not isinstance(config, Config):
+            raise TypeError(f"config: expected an eplib.Config or None, got {type(config).__name__}")
+
+        if handle is not None:
+            given = [name for name, value in (("num_tokens_per_rank", num_tokens_per_rank),
+                                              ("is_token_in_rank", is_token_in_rank),
+                                              ("num_tokens_per_expert", num_tokens_per_expert),
+                                              ("topk_idx", topk_idx), ("topk_weights", topk_weights))
+                     if value is not None]
+            if given:
+                raise ValueError(f"{given[0]}: a cached dispatch (handle given) takes x only, got {', '.join(given)}")
+            self._check_handle(handle, num_tokens, values.device)
+            recv_x, recv_scales = transport.cached_dispatch(values, scales, handle)
+            return (recv_x, recv_scales) if scales is not None else recv_x, None, None, None, None, EventOverlap()
+
+        for name, value in (("num_tokens_per_rank", num_tokens_per_rank), ("is_token_in_rank", is_token_in_rank),
+                            ("num_tokens_per_expert", num_tokens_per_expert)):
+            if value is None:
+                raise ValueError(f"{name}: required when no handle is given (compute it with get_dispatch_layout)")
+        device = values.device
+        check_tensor("num_tokens_per_rank", num_tokens_per_rank, [torch.int32], [self.group_size], device)
+        check_tensor("is_token_in_rank", is_token_in_rank, [torch.bool], [num_tokens, self.group_size], device)
+        check_tensor("num_tokens_per_expert", num_tokens_per_expert, [torch.int32], [None], device)
+        check_num_experts(num_tokens_per_expert.shape[0], self.group_size)
+        topk_idx, topk_weights = check_topk(topk_idx, topk_weights, num_tokens, device, require_weights=True)
+
+        recv_x, recv_scales, recv_topk_idx, recv_topk_weights, per_expert, new_handle = transport.dispatch(
+            values, scales, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert, topk_idx, topk_weights,
+            expert_alignment, num_worst_tokens)
+        recv = (recv_x, recv_scales) if scales is not None else recv_x
+        return recv, recv_topk_idx, recv_topk_weights, per_expert, new_handle, EventOverlap()
+
+    def combine(self, x: Tensor, handle: DispatchHandle, topk_weights: Optional[Tensor] = None,
+                bias: Union[Tensor, Tuple[Tensor, Tensor], None] = None, config: Optional[Config] = None,
+                previous_event: Optional[EventOverlap] = None, async_finish: bool = False,
+                allocate_on_comm_stream: bool = False) -> Tuple[Tensor, Optional[Tensor], EventOverlap]:
+        """Send expert outputs back to their tokens and sum them.
+
+        Args:
+            x: ``[N, H]`` bf16/fp16/fp32, one row per row of the dispatch output (padding included).
+            handle: the handle that dispatch returned.
+            topk_weights: optional float32 ``[N, K]`` sent back and summed per token.
+            bias: None, one ``[T, H]`` tensor or a tuple of two, in x's dtype, added to the result.
+
+        Returns:
+            ``combined_x`` ``[T, H]``: per token, bias then the rows of its destination ranks in
+            ascending rank order, summed in fp32 and cast to x's dtype (weighting by the gate is
+            the caller's job, as in DeepEP); ``combined_topk_weights`` float32 ``[T, K]`` or None;
+            an ``EventOverlap``.
+        """
+        self._check_alive()
+        values, _ = check_x(x, list(KERNEL_DTYPE_CODES), allow_fp8=False)
+        transport = self._transport_for(values)
+        if config is not None and not isinstance(config, Config):
+            raise TypeError(f"config: expected an eplib.Config or None, got {type(config).__name__}")
+        self._check_handle(handle, None, values.device)
+        if values.shape[0] != handle.num_output_rows:
+            raise ValueError(f"x: expected {handle.num_output_rows} rows (the dispatch output of this handle), "
+                             f"got {values.shape[0]}")
+        if topk_weights is not None:
+            check_tensor("topk_weights", topk_weights, [torch.float32], [values.shape[0], None], values.device)
+        bias_0, bias_1 = check_bias(bias, handle.num_tokens, values.shape[1], values.dtype, values.device)
+        combined_x, combined_topk_weights = transport.combine(values, handle, topk_weights, bias_0, bias_1)
+        return combined_x, combined_topk_weights, EventOverlap()
+
+    def _check_handle(self, handle, num_tokens: Optional[int], device: torch.device) -> None:
+        if not isinstance(handle, DispatchHandle):
+            raise TypeError(f"handle: expected the DispatchHandle returned by eplib's Buffer.dispatch, got "
+                            f"{type(handle).__name__}")
+        if tuple(handle.rank_prefix_matrix.shape) != (self.group_size, self.group_size):
+            raise ValueError(f"handle: made for a group of {handle.rank_prefix_matrix.shape[0]} ranks, this Buffer's "
+                             f"group has {self.group_size}")
+        if num_tokens is not None and handle.num_tokens != num_tokens:
+            raise ValueError(f"handle: made for {handle.num_tokens} tokens, but x has {num_tokens}")
+        if handle.send_pos.device != device:
+            raise ValueError(f"handle: its tensors are on {handle.send_pos.device}, x is on {device}")

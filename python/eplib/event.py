@@ -1,0 +1,31 @@
+"""DeepEP-compatible event wrapper for overlapping communication with computation."""
+
+from typing import Any, Iterable, Optional
+
+import torch
+
+
+class EventOverlap:
+    """An event recorded after a communication call, plus the tensors it keeps alive.
+
+    On CUDA ``event`` is a ``torch.cuda.Event``; ``current_stream_wait()`` makes the current
+    stream wait for it. On CPU everything has finished when a call returns, so the event is
+    ``None`` and waiting is a no-op. As a context manager (``with event: ...``) it waits on exit,
+    like DeepEP's, so the body overlaps with the communication.
+    """
+
+    def __init__(self, event: Optional[Any] = None, extra_tensors: Optional[Iterable[torch.Tensor]] = None) -> None:
+        self.event = event
+        # Held only so that tensors in flight are not freed before the event completes.
+        self.extra_tensors = tuple(extra_tensors) if extra_tensors is not None else None
+
+    def current_stream_wait(self) -> None:
+        """Make the current stream wait for the event (no-op without one)."""
+        if self.event is not None:
+            torch.cuda.current_stream().wait_event(self.event)
+
+    def __enter__(self) -> "EventOverlap":
+        return self
+
+    def __exit__(self, exc_type, exc_value, traceback) -> None:
+        self.current_stream_wait()

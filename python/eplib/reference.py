@@ -1,0 +1,459 @@
+"""Plain-torch reference implementation of the eplib Buffer contract (DESIGN.md §2).
+
+`ReferenceBuffer` runs on every rank of a `torch.distributed` group and implements the
+DeepEP-V1-compatible normal-mode calls (`get_dispatch_layout`, `dispatch`, `combine`) with the
+simplest collectives there are: one `all_gather` of the per-rank counts and one
+`all_to_all_single` per tensor that travels. It imports nothing else from eplib on purpose: it is
+the independent oracle the tests compare `eplib.Buffer` against, and the baseline of the
+benchmarks. Clarity beats speed everywhere in this file.
+
+Conventions (shared with eplib.Buffer, bit for bit):
+- R = group size, E experts with E % R == 0; rank r owns experts [r*E/R, (r+1)*E/R).
+- topk_idx int64 [T, K] in [-1, E) (-1 = masked slot), topk_weights float32 [T, K].
+- x is [T, H] float32 / bfloat16 / float16, or the FP8 tuple
+  (float8_e4m3fn [T, H], float32 scales [T, S]) whose scales travel with their token.
+- A token goes to a rank at most once; received rows are ordered by source rank, then by
+  source token index.
+- combine sums in fp32: 0, then bias_0, then bias_1, then the rows sent back by the
+  destination ranks in ascending rank order; the sum is cast to x.dtype.
+"""
+
+from __future__ import annotations
+
+from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.distributed as dist
+
+Tensor = torch.Tensor
+#: x as dispatch accepts it: a [T, H] tensor or the FP8 tuple (values, scales).
+DispatchX = Union[Tensor, Tuple[Tensor, Tensor]]
+
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_FP8_DTYPE = torch.float8_e4m3fn
+
+
+class ReferenceHandle(NamedTuple):
+    """What `dispatch` hands back and `combine` / cached `dispatch` reuse.
+
+    Element [0] is the contract's `rank_prefix_matrix`; the rest is the reference's own.
+    """
+
+    rank_prefix_matrix: Tensor  # int32 [R, R]: [i][j] = tokens that source ranks 0..i send to rank j
+    is_token_in_rank: Tensor  # bool [T, R] of this rank's tokens, as given to dispatch
+    send_token_idx: Tensor  # int64 [S]: sent token ids, grouped by destination rank, then ascending
+    send_counts: Tuple[int, ...]  # [R]: rows this rank sent to each rank
+    recv_counts: Tuple[int, ...]  # [R]: rows this rank received from each rank
+    num_recv_tokens: int  # N: real received rows
+    num_rows: int  # rows of the dispatch outputs: N, or num_worst_tokens when that was > 0
+
+
+def _fail(exc_type: type, argument: str, expected: str, got: object) -> None:
+    raise exc_type(f"{argument}: expected {expected}, got {got}")
+
+
+def _describe(t: Tensor) -> str:
+    return f"{t.dtype} tensor of shape {list(t.shape)}"
+
+
+def _check_tensor(t: object, name: str, dtype: torch.dtype, shape: Sequence[Optional[int]]) -> Tensor:
+    """Checks type, dtype, rank and the known sizes (None = any) of a tensor argument."""
+    expected = f"{dtype} tensor of shape [{', '.join('*' if s is None else str(s) for s in shape)}]"
+    if not isinstance(t, Tensor):
+        _fail(TypeError, name, expected, type(t).__name__)
+    if t.dtype != dtype:
+        _fail(TypeError, name, expected, _describe(t))
+    if t.dim() != len(shape) or any(s is not None and s != n for s, n in zip(shape, t.shape)):
+        _fail(ValueError, name, expected, _describe(t))
+    return t
+
+
+def _check_float_x(x: object, name: str) -> Tensor:
+    """x of combine (or the plain-tensor x of dispatch): contiguous [T, H] fp32/bf16/fp16."""
+    if not isinstance(x, Tensor):
+        _fail(TypeError, name, "a [T, H] float32/bfloat16/float16 tensor", type(x).__name__)
+    if x.dtype not in _FLOAT_DTYPES:
+        _fail(TypeError, name, "dtype float32, bfloat16 or float16", _describe(x))
+    if x.dim() != 2:
+        _fail(ValueError, name, "a 2-D [T, H] tensor", _describe(x))
+    if not x.is_contiguous():
+        # The contract (like DeepEP) takes contiguous rows only; copying silently would hide a
+        # caller's layout bug and cost a full copy.
+        _fail(ValueError, name, "a contiguous tensor", f"strides {x.stride()}")
+    return x
+
+
+def _check_dispatch_x(x: object) -> Tuple[Tensor, Optional[Tensor]]:
+    """Splits dispatch's x into (values [T, H], scales [T, S] or None) after checking it."""
+    if isinstance(x, tuple):
+        if len(x) != 2:
+            _fail(ValueError, "x", "a tensor or the FP8 tuple (values, scales)", f"a tuple of {len(x)}")
+        values, scales = x
+        _check_tensor(values, "x[0]", _FP8_DTYPE, (None, None))
+        _check_tensor(scales, "x[1]", torch.float32, (values.shape[0], None))
+        for part, name in ((values, "x[0]"), (scales, "x[1]")):
+            if not part.is_contiguous():
+                _fail(ValueError, name, "a contiguous tensor", f"strides {part.stride()}")
+        return values, scales
+    return _check_float_x(x, "x"), None
+
+
+def _round_up(n: int, alignment: int) -> int:
+    return (n + alignment - 1) // alignment * alignment
+
+
+class ReferenceBuffer:
+    """Plain-torch Buffer over `torch.distributed` (any backend with all_gather / all_to_all).
+
+    Every call is collective except `get_dispatch_layout`: all ranks of `group` must call
+    `dispatch` / `combine` together, as with `eplib.Buffer` and `deep_ep.Buffer`.
+    """
+
+    def __init__(self, group: dist.ProcessGroup) -> None:
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.group_size = dist.get_world_size(group)
+
+    # ------------------------------------------------------------------ communication helpers
+
+    def _all_to_all_rows(self, send: Tensor, send_counts: Sequence[int], recv_counts: Sequence[int]) -> Tensor:
+        """Sends rows [sum(send_counts[:r]), sum(send_counts[:r+1])) of `send` [S, W] to rank r.
+
+        Returns [sum(recv_counts), W] with the rows from rank 0 first, then rank 1, ...
+        The rows travel as raw bytes so that every dtype (bf16, fp16, FP8, int64) takes the same
+        path whatever the backend supports, and arrives bit-identical.
+        """
+        send = send.contiguous()
+        send_bytes = send.view(torch.uint8)  # [S, W * element_size]
+        recv_bytes = torch.empty((sum(recv_counts), send_bytes.shape[1]), dtype=torch.uint8)
+        dist.all_to_all_single(
+            recv_bytes,
+            send_bytes,
+            output_split_sizes=list(recv_counts),
+            input_split_sizes=list(send_counts),
+            group=self.group,
+        )
+        return recv_bytes.view(send.dtype)
+
+    def _all_gather_vector(self, v: Tensor) -> Tensor:
+        """all_gather of an int64 vector [L] → [R, L] (row i from rank i)."""
+        parts = [torch.empty_like(v) for _ in range(self.group_size)]
+        dist.all_gather(parts, v, group=self.group)
+        return torch.stack(parts)
+
+    @staticmethod
+    def _pad_rows(t: Tensor, num_rows: int, fill: float) -> Tensor:
+        """t [N, W] → [num_rows, W] with rows N.. set to `fill` (num_rows >= N)."""
+        out = torch.full((num_rows,) + tuple(t.shape[1:]), fill, dtype=t.dtype)
+        out[: t.shape[0]] = t
+        return out
+
+    # ------------------------------------------------------------------ layout
+
+    def get_dispatch_layout(
+        self,
+        topk_idx: Tensor,
+        num_experts: int,
+        previous_event: object = None,
+        async_finish: bool = False,
+        allocate_on_comm_stream: bool = False,
+    ) -> Tuple[Tensor, None, Tensor, Tensor, None]:
+        """Where each token goes. Local; no communication.
+
+        Args:
+            topk_idx: int64 [T, K], values in [-1, num_experts).
+            num_experts: E, a multiple of the group size.
+            previous_event, async_finish, allocate_on_comm_stream: accepted for API parity, ignored.
+
+        Returns:
+            (num_tokens_per_rank int32 [R], None, num_tokens_per_expert int32 [E] (one count per
+            (token, slot) pair), is_token_in_rank bool [T, R], None).
+        """
+        num_experts = self._check_num_experts(num_experts)
+        self._check_topk_idx(topk_idx, None, num_experts)
+        experts_per_rank = num_experts // self.group_size
+        valid = topk_idx >= 0
+        # Destination rank of every slot, -1 for masked slots.
+        dest_rank = torch.where(valid, topk_idx // experts_per_rank, torch.full_like(topk_idx, -1))
+        is_token_in_rank = torch.stack(
+            [(dest_rank == r).any(dim=1) for r in range(self.group_size)], dim=1
+        ).reshape(topk_idx.shape[0], self.group_size)
+        num_tokens_per_rank = is_token_in_rank.sum(dim=0).to(torch.int32)
+        num_tokens_per_expert = torch.bincount(topk_idx[valid], minlength=num_experts).to(torch.int32)
+        return num_tokens_per_rank, None, num_tokens_per_expert, is_token_in_rank, None
+
+    # ------------------------------------------------------------------ dispatch
+
+    def dispatch(
+        self,
+        x: DispatchX,
+        handle: Optional[ReferenceHandle] = None,
+        num_tokens_per_rank: Optional[Tensor] = None,
+        num_tokens_per_rdma_rank: Optional[Tensor] = None,
+        is_token_in_rank: Optional[Tensor] = None,
+        num_tokens_per_expert: Optional[Tensor] = None,
+        topk_idx: Optional[Tensor] = None,
+        topk_weights: Optional[Tensor] = None,
+        expert_alignment: int = 1,
+        num_worst_tokens: int = 0,
+        config: object = None,
+        previous_event: object = None,
+        async_finish: bool = False,
+        allocate_on_comm_stream: bool = False,
+    ) -> Tuple[DispatchX, Optional[Tensor], Optional[Tensor], Optional[List[int]], Optional[ReferenceHandle], None]:
+        """Sends every token to each rank that owns one of its experts (at most once per rank).
+
+        Args:
+            x: [T, H] float32/bfloat16/float16, or (float8_e4m3fn [T, H], float32 scales [T, S]).
+            handle: a handle from an earlier dispatch (cached mode: the layout is reused and only
+                x travels; every other argument is ignored).
+            num_tokens_per_rank: int32 [R], is_token_in_rank: bool [T, R],
+                num_tokens_per_expert: int32 [E]: the layout from get_dispatch_layout; required
+                without handle.
+            num_tokens_per_rdma_rank: accepted for API parity, ignored (single node).
+            topk_idx: int64 [T, K] or None; topk_weights: float32 [T, K], given with topk_idx.
+            expert_alignment: each count of the returned list is rounded up to a multiple of it.
+            num_worst_tokens: if > 0, outputs have exactly this many rows (zero / -1 padded past
+                the real count) and the list is empty; a rank receiving more raises ValueError
+                (on every rank, so that none waits for the others).
+            config, previous_event, async_finish, allocate_on_comm_stream: ignored.
+
+        Returns:
+            (recv_x [N, H] (a tuple with scales [N, S] for FP8 input),
+             recv_topk_idx int64 [N, K] with local expert ids / -1, or None,
+             recv_topk_weights float32 [N, K], 0 where recv_topk_idx is -1, or None,
+             num_recv_tokens_per_expert_list: list of E/R ints ([] with num_worst_tokens > 0,
+             None in cached mode),
+             handle (None in cached mode), None).
+        """
+        values, scales = _check_dispatch_x(x)
+        num_tokens = values.shape[0]
+        if handle is not None:
+            return self._cached_dispatch(values, scales, handle)
+
+        R = self.group_size
+        if num_tokens_per_rank is None or is_token_in_rank is None or num_tokens_per_expert is None:
+            raise ValueError(
+                "dispatch without handle needs num_tokens_per_rank, is_token_in_rank and "
+                "num_tokens_per_expert (from get_dispatch_layout), got "
+                f"num_tokens_per_rank={'None' if num_tokens_per_rank is None else 'tensor'}, "
+                f"is_token_in_rank={'None' if is_token_in_rank is None else 'tensor'}, "
+                f"num_tokens_per_expert={'None' if num_tokens_per_expert is None else 'tensor'}"
+            )
+        _check_tensor(num_tokens_per_rank, "num_tokens_per_rank", torch.int32, (R,))
+        _check_tensor(is_token_in_rank, "is_token_in_rank", torch.bool, (num_tokens, R))
+        _check_tensor(num_tokens_per_expert, "num_tokens_per_expert", torch.int32, (None,))
+        num_experts = self._check_num_experts(num_tokens_per_expert.shape[0], "num_tokens_per_expert")
+        if not torch.equal(is_token_in_rank.sum(dim=0).to(torch.int32), num_tokens_per_rank):
+            _fail(ValueError, "num_tokens_per_rank", "the column sums of is_token_in_rank",
+                  num_tokens_per_rank.tolist())
+        if topk_idx is not None:
+            self._check_topk_idx(topk_idx, num_tokens, num_experts)
+            self._check_topk_weights(topk_weights, topk_idx.shape)
+        elif topk_weights is not None:
+            _fail(ValueError, "topk_weights", "None when topk_idx is None", _describe(topk_weights))
+        if not isinstance(expert_alignment, int) or expert_alignment < 1:
+            _fail(ValueError, "expert_alignment", "an int >= 1", expert_alignment)
+        if not isinstance(num_worst_tokens, int) or num_worst_tokens < 0:
+            _fail(ValueError, "num_worst_tokens", "an int >= 0", num_worst_tokens)
+
+        # 1. Every rank learns every rank's per-rank and per-expert counts and num_worst_tokens,
+        #    in one all_gather. Row i of `meta` comes from source rank i.
+        meta = self._all_gather_vector(
+            torch.cat([
+                num_tokens_per_rank.to(torch.int64),
+                num_tokens_per_expert.to(torch.int64),
+                torch.tensor([num_worst_tokens], dtype=torch.int64),
+            ])
+        )
+        counts = meta[:, :R]  # [R_src, R_dst]: tokens source i sends to destination j
+        per_expert = meta[:, R : R + num_experts]  # [R_src, E]
+        worst = meta[:, R + num_experts]  # [R]: num_worst_tokens of each rank
+        rank_prefix_matrix = counts.cumsum(dim=0).to(torch.int32)
+        recv_counts = tuple(int(n) for n in counts[:, self.rank])
+        send_counts = tuple(int(n) for n in counts[self.rank])
+        num_recv = sum(recv_counts)
+
+        # 2. Every rank checks every rank's num_worst_tokens against what it will receive, so
+        #    that all raise together before the data moves (nobody waits in all_to_all).
+        received_by = counts.sum(dim=0)  # [R]
+        for r in range(R):
+            if 0 < int(worst[r]) < int(received_by[r]):
+                whose = "this rank's" if r == self.rank else f"rank {r}'s"
+                raise ValueError(
+                    f"num_worst_tokens: {whose} num_worst_tokens={int(worst[r])} is smaller than the "
+                    f"{int(received_by[r])} tokens rank {r} receives"
+                )
+
+        # 3. Tokens to send: for each destination rank ascending, its tokens ascending.
+        send_token_idx = torch.cat(
+            [is_token_in_rank[:, r].nonzero().flatten() for r in range(R)]
+        ).to(torch.int64)
+
+        recv_values = self._all_to_all_rows(values[send_token_idx], send_counts, recv_counts)
+        recv_scales = None
+        if scales is not None:
+            recv_scales = self._all_to_all_rows(scales[send_token_idx], send_counts, recv_counts)
+
+        recv_topk_idx = recv_topk_weights = None
+        if topk_idx is not None:
+            experts_per_rank = num_experts // R
+            first_local = self.rank * experts_per_rank
+            recv_global = self._all_to_all_rows(topk_idx[send_token_idx], send_counts, recv_counts)
+            is_local = (recv_global >= first_local) & (recv_global < first_local + experts_per_rank)
+            recv_topk_idx = torch.where(is_local, recv_global - first_local, torch.full_like(recv_global, -1))
+            recv_w = self._all_to_all_rows(topk_weights[send_token_idx], send_counts, recv_counts)
+            recv_topk_weights = torch.where(is_local, recv_w, torch.zeros_like(recv_w))
+
+        # 4. Per local expert: (token, slot) pairs naming it, summed over source ranks.
+        experts_per_rank = num_experts // R
+        local = slice(self.rank * experts_per_rank, (self.rank + 1) * experts_per_rank)
+        per_local_expert = per_expert[:, local].sum(dim=0)
+        num_list = [_round_up(int(n), expert_alignment) for n in per_local_expert]
+
+        num_rows = num_recv
+        if num_worst_tokens > 0:
+            num_rows = num_worst_tokens
+            num_list = []
+            recv_values = self._pad_rows(recv_values, num_rows, 0)
+            if recv_scales is not None:
+                recv_scales = self._pad_rows(recv_scales, num_rows, 0)
+            if recv_topk_idx is not None:
+                recv_topk_idx = self._pad_rows(recv_topk_idx, num_rows, -1)
+                recv_topk_weights = self._pad_rows(recv_topk_weights, num_rows, 0)
+
+        handle = ReferenceHandle(
+            rank_prefix_matrix=rank_prefix_matrix,
+            is_token_in_rank=is_token_in_rank.clone(),
+            send_token_idx=send_token_idx,
+            send_counts=send_counts,
+            recv_counts=recv_counts,
+            num_recv_tokens=num_recv,
+            num_rows=num_rows,
+        )
+        recv_x = recv_values if recv_scales is None else (recv_values, recv_scales)
+        return recv_x, recv_topk_idx, recv_topk_weights, num_list, handle, None
+
+    def _cached_dispatch(
+        self, values: Tensor, scales: Optional[Tensor], handle: ReferenceHandle
+    ) -> Tuple[DispatchX, None, None, None, None, None]:
+        """Dispatch of x alone along the layout of an earlier dispatch (same rows out)."""
+        self._check_handle(handle)
+        num_tokens = handle.is_token_in_rank.shape[0]
+        if values.shape[0] != num_tokens:
+            _fail(ValueError, "x", f"{num_tokens} rows (the T of the dispatch that made handle)",
+                  f"{values.shape[0]} rows")
+        recv_values = self._all_to_all_rows(values[handle.send_token_idx], handle.send_counts, handle.recv_counts)
+        recv_values = self._pad_rows(recv_values, handle.num_rows, 0)
+        if scales is None:
+            return recv_values, None, None, None, None, None
+        recv_scales = self._all_to_all_rows(scales[handle.send_token_idx], handle.send_counts, handle.recv_counts)
+        recv_scales = self._pad_rows(recv_scales, handle.num_rows, 0)
+        return (recv_values, recv_scales), None, None, None, None, None
+
+    # ------------------------------------------------------------------ combine
+
+    def combine(
+        self,
+        x: Tensor,
+        handle: ReferenceHandle,
+        topk_weights: Optional[Tensor] = None,
+        bias: Union[None, Tensor, Tuple[Tensor, ...]] = None,
+        config: object = None,
+        previous_event: object = None,
+        async_finish: bool = False,
+        allocate_on_comm_stream: bool = False,
+    ) -> Tuple[Tensor, Optional[Tensor], None]:
+        """Sends the expert-side rows back and sums them per original token.
+
+        Args:
+            x: [N, H] float32/bfloat16/float16, N = rows of the dispatch output that made handle
+                (num_worst_tokens padding included; padding rows are ignored).
+            handle: from that dispatch.
+            topk_weights: float32 [N, K] or None; summed back like x (in fp32, no bias).
+            bias: None, a [T, H] tensor, or a tuple of one or two, dtype x.dtype.
+            config, previous_event, async_finish, allocate_on_comm_stream: ignored.
+
+        Returns:
+            (combined_x [T, H] x.dtype: cast of the fp32 sum 0 + bias_0 + bias_1 + the returned
+             rows in ascending destination-rank order,
+             combined_topk_weights float32 [T, K] or None, None).
+        """
+        _check_float_x(x, "x")
+        self._check_handle(handle)
+        num_tokens = handle.is_token_in_rank.shape[0]
+        if x.shape[0] != handle.num_rows:
+            _fail(ValueError, "x", f"{handle.num_rows} rows (the rows of the dispatch output of handle)",
+                  f"{x.shape[0]} rows")
+        if topk_weights is not None:
+            self._check_topk_weights(topk_weights, (handle.num_rows, None))
+        biases: Tuple[Tensor, ...]
+        if bias is None:
+            biases = ()
+        elif isinstance(bias, Tensor):
+            biases = (bias,)
+        elif isinstance(bias, tuple) and 1 <= len(bias) <= 2:
+            biases = tuple(b for b in bias if b is not None)
+        else:
+            _fail(TypeError, "bias", "None, a tensor or a tuple of two tensors", type(bias).__name__)
+        for i, b in enumerate(biases):
+            _check_tensor(b, f"bias[{i}]", x.dtype, (num_tokens, x.shape[1]))
+
+        # Rows sent back: the real received rows, already grouped by source rank, go back to it.
+        real = slice(0, handle.num_recv_tokens)
+        back_x = self._all_to_all_rows(x[real], handle.recv_counts, handle.send_counts)
+        back_w = None
+        if topk_weights is not None:
+            back_w = self._all_to_all_rows(topk_weights[real], handle.recv_counts, handle.send_counts)
+
+        # fp32 sum in the contract's order: 0, bias_0, bias_1, then destination ranks ascending.
+        acc = torch.zeros((num_tokens, x.shape[1]), dtype=torch.float32)
+        for b in biases:
+            acc = acc + b.float()
+        acc_w = None
+        if back_w is not None:
+            acc_w = torch.zeros((num_tokens, topk_weights.shape[1]), dtype=torch.float32)
+        start = 0
+        for r in range(self.group_size):
+            end = start + handle.send_counts[r]
+            tokens = handle.send_token_idx[start:end]  # distinct, so one addition per element
+            acc[tokens] = acc[tokens] + back_x[start:end].float()
+            if acc_w is not None:
+                acc_w[tokens] = acc_w[tokens] + back_w[start:end]
+            start = end
+        return acc.to(x.dtype), acc_w, None
+
+    # ------------------------------------------------------------------ validation
+
+    def _check_num_experts(self, num_experts: object, name: str = "num_experts") -> int:
+        if not isinstance(num_experts, int) or isinstance(num_experts, bool):
+            _fail(TypeError, name, "an int", type(num_experts).__name__)
+        if num_experts <= 0 or num_experts % self.group_size != 0:
+            _fail(ValueError, name, f"a positive multiple of the group size {self.group_size}", num_experts)
+        return num_experts
+
+    @staticmethod
+    def _check_topk_idx(topk_idx: object, num_tokens: Optional[int], num_experts: int) -> None:
+        _check_tensor(topk_idx, "topk_idx", torch.int64, (num_tokens, None))
+        if topk_idx.numel() > 0:
+            lo, hi = int(topk_idx.min()), int(topk_idx.max())
+            if lo < -1 or hi >= num_experts:
+                _fail(ValueError, "topk_idx", f"values in [-1, {num_experts})", f"values in [{lo}, {hi}]")
+
+    @staticmethod
+    def _check_topk_weights(topk_weights: object, shape: Sequence[Optional[int]]) -> None:
+        if topk_weights is None:
+            _fail(ValueError, "topk_weights", "a float32 tensor together with topk_idx", None)
+        _check_tensor(topk_weights, "topk_weights", torch.float32, tuple(shape))
+        if not bool(torch.isfinite(topk_weights).all()):
+            _fail(ValueError, "topk_weights", "finite values", "NaN or inf")
+
+    def _check_handle(self, handle: object) -> None:
+        if not isinstance(handle, ReferenceHandle):
+            _fail(TypeError, "handle", "a handle returned by ReferenceBuffer.dispatch", type(handle).__name__)
+        if handle.rank_prefix_matrix.shape != (self.group_size, self.group_size):
+            _fail(ValueError, "handle", f"a handle of a group of {self.group_size}",
+                  f"rank_prefix_matrix of shape {list(handle.rank_prefix_matrix.shape)}")
+
+
+__all__ = ["ReferenceBuffer", "ReferenceHandle", "DispatchX"]

@@ -1,0 +1,106 @@
+"""Argument checks run before any collective or kernel starts (DESIGN.md section 3).
+
+Each raises ``TypeError`` (wrong type or dtype) or ``ValueError`` (wrong shape, range or layout)
+naming the argument, the expected form and what was given. Checks that need a scan of the values
+(expert ids in range, finite weights) run in the native kernels, still before any collective.
+"""
+
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+
+from ._dtypes import FP8_BLOCK, FP8_DTYPE, KERNEL_DTYPE_CODES
+
+Tensor = torch.Tensor
+
+
+def _describe(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"{value.dtype} tensor of shape {list(value.shape)} on {value.device}"
+    return f"{type(value).__name__} {value!r}"[:200]
+
+
+def check_tensor(name: str, value, dtypes: Sequence[torch.dtype], shape: Sequence[Optional[int]],
+                 device: Optional[torch.device] = None) -> Tensor:
+    """A contiguous tensor of one of ``dtypes`` whose shape matches ``shape`` (None = any size)."""
+    expected = f"{' or '.join(str(d) for d in dtypes)} tensor of shape [{', '.join('*' if s is None else str(s) for s in shape)}]"
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name}: expected a {expected}, got {_describe(value)}")
+    if value.dtype not in dtypes:
+        raise TypeError(f"{name}: expected a {expected}, got {_describe(value)}")
+    if value.dim() != len(shape) or any(s is not None and s != got for s, got in zip(shape, value.shape)):
+        raise ValueError(f"{name}: expected a {expected}, got {_describe(value)}")
+    if device is not None and value.device != device:
+        raise ValueError(f"{name}: expected a tensor on {device} (where x is), got {_describe(value)}")
+    if not value.is_contiguous():
+        raise ValueError(f"{name}: expected a contiguous tensor (eplib does not copy), got strides {value.stride()}; "
+                         f"call .contiguous() first")
+    return value
+
+
+def check_x(x: Union[Tensor, Tuple[Tensor, Tensor]], x_dtypes: Sequence[torch.dtype],
+            allow_fp8: bool) -> Tuple[Tensor, Optional[Tensor]]:
+    """Split ``x`` into (values [T, H], FP8 scales [T, H/128] or None) after checking both."""
+    if isinstance(x, tuple):
+        if not allow_fp8:
+            raise TypeError(f"x: the FP8 tuple is accepted by dispatch only, got a tuple here")
+        if len(x) != 2:
+            raise ValueError(f"x: expected the FP8 tuple (float8_e4m3fn [T, H], float32 scales [T, H/{FP8_BLOCK}]), "
+                             f"got a tuple of {len(x)} items")
+        values = check_tensor("x[0]", x[0], [FP8_DTYPE], [None, None])
+        num_tokens, hidden = values.shape
+        if hidden % FP8_BLOCK != 0 or hidden == 0:
+            raise ValueError(f"x[0]: the FP8 hidden size must be a positive multiple of {FP8_BLOCK}, got {hidden}")
+        scales = check_tensor("x[1]", x[1], [torch.float32], [num_tokens, hidden // FP8_BLOCK], values.device)
+        return values, scales
+    values = check_tensor("x", x, list(x_dtypes), [None, None])
+    if values.shape[1] == 0:
+        raise ValueError(f"x: expected a hidden size > 0, got {_describe(values)}")
+    return values, None
+
+
+def check_int(name: str, value, minimum: int) -> int:
+    """A Python int >= minimum (bools are rejected)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected an int >= {minimum}, got {_describe(value)}")
+    if value < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
+    return value
+
+
+def check_num_experts(num_experts, num_ranks: int) -> int:
+    """E > 0 with E % R == 0, so every rank owns E / R experts."""
+    check_int("num_experts", num_experts, 1)
+    if num_experts % num_ranks != 0:
+        raise ValueError(f"num_experts: expected a multiple of the group size {num_ranks}, got {num_experts}")
+    return num_experts
+
+
+def check_topk(topk_idx, topk_weights, num_tokens: Optional[int], device: torch.device,
+               require_weights: bool) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    """topk_idx int64 [T, K] and topk_weights float32 [T, K] (same T as x when num_tokens is set)."""
+    if topk_idx is None:
+        if topk_weights is not None:
+            raise ValueError("topk_weights: given without topk_idx; pass both or neither")
+        return None, None
+    topk_idx = check_tensor("topk_idx", topk_idx, [torch.int64], [num_tokens, None], device)
+    if topk_weights is None:
+        if require_weights:
+            raise ValueError(f"topk_weights: expected a float32 tensor of shape {list(topk_idx.shape)} "
+                             f"alongside topk_idx, got None")
+        return topk_idx, None
+    topk_weights = check_tensor("topk_weights", topk_weights, [torch.float32], list(topk_idx.shape), device)
+    return topk_idx, topk_weights
+
+
+def check_bias(bias, num_tokens: int, hidden: int, dtype: torch.dtype,
+               device: torch.device) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    """None, one [T, H] tensor, or a tuple of two, in x's dtype."""
+    if bias is None:
+        return None, None
+    biases = bias if isinstance(bias, tuple) else (bias,)
+    if len(biases) not in (1, 2):
+        raise ValueError(f"bias: expected a tensor or a tuple of two tensors, got a tuple of {len(biases)}")
+    checked = [check_tensor(f"bias[{i}]" if isinstance(bias, tuple) else "bias", b, [dtype], [num_tokens, hidden], device)
+               for i, b in enumerate(biases)]
+    return checked[0], checked[1] if len(checked) == 2 else None

@@ -1,0 +1,78 @@
+"""Builds eplib and its native module eplib._C through CMake.
+
+Environment:
+    EPLIB_CUDA=auto|0|1   compile the CUDA kernels: auto (default) when nvcc is found, 1 requires it.
+    EPLIB_CUDA_ARCHS      CUDA architectures, default "80;90".
+    EPLIB_DEBUG=1         -O0 -g with assertions.
+    CMAKE_GENERATOR       e.g. Ninja; CMake's default otherwise.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).resolve().parent
+
+
+def find_nvcc():
+    """Path of nvcc from PATH, CUDA_HOME or /usr/local/cuda, or None."""
+    candidates = [shutil.which("nvcc")]
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if home:
+            candidates.append(os.path.join(home, "bin", "nvcc"))
+    return next((c for c in candidates if c and os.access(c, os.X_OK)), None)
+
+
+def resolve_cuda():
+    """(build CUDA?, nvcc path) from EPLIB_CUDA."""
+    mode = os.environ.get("EPLIB_CUDA", "auto").strip().lower()
+    if mode not in ("auto", "0", "1"):
+        raise RuntimeError(f"EPLIB_CUDA must be auto, 0 or 1, got {mode!r}")
+    nvcc = find_nvcc()
+    if mode == "1" and nvcc is None:
+        raise RuntimeError("EPLIB_CUDA=1 but nvcc was not found (PATH, CUDA_HOME, /usr/local/cuda)")
+    return (mode == "1" or (mode == "auto" and nvcc is not None)), nvcc
+
+
+class CMakeExtension(Extension):
+    def __init__(self, name):
+        super().__init__(name, sources=[])
+
+
+class CMakeBuild(build_ext):
+    def build_extension(self, ext):
+        import pybind11
+
+        out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
+        build_temp = Path(self.build_temp).resolve() / ext.name
+        build_temp.mkdir(parents=True, exist_ok=True)
+        with_cuda, nvcc = resolve_cuda()
+        debug = os.environ.get("EPLIB_DEBUG", "0") == "1"
+        args = [
+            f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_dir}",
+            f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY_{'DEBUG' if debug else 'RELEASE'}={out_dir}",
+            f"-DPython_EXECUTABLE={sys.executable}",
+            f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
+            f"-DCMAKE_BUILD_TYPE={'Debug' if debug else 'Release'}",
+            f"-DEPLIB_WITH_CUDA={'ON' if with_cuda else 'OFF'}",
+        ]
+        if with_cuda:
+            args += [f"-DCMAKE_CUDA_COMPILER={nvcc}",
+                     f"-DEPLIB_CUDA_ARCHS={os.environ.get('EPLIB_CUDA_ARCHS', '80;90')}"]
+        print(f"eplib: building _C with CUDA {'ON (' + nvcc + ')' if with_cuda else 'OFF'}", flush=True)
+        subprocess.run(["cmake", "-S", str(ROOT), "-B", str(build_temp), *args], check=True)
+        jobs = str(max(1, os.cpu_count() or 1))
+        subprocess.run(["cmake", "--build", str(build_temp), "--parallel", jobs], check=True)
+
+
+setup(
+    ext_modules=[CMakeExtension("eplib._C")],
+    cmdclass={"build_ext": CMakeBuild},
+    package_dir={"": "python"},
+    packages=["eplib", "eplib.transports"],
+)

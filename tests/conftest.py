@@ -1,0 +1,50 @@
+"""Session-wide rank pools for the multi-rank tests (see dist_harness.py)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+
+import pytest
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+# Let the tests import eplib from the source tree when it is not installed (reference tests
+# need no native build). Spawned ranks inherit sys.path, so they see the same eplib.
+if importlib.util.find_spec("eplib") is None:
+    sys.path.insert(0, os.path.join(os.path.dirname(_HERE), "python"))
+if _HERE not in sys.path:  # workers unpickle jobs by module name (test_*.py, dist_harness)
+    sys.path.insert(0, _HERE)
+
+from dist_harness import RankPool  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def pool_cache():
+    """get(world_size) -> a RankPool, created on first use and closed at session end."""
+    pools = {}
+
+    def get(world_size: int) -> RankPool:
+        if world_size not in pools:
+            pools[world_size] = RankPool(world_size)
+        return pools[world_size]
+
+    yield get
+    for p in pools.values():
+        p.close()
+
+
+@pytest.fixture(scope="session")
+def pool2(pool_cache) -> RankPool:
+    return pool_cache(2)
+
+
+@pytest.fixture(scope="session")
+def pool4(pool_cache) -> RankPool:
+    return pool_cache(4)
+
+
+@pytest.fixture(scope="session", params=[2, 4], ids=["R2", "R4"])
+def pool(request, pool_cache) -> RankPool:
+    """The test runs once on the 2-rank pool and once on the 4-rank pool."""
+    return pool_cache(request.param)
