@@ -211,3 +211,13 @@ def test_cuda_queries_work_without_a_gpu():
     assert _C.cuda_available() == (_C.cuda_device_count() > 0)
     if not torch.cuda.is_available():
         assert not _C.cuda_available()
+
+
+def test_cuda_part_is_compiled_when_requested():
+    """CI builds with EPLIB_CUDA=1: the CUDA sources must then really be in the module."""
+    import os
+
+    if os.environ.get("EPLIB_CUDA") != "1":
+        pytest.skip("EPLIB_CUDA=1 not set for this build")
+    assert _C.built_with_cuda()
+    assert _C.cuda_runtime_version() >= 11000
