@@ -20,38 +20,56 @@ ROOT = Path(__file__).resolve().parent
 
 
 def find_nvcc():
-    """Path of nvcc from PATH, CUDA_HOME or /usr/local/cuda, or None."""
-    candidates = [shutil.which("nvcc")]
-    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
-        if home:
-            candidates.append(os.path.join(home, "bin", "nvcc"))
+    """Path of nvcc from CUDA_HOME, CUDA_PATH, PATH or /usr/local/cuda (torch's order), or None."""
+    candidates = [os.path.join(home, "bin", "nvcc") for home in (os.environ.get("CUDA_HOME"),
+                                                                  os.environ.get("CUDA_PATH")) if home]
+    candidates += [shutil.which("nvcc"), "/usr/local/cuda/bin/nvcc"]
     return next((c for c in candidates if c and os.access(c, os.X_OK)), None)
 
 
-def resolve_cuda():
-    """(build CUDA?, nvcc path) from EPLIB_CUDA."""
+def cuda_mode():
+    """EPLIB_CUDA: "auto" (default), "0" or "1"."""
     mode = os.environ.get("EPLIB_CUDA", "auto").strip().lower()
     if mode not in ("auto", "0", "1"):
         raise RuntimeError(f"EPLIB_CUDA must be auto, 0 or 1, got {mode!r}")
-    nvcc = find_nvcc()
-    if mode == "1" and nvcc is None:
-        raise RuntimeError("EPLIB_CUDA=1 but nvcc was not found (PATH, CUDA_HOME, /usr/local/cuda)")
-    return (mode == "1" or (mode == "auto" and nvcc is not None)), nvcc
+    return mode
 
 
 class CMakeExtension(Extension):
+    """An extension built by CMakeLists.txt rather than by setuptools' compiler."""
+
     def __init__(self, name):
         super().__init__(name, sources=[])
 
 
 class CMakeBuild(build_ext):
+    """Configures and builds eplib._C with CMake, into the place setuptools expects it
+    (the source tree for editable installs)."""
+
     def build_extension(self, ext):
+        mode, nvcc = cuda_mode(), find_nvcc()
+        if mode == "1" and nvcc is None:
+            raise RuntimeError("EPLIB_CUDA=1 but nvcc was not found (CUDA_HOME, CUDA_PATH, PATH, /usr/local/cuda)")
+        if mode == "0" or nvcc is None:
+            self._cmake(ext, nvcc=None)
+            return
+        try:
+            self._cmake(ext, nvcc)
+        except subprocess.CalledProcessError:
+            if mode == "1":
+                raise
+            # auto: a toolkit that cannot build (old host compiler, no static cudart) must not
+            # stop a CPU install.
+            print("eplib: WARNING: the CUDA build failed; building the CPU part only (EPLIB_CUDA=1 makes "
+                  "this an error)", flush=True)
+            self._cmake(ext, nvcc=None)
+
+    def _cmake(self, ext, nvcc):
         import pybind11
 
         out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
-        build_temp = Path(self.build_temp).resolve() / ext.name
+        build_temp = Path(self.build_temp).resolve() / ext.name / ("cuda" if nvcc else "cpu")
         build_temp.mkdir(parents=True, exist_ok=True)
-        with_cuda, nvcc = resolve_cuda()
         debug = os.environ.get("EPLIB_DEBUG", "0") == "1"
         args = [
             f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_dir}",
@@ -59,12 +77,12 @@ class CMakeBuild(build_ext):
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
             f"-DCMAKE_BUILD_TYPE={'Debug' if debug else 'Release'}",
-            f"-DEPLIB_WITH_CUDA={'ON' if with_cuda else 'OFF'}",
+            f"-DEPLIB_WITH_CUDA={'ON' if nvcc else 'OFF'}",
         ]
-        if with_cuda:
+        if nvcc:
             args += [f"-DCMAKE_CUDA_COMPILER={nvcc}",
                      f"-DEPLIB_CUDA_ARCHS={os.environ.get('EPLIB_CUDA_ARCHS', '80;90')}"]
-        print(f"eplib: building _C with CUDA {'ON (' + nvcc + ')' if with_cuda else 'OFF'}", flush=True)
+        print(f"eplib: building _C with CUDA {'ON (' + nvcc + ')' if nvcc else 'OFF'}", flush=True)
         subprocess.run(["cmake", "-S", str(ROOT), "-B", str(build_temp), *args], check=True)
         jobs = str(max(1, os.cpu_count() or 1))
         subprocess.run(["cmake", "--build", str(build_temp), "--parallel", jobs], check=True)

@@ -94,11 +94,12 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "dispatch_unpack",
       [](uintptr_t recv_buffer, int64_t num_rows, int64_t x_bytes, int64_t scales_bytes, int num_topk,
-         uintptr_t recv_x, uintptr_t recv_x_scales, uintptr_t recv_src_idx, uintptr_t recv_topk_idx,
-         uintptr_t recv_topk_weights) {
+         int num_local_experts, uintptr_t recv_x, uintptr_t recv_x_scales, uintptr_t recv_src_idx,
+         uintptr_t recv_topk_idx, uintptr_t recv_topk_weights, uintptr_t num_recv_tokens_per_expert) {
         cpu::dispatch_unpack(as_ptr<const uint8_t>(recv_buffer), num_rows, x_bytes, scales_bytes, num_topk,
-                             as_ptr<uint8_t>(recv_x), as_ptr<uint8_t>(recv_x_scales), as_ptr<int32_t>(recv_src_idx),
-                             as_ptr<int64_t>(recv_topk_idx), as_ptr<float>(recv_topk_weights));
+                             num_local_experts, as_ptr<uint8_t>(recv_x), as_ptr<uint8_t>(recv_x_scales),
+                             as_ptr<int32_t>(recv_src_idx), as_ptr<int64_t>(recv_topk_idx),
+                             as_ptr<float>(recv_topk_weights), as_ptr<int64_t>(num_recv_tokens_per_expert));
       },
       release_gil);
 

@@ -144,13 +144,24 @@ def job_timeout(rank, R, group):
         raise RuntimeError("rank 1 fails before dispatch on purpose")
     idx = torch.tensor([[0], [1], [2], [3]])
     lay = buf.get_dispatch_layout(idx, 4)
-    t0 = time.monotonic()
-    try:
+    def dispatch():
         buf.dispatch(torch.ones(4, 8), num_tokens_per_rank=lay[0], is_token_in_rank=lay[3],
                      num_tokens_per_expert=lay[2], topk_idx=idx, topk_weights=torch.ones(4, 1))
+
+    t0 = time.monotonic()
+    try:
+        dispatch()
     except Exception as e:  # noqa: BLE001
-        return [c.__name__ for c in type(e).__mro__], str(e), time.monotonic() - t0
-    return None, "dispatch returned", time.monotonic() - t0
+        first = [c.__name__ for c in type(e).__mro__], str(e), time.monotonic() - t0
+    else:
+        return None, "dispatch returned", time.monotonic() - t0, None
+    # The timed-out collective may still complete later: every further call must refuse at once.
+    t0 = time.monotonic()
+    try:
+        dispatch()
+    except Exception as e:  # noqa: BLE001
+        return (*first, (type(e).__name__, str(e), time.monotonic() - t0))
+    return (*first, None)
 
 
 def test_timeout_names_phase():
@@ -162,8 +173,11 @@ def test_timeout_names_phase():
         pool.kill()
     assert isinstance(res[1], RemoteError) and "on purpose" in res[1].message
     assert not isinstance(res[0], RemoteError), f"rank 0's job itself failed: {res[0]}"
-    mro, message, elapsed = res[0]
+    mro, message, elapsed, second = res[0]
     assert mro is not None and "RuntimeError" in mro, f"rank 0: expected RuntimeError, got {mro}: {message}"
     assert elapsed < 10, f"rank 0 waited {elapsed:.1f} s with EPLIB_TIMEOUT_S=2"
     assert re.search(r"dispatch", message, re.I), f"message does not name the phase: {message}"
     assert re.search(r"\brank\b", message, re.I), f"message does not name the rank: {message}"
+    assert second is not None, "a call after the timeout went ahead on an out-of-step group"
+    kind, second_message, second_elapsed = second
+    assert kind == "RuntimeError" and "out of step" in second_message and second_elapsed < 1, second

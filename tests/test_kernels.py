@@ -168,9 +168,13 @@ def test_pack_then_unpack_round_trips_rows_and_metadata(threads):
     recv_src = torch.empty(rows, dtype=torch.int32)
     recv_idx = torch.empty(rows, num_topk, dtype=torch.int64)
     recv_w = torch.empty(rows, num_topk, dtype=torch.float32)
-    _C.dispatch_unpack(buffer.data_ptr(), rows, hidden * 2, 0, num_topk, recv_x.data_ptr(), 0, recv_src.data_ptr(),
-                       recv_idx.data_ptr(), recv_w.data_ptr())
+    # Unpacking everything as if one rank had received it: ids of all ranks' regions are counted.
     experts_per_rank = num_experts // num_ranks
+    per_expert = torch.empty(experts_per_rank, dtype=torch.int64)
+    _C.dispatch_unpack(buffer.data_ptr(), rows, hidden * 2, 0, num_topk, experts_per_rank, recv_x.data_ptr(), 0,
+                       recv_src.data_ptr(), recv_idx.data_ptr(), recv_w.data_ptr(), per_expert.data_ptr())
+    valid = topk_idx[topk_idx >= 0]
+    assert torch.equal(per_expert, torch.bincount(valid % experts_per_rank, minlength=experts_per_rank))
     for rank in range(num_ranks):
         tokens = in_rank[:, rank].nonzero().flatten()
         region = slice(int(counts[:rank].sum()), int(counts[:rank + 1].sum()))

@@ -1,7 +1,9 @@
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "eplib/layout.h"
 #include "kernels.h"
@@ -72,10 +74,15 @@ void dispatch_pack(const uint8_t* x, int64_t x_bytes, const uint8_t* x_scales, i
 }
 
 void dispatch_unpack(const uint8_t* recv_buffer, int64_t num_rows, int64_t x_bytes, int64_t scales_bytes,
-                     int num_topk, uint8_t* recv_x, uint8_t* recv_x_scales, int32_t* recv_src_idx,
-                     int64_t* recv_topk_idx, float* recv_topk_weights) {
+                     int num_topk, int num_local_experts, uint8_t* recv_x, uint8_t* recv_x_scales,
+                     int32_t* recv_src_idx, int64_t* recv_topk_idx, float* recv_topk_weights,
+                     int64_t* num_recv_tokens_per_expert) {
   const DispatchRowLayout layout = make_dispatch_row_layout(x_bytes, scales_bytes, num_topk);
-  parallel_for(num_rows, kRowsPerChunk, [&](int64_t begin, int64_t end) {
+  const int64_t num_chunks = num_chunks_for(num_rows, kRowsPerChunk);
+  // Per-chunk expert counts, summed in chunk order afterwards.
+  std::vector<int64_t> chunk_counts(num_chunks * static_cast<int64_t>(num_local_experts), 0);
+  parallel_chunks(num_rows, num_chunks, [&](int64_t chunk, int64_t begin, int64_t end) {
+    int64_t* counts = chunk_counts.data() + chunk * num_local_experts;
     for (int64_t i = begin; i < end; ++i) {
       const uint8_t* row = recv_buffer + i * layout.stride;
       std::memcpy(recv_x + i * x_bytes, row, x_bytes);
@@ -85,11 +92,17 @@ void dispatch_unpack(const uint8_t* recv_buffer, int64_t num_rows, int64_t x_byt
         int32_t local_id;
         std::memcpy(&local_id, row + layout.topk_idx_offset + k * sizeof(int32_t), sizeof(local_id));
         recv_topk_idx[i * num_topk + k] = local_id;
+        // Senders only write ids in [-1, num_local_experts); the bound keeps a corrupt row harmless.
+        if (local_id >= 0 && local_id < num_local_experts) ++counts[local_id];
         std::memcpy(recv_topk_weights + i * num_topk + k, row + layout.topk_weights_offset + k * sizeof(float),
                     sizeof(float));
       }
     }
   });
+  if (num_recv_tokens_per_expert == nullptr) return;
+  std::fill(num_recv_tokens_per_expert, num_recv_tokens_per_expert + num_local_experts, 0);
+  for (int64_t chunk = 0; chunk < num_chunks; ++chunk)
+    for (int e = 0; e < num_local_experts; ++e) num_recv_tokens_per_expert[e] += chunk_counts[chunk * num_local_experts + e];
 }
 
 }  // namespace eplib::cpu

@@ -29,10 +29,12 @@ void dispatch_pack(const uint8_t* x, int64_t x_bytes, const uint8_t* x_scales, i
                    const int32_t* send_pos, int64_t num_tokens, int num_ranks, uint8_t* send_buffer);
 
 // Splits received rows back into recv_x [N, x_bytes], recv_x_scales, recv_src_idx [N] int32 and,
-// when num_topk > 0, recv_topk_idx [N, K] int64 and recv_topk_weights [N, K] float32.
+// when num_topk > 0, recv_topk_idx [N, K] int64, recv_topk_weights [N, K] float32 and
+// num_recv_tokens_per_expert [num_local_experts] (received (row, slot) pairs per local expert).
 void dispatch_unpack(const uint8_t* recv_buffer, int64_t num_rows, int64_t x_bytes, int64_t scales_bytes,
-                     int num_topk, uint8_t* recv_x, uint8_t* recv_x_scales, int32_t* recv_src_idx,
-                     int64_t* recv_topk_idx, float* recv_topk_weights);
+                     int num_topk, int num_local_experts, uint8_t* recv_x, uint8_t* recv_x_scales,
+                     int32_t* recv_src_idx, int64_t* recv_topk_idx, float* recv_topk_weights,
+                     int64_t* num_recv_tokens_per_expert);
 
 // Packs expert-side rows for the way back (CombineRowLayout with num_topk > 0): x then weights.
 void combine_pack(const uint8_t* x, int64_t x_bytes, const float* topk_weights, int num_topk, int64_t num_rows,

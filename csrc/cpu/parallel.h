@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <exception>
 #include <functional>
+#include <system_error>
 #include <thread>
 #include <vector>
 
@@ -39,7 +40,13 @@ void parallel_chunks(int64_t n, int64_t num_chunks, const Body& body) {
   std::vector<std::exception_ptr> errors(num_chunks);
   std::vector<std::thread> workers;
   workers.reserve(num_chunks - 1);
-  for (int64_t k = 1; k < num_chunks; ++k) workers.emplace_back(run_chunk, k, std::ref(errors[k]));
+  int64_t next_chunk = 1;
+  try {
+    for (; next_chunk < num_chunks; ++next_chunk) workers.emplace_back(run_chunk, next_chunk, std::ref(errors[next_chunk]));
+  } catch (const std::system_error&) {
+    // No more threads to be had: the chunks not handed out run here instead.
+  }
+  for (int64_t k = next_chunk; k < num_chunks; ++k) run_chunk(k, errors[k]);
   run_chunk(0, errors[0]);
   for (auto& worker : workers) worker.join();
   for (auto& error : errors)

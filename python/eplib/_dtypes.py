@@ -1,10 +1,16 @@
-"""Element types the native kernels accept, and their codes (csrc/include/eplib/dtype.h)."""
+"""Element types eplib moves, and the codes that name them across the native boundary and between ranks."""
 
 import torch
-
-# Keep in step with eplib::DType.
-KERNEL_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 # FP8 dispatch input: (float8_e4m3fn [T, H], float32 scales [T, H / FP8_BLOCK]).
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_BLOCK = 128
+
+# Element types the native reduction handles; keep in step with eplib::DType (csrc/include/eplib/dtype.h).
+KERNEL_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+# Every dtype dispatch accepts, as a small int that ranks exchange to check they agree.
+WIRE_DTYPE_IDS = {**KERNEL_DTYPE_CODES, FP8_DTYPE: 3}
+
+# Positions, counts and source indices are int32, as in DeepEP.
+INT32_LIMIT = 2**31 - 1

@@ -14,18 +14,22 @@ from .config import Config
 from .event import EventOverlap
 from .handle import DispatchHandle
 from .transports import CpuTransport
-from .validation import check_bias, check_int, check_num_experts, check_tensor, check_topk, check_x
+from .validation import (check_bias, check_int, check_int32_product, check_num_experts, check_tensor,
+                         check_topk, check_x)
 
 Tensor = torch.Tensor
 XType = Union[Tensor, Tuple[Tensor, Tensor]]
 
 TRANSPORTS = ("auto", "cpu")
 
-# DeepEP's recommended chunk sizes by group size; eplib's cpu transport does not use them.
-_DISPATCH_CHUNKS = {2: (24, 256), 4: (6, 256), 8: (6, 256), 16: (36, 288), 24: (8, 288), 32: (32, 288),
-                    64: (20, 288), 128: (20, 560), 144: (32, 720), 160: (28, 720)}
-_COMBINE_CHUNKS = {2: (10, 256), 4: (9, 256), 8: (4, 256), 16: (4, 288), 24: (1, 288), 32: (1, 288),
-                   64: (1, 288), 128: (1, 560), 144: (2, 720), 160: (2, 720)}
+# DeepEP's recommended configs by group size: (nvl send, nvl recv, rdma send, rdma recv) chunk
+# tokens. eplib's cpu transport does not use them; they are returned so that code which reads them runs.
+_DISPATCH_CHUNKS = {2: (24, 256, 6, 128), 4: (6, 256, 6, 128), 8: (6, 256, 6, 128), 16: (36, 288, 20, 128),
+                    24: (8, 288, 32, 128), 32: (32, 288, 32, 128), 64: (20, 288, 28, 128), 128: (20, 560, 32, 128),
+                    144: (32, 720, 12, 128), 160: (28, 720, 12, 128)}
+_COMBINE_CHUNKS = {2: (10, 256, 6, 128), 4: (9, 256, 6, 128), 8: (4, 256, 6, 128), 16: (4, 288, 12, 128),
+                   24: (1, 288, 8, 128), 32: (1, 288, 8, 128), 64: (1, 288, 20, 128), 128: (1, 560, 12, 128),
+                   144: (2, 720, 8, 128), 160: (2, 720, 8, 128)}
 
 
 class Buffer:
@@ -36,7 +40,8 @@ class Buffer:
     RDMA buffer is allocated), ``low_latency_mode``, ``num_qps_per_rank``,
     ``allow_nvlink_for_low_latency_mode``, ``allow_mnnvl``, ``use_fabric``, ``enable_shrink``.
     ``explicitly_destroy`` works as in DeepEP: ``destroy()`` must then be called and is allowed
-    only then. ``comm`` (an mpi4py communicator) is not supported: pass a ``group``.
+    only then. ``comm`` (an mpi4py communicator) is not supported: pass a ``group`` (as in DeepEP,
+    ``comm`` is ignored when a group is given).
 
     ``transport`` (eplib only): ``"auto"`` picks per call by the tensors' device; ``"cpu"`` runs
     CPU tensors over the group's gloo backend.
@@ -50,8 +55,8 @@ class Buffer:
     def __init__(self, group: dist.ProcessGroup, num_nvl_bytes: int = 0, num_rdma_bytes: int = 0,
                  low_latency_mode: bool = False, num_qps_per_rank: int = 24,
                  allow_nvlink_for_low_latency_mode: bool = True, allow_mnnvl: bool = False,
-                 explicitly_destroy: bool = False, *, use_fabric: bool = False, enable_shrink: bool = False,
-                 comm=None, transport: str = "auto") -> None:
+                 explicitly_destroy: bool = False, enable_shrink: bool = False, comm=None, *,
+                 use_fabric: bool = False, transport: str = "auto") -> None:
         if group is None:
             raise ValueError("group: expected a torch.distributed ProcessGroup, got None"
                              + ("; mpi4py communicators (comm=) are not supported" if comm is not None else ""))
@@ -69,7 +74,10 @@ class Buffer:
         self.low_latency_mode = low_latency_mode
         self.explicitly_destroy = explicitly_destroy
         self.transport = transport
-        self._cpu = CpuTransport(group)
+        backend = str(dist.get_backend(group))
+        # CPU tensors need a backend with CPU collectives ("gloo", or e.g. "cpu:gloo,cuda:nccl").
+        self._cpu = CpuTransport(group) if ("gloo" in backend or "mpi" in backend) else None
+        self._backend = backend
         self._destroyed = False
 
     # ----------------------------------------------------------------------------------------
@@ -82,7 +90,7 @@ class Buffer:
             raise RuntimeError("destroy(): the Buffer was created with explicitly_destroy=False; its resources are "
                                "released when it is garbage-collected")
         self._destroyed = True
-        self._cpu = None
+        self._cpu = None  # frees the staging bytes
 
     def _check_alive(self) -> None:
         if self._destroyed:
@@ -111,22 +119,24 @@ class Buffer:
 
     @staticmethod
     def get_dispatch_config(num_ranks: int) -> Config:
-        """DeepEP's recommended dispatch config for ``num_ranks`` (its defaults for other sizes)."""
-        send, recv = _DISPATCH_CHUNKS.get(check_int("num_ranks", num_ranks, 1), (6, 256))
-        return Config(Buffer.num_sms, send, recv, 6, 128)
+        """DeepEP's recommended dispatch config for ``num_ranks``; ``Config``'s defaults for group
+        sizes DeepEP has no entry for (where DeepEP asserts)."""
+        chunks = _DISPATCH_CHUNKS.get(check_int("num_ranks", num_ranks, 1))
+        return Config(Buffer.num_sms, *chunks) if chunks else Config(Buffer.num_sms)
 
     @staticmethod
     def get_combine_config(num_ranks: int) -> Config:
-        """DeepEP's recommended combine config for ``num_ranks`` (its defaults for other sizes)."""
-        send, recv = _COMBINE_CHUNKS.get(check_int("num_ranks", num_ranks, 1), (6, 256))
-        return Config(Buffer.num_sms, send, recv, 6, 128)
+        """DeepEP's recommended combine config for ``num_ranks``; ``Config``'s defaults otherwise."""
+        chunks = _COMBINE_CHUNKS.get(check_int("num_ranks", num_ranks, 1))
+        return Config(Buffer.num_sms, *chunks) if chunks else Config(Buffer.num_sms)
 
     @staticmethod
     def get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int,
                                        num_experts: int) -> int:
-        """Bytes for DeepEP's low-latency layout, bf16 rows: send and receive regions of dispatch
-        (``[max_tokens]`` and ``[E_local, max_tokens * R]`` rows with a 16-byte header) and of
-        combine, double-buffered, rounded up to 128 bytes."""
+        """Bytes of eplib's low-latency layout (not DeepEP's figure: size eplib's buffer with this
+        method): bf16 rows with a 16-byte header, send and receive regions of dispatch
+        (``[max_tokens]`` and ``[E_local, max_tokens * R]`` rows) and of combine, double-buffered,
+        rounded up to 128 bytes. No transport uses it yet."""
         max_tokens = check_int("num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank, 1)
         check_int("hidden", hidden, 1)
         check_num_experts(num_experts, check_int("num_ranks", num_ranks, 1))
@@ -141,6 +151,9 @@ class Buffer:
 
     def _transport_for(self, x: Tensor) -> CpuTransport:
         if x.device.type == "cpu":
+            if self._cpu is None:
+                raise ValueError(f"x: CPU tensors need a process group with a CPU backend such as gloo; this "
+                                 f"Buffer's group uses {self._backend!r}")
             return self._cpu
         raise ValueError(f"x: this build of eplib moves CPU tensors only (transport 'cpu'); got a tensor on "
                          f"{x.device}. The nccl and ipc transports for CUDA tensors are not built yet")
@@ -163,6 +176,8 @@ class Buffer:
         self._check_alive()
         check_num_experts(num_experts, self.group_size)
         topk_idx = check_tensor("topk_idx", topk_idx, [torch.int64], [None, None])
+        check_int32_product("topk_idx", "T * K", *topk_idx.shape)
+        check_int32_product("topk_idx", "T * R", topk_idx.shape[0], self.group_size)
         transport = self._transport_for(topk_idx)
         num_tokens_per_rank, num_tokens_per_expert, is_token_in_rank = transport.get_dispatch_layout(
             topk_idx, num_experts)
@@ -203,6 +218,7 @@ class Buffer:
         values, scales = check_x(x, list(KERNEL_DTYPE_CODES), allow_fp8=True)
         transport = self._transport_for(values)
         num_tokens = values.shape[0]
+        check_int32_product("x", "T * R", num_tokens, self.group_size)
         check_int("expert_alignment", expert_alignment, 1)
         check_int("num_worst_tokens", num_worst_tokens, 0)
         if config is not None and not isinstance(config, Config):
@@ -216,7 +232,7 @@ class Buffer:
                      if value is not None]
             if given:
                 raise ValueError(f"{given[0]}: a cached dispatch (handle given) takes x only, got {', '.join(given)}")
-            self._check_handle(handle, num_tokens, values.device)
+            self._check_handle(handle, values)
             recv_x, recv_scales = transport.cached_dispatch(values, scales, handle)
             return (recv_x, recv_scales) if scales is not None else recv_x, None, None, None, None, EventOverlap()
 
@@ -260,7 +276,7 @@ class Buffer:
         transport = self._transport_for(values)
         if config is not None and not isinstance(config, Config):
             raise TypeError(f"config: expected an eplib.Config or None, got {type(config).__name__}")
-        self._check_handle(handle, None, values.device)
+        self._check_handle(handle, values, combine=True)
         if values.shape[0] != handle.num_output_rows:
             raise ValueError(f"x: expected {handle.num_output_rows} rows (the dispatch output of this handle), "
                              f"got {values.shape[0]}")
@@ -270,14 +286,21 @@ class Buffer:
         combined_x, combined_topk_weights = transport.combine(values, handle, topk_weights, bias_0, bias_1)
         return combined_x, combined_topk_weights, EventOverlap()
 
-    def _check_handle(self, handle, num_tokens: Optional[int], device: torch.device) -> None:
+    def _check_handle(self, handle: DispatchHandle, x: Tensor, combine: bool = False) -> None:
+        """The handle is eplib's, made for this group, for x's hidden size, and (for a cached
+        dispatch) for as many tokens as x has."""
         if not isinstance(handle, DispatchHandle):
             raise TypeError(f"handle: expected the DispatchHandle returned by eplib's Buffer.dispatch, got "
                             f"{type(handle).__name__}")
         if tuple(handle.rank_prefix_matrix.shape) != (self.group_size, self.group_size):
             raise ValueError(f"handle: made for a group of {handle.rank_prefix_matrix.shape[0]} ranks, this Buffer's "
                              f"group has {self.group_size}")
-        if num_tokens is not None and handle.num_tokens != num_tokens:
-            raise ValueError(f"handle: made for {handle.num_tokens} tokens, but x has {num_tokens}")
-        if handle.send_pos.device != device:
-            raise ValueError(f"handle: its tensors are on {handle.send_pos.device}, x is on {device}")
+        if tuple(handle.send_pos.shape) != (handle.num_tokens, self.group_size) or handle.send_pos.dtype != torch.int32:
+            raise ValueError(f"handle: send_pos must be int32 [T, R] = [{handle.num_tokens}, {self.group_size}], got "
+                             f"{handle.send_pos.dtype} {list(handle.send_pos.shape)}")
+        if not combine and handle.num_tokens != x.shape[0]:
+            raise ValueError(f"handle: made for {handle.num_tokens} tokens, but x has {x.shape[0]}")
+        if handle.hidden != x.shape[1]:
+            raise ValueError(f"x: the handle was made for hidden size {handle.hidden}, x has {x.shape[1]}")
+        if handle.send_pos.device != x.device:
+            raise ValueError(f"handle: its tensors are on {handle.send_pos.device}, x is on {x.device}")

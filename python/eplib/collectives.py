@@ -1,11 +1,12 @@
 """torch.distributed collectives that never wait forever.
 
 Every wait on another rank goes through here: a collective that has not completed after
-``EPLIB_TIMEOUT_S`` seconds (default 100) raises ``RuntimeError`` naming this rank and the phase,
-so a rank whose peer raised or died fails instead of hanging.
+``EPLIB_TIMEOUT_S`` seconds (default 100) raises ``CollectiveError`` (a ``RuntimeError``) naming
+this rank and the phase, so a rank whose peer raised or died fails instead of hanging.
 """
 
 import datetime
+import math
 import os
 from typing import List, Optional
 
@@ -15,40 +16,46 @@ import torch.distributed as dist
 DEFAULT_TIMEOUT_S = 100.0
 
 
+class CollectiveError(RuntimeError):
+    """A collective timed out or lost a peer. The abandoned operation may still complete later,
+    so the group's collectives are out of step from then on."""
+
+
 def timeout_seconds() -> float:
     """The wait limit in seconds, read from ``EPLIB_TIMEOUT_S`` at each call."""
     raw = os.environ.get("EPLIB_TIMEOUT_S", str(DEFAULT_TIMEOUT_S))
     try:
         value = float(raw)
     except ValueError:
-        raise ValueError(f"EPLIB_TIMEOUT_S must be a positive number of seconds, got {raw!r}") from None
-    if value <= 0:
-        raise ValueError(f"EPLIB_TIMEOUT_S must be a positive number of seconds, got {raw!r}")
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"EPLIB_TIMEOUT_S: expected a positive, finite number of seconds, got {raw!r}")
     return value
 
 
-def _wait(work: dist.Work, group: dist.ProcessGroup, phase: str) -> None:
-    limit = timeout_seconds()
+def _wait(work: dist.Work, limit: float, group: dist.ProcessGroup, phase: str) -> None:
     try:
         work.wait(timeout=datetime.timedelta(seconds=limit))
     except RuntimeError as error:  # gloo raises RuntimeError (or a subclass) on timeout or a lost peer
-        raise RuntimeError(
+        raise CollectiveError(
             f"eplib: rank {group.rank()} of {group.size()} failed in {phase} (limit EPLIB_TIMEOUT_S={limit:g} s): "
             f"a peer rank raised, exited or never reached this call ({error})"
         ) from error
 
 
-# torch 2.13 renamed all_gather_into_tensor to all_gather_single; older releases only have the former.
+# torch 2.13 deprecates all_gather_into_tensor in favour of all_gather_single; older releases lack the latter.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 def all_gather(output: torch.Tensor, input: torch.Tensor, group: dist.ProcessGroup, phase: str) -> None:
     """All-gather ``input`` of every rank into ``output`` ([R * n], rank-major)."""
-    _wait(_all_gather_single(output, input, group=group, async_op=True), group, phase)
+    limit = timeout_seconds()  # read first: a bad setting must not leave a collective in flight
+    _wait(_all_gather_single(output, input, group=group, async_op=True), limit, group, phase)
 
 
 def all_to_all(output: torch.Tensor, input: torch.Tensor, output_split_sizes: Optional[List[int]],
                input_split_sizes: Optional[List[int]], group: dist.ProcessGroup, phase: str) -> None:
     """``all_to_all_single`` over dim 0 with the given split sizes."""
+    limit = timeout_seconds()
     work = dist.all_to_all_single(output, input, output_split_sizes, input_split_sizes, group=group, async_op=True)
-    _wait(work, group, phase)
+    _wait(work, limit, group, phase)

@@ -7,30 +7,33 @@ import torch
 
 class DispatchHandle(NamedTuple):
     """Layout of one dispatch, returned by ``Buffer.dispatch`` and passed back to ``combine`` or to
-    a cached ``dispatch``. It is a tuple: ``handle[0]`` is DeepEP's ``rank_prefix_matrix``.
+    a cached ``dispatch``. It is a tuple whose entries 0, 3 and 4 sit where DeepEP's intranode
+    handle has the same information.
 
     Fields:
         rank_prefix_matrix: int32 ``[R, R]``; entry ``[i][j]`` is the number of tokens that source
             ranks ``0..i`` send to rank ``j``. Rows from source ``i`` on rank ``j`` start at
             ``[i-1][j]`` (0 for ``i = 0``).
-        is_token_in_rank: bool ``[T, R]``, whether each local token went to each rank.
-        send_pos: int32 ``[T, R]``, row of token ``t`` in the send region (grouped by destination
-            rank, then token index), or -1. Combine receives the rows back in the same places.
-        recv_src_idx: int32 ``[N]``, source token index of each received row; -1 on the padding
-            rows of a ``num_worst_tokens`` dispatch (then ``N = num_worst_tokens``).
-        num_recv_tokens: rows that really arrived (``<= N``).
         send_counts: tokens sent to each rank, on the host.
         recv_counts: tokens received from each rank, on the host. Both are derived from
             ``rank_prefix_matrix`` and kept on the host so that cached calls never read the device.
+        recv_src_idx: int32 ``[N]``, source token index of each received row; -1 on the padding
+            rows of a ``num_worst_tokens`` dispatch (then ``N = num_worst_tokens``).
+        is_token_in_rank: bool ``[T, R]``, whether each local token went to each rank.
+        send_pos: int32 ``[T, R]``, row of token ``t`` in the send region (grouped by destination
+            rank, then token index), or -1. Combine receives the rows back in the same places.
+        num_recv_tokens: rows that really arrived (``<= N``).
+        hidden: H of the dispatched x; cached dispatches and combines must use the same.
     """
 
     rank_prefix_matrix: torch.Tensor
-    is_token_in_rank: torch.Tensor
-    send_pos: torch.Tensor
-    recv_src_idx: torch.Tensor
-    num_recv_tokens: int
     send_counts: Tuple[int, ...]
     recv_counts: Tuple[int, ...]
+    recv_src_idx: torch.Tensor
+    is_token_in_rank: torch.Tensor
+    send_pos: torch.Tensor
+    num_recv_tokens: int
+    hidden: int
 
     @property
     def num_tokens(self) -> int:

@@ -9,7 +9,7 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
-from ._dtypes import FP8_BLOCK, FP8_DTYPE, KERNEL_DTYPE_CODES
+from ._dtypes import FP8_BLOCK, FP8_DTYPE, INT32_LIMIT
 
 Tensor = torch.Tensor
 
@@ -59,13 +59,22 @@ def check_x(x: Union[Tensor, Tuple[Tensor, Tensor]], x_dtypes: Sequence[torch.dt
     return values, None
 
 
-def check_int(name: str, value, minimum: int) -> int:
-    """A Python int >= minimum (bools are rejected)."""
+def check_int(name: str, value, minimum: int, maximum: int = INT32_LIMIT) -> int:
+    """A Python int in [minimum, maximum] (bools are rejected); counts and sizes are int32 in the kernels."""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name}: expected an int >= {minimum}, got {_describe(value)}")
-    if value < minimum:
-        raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
+        raise TypeError(f"{name}: expected an int in [{minimum}, {maximum}], got {_describe(value)}")
+    if not minimum <= value <= maximum:
+        raise ValueError(f"{name}: expected an int in [{minimum}, {maximum}], got {value}")
     return value
+
+
+def check_int32_product(name: str, what: str, *factors: int) -> None:
+    """Positions and counts are int32 in the kernels (as in DeepEP): reject sizes they cannot index."""
+    product = 1
+    for factor in factors:
+        product *= factor
+    if product > INT32_LIMIT:
+        raise ValueError(f"{name}: {what} = {product} exceeds the int32 limit {INT32_LIMIT}")
 
 
 def check_num_experts(num_experts, num_ranks: int) -> int:
@@ -84,6 +93,8 @@ def check_topk(topk_idx, topk_weights, num_tokens: Optional[int], device: torch.
             raise ValueError("topk_weights: given without topk_idx; pass both or neither")
         return None, None
     topk_idx = check_tensor("topk_idx", topk_idx, [torch.int64], [num_tokens, None], device)
+    if topk_idx.shape[1] == 0:
+        raise ValueError(f"topk_idx: expected at least one slot per token (K >= 1), got {_describe(topk_idx)}")
     if topk_weights is None:
         if require_weights:
             raise ValueError(f"topk_weights: expected a float32 tensor of shape {list(topk_idx.shape)} "
@@ -95,12 +106,10 @@ def check_topk(topk_idx, topk_weights, num_tokens: Optional[int], device: torch.
 
 def check_bias(bias, num_tokens: int, hidden: int, dtype: torch.dtype,
                device: torch.device) -> Tuple[Optional[Tensor], Optional[Tensor]]:
-    """None, one [T, H] tensor, or a tuple of two, in x's dtype."""
-    if bias is None:
-        return None, None
-    biases = bias if isinstance(bias, tuple) else (bias,)
-    if len(biases) not in (1, 2):
-        raise ValueError(f"bias: expected a tensor or a tuple of two tensors, got a tuple of {len(biases)}")
-    checked = [check_tensor(f"bias[{i}]" if isinstance(bias, tuple) else "bias", b, [dtype], [num_tokens, hidden], device)
-               for i, b in enumerate(biases)]
-    return checked[0], checked[1] if len(checked) == 2 else None
+    """None, one [T, H] tensor, or a tuple of two (either may be None), in x's dtype."""
+    if not isinstance(bias, tuple):
+        bias = (bias, None)
+    if len(bias) != 2:
+        raise ValueError(f"bias: expected a tensor or a tuple of two tensors, got a tuple of {len(bias)}")
+    return tuple(None if b is None else check_tensor(f"bias[{i}]", b, [dtype], [num_tokens, hidden], device)
+                 for i, b in enumerate(bias))

@@ -1,5 +1,6 @@
-// Element types and their conversions to and from fp32, bit-exact with torch's casts
-// (round to nearest even; NaN stays NaN).
+// Element types and their conversions to and from fp32: round to nearest even, bit-exact with
+// torch's casts for every value but NaN. NaN stays NaN with a canonical payload (bf16 0x7FC0;
+// fp16 0x7E00 with its sign); torch's vectorised CPU casts write other NaN bits.
 #pragma once
 
 #include <cstdint>
@@ -56,7 +57,7 @@ EPLIB_HOST_DEVICE float from_float<float>(float value) { return value; }
 template <>
 EPLIB_HOST_DEVICE bf16_t from_float<bf16_t>(float value) {
   const uint32_t bits = float_bits(value);
-  if ((bits & 0x7FFFFFFFu) > 0x7F800000u) return bf16_t{0x7FC0};  // NaN, as torch writes it
+  if ((bits & 0x7FFFFFFFu) > 0x7F800000u) return bf16_t{0x7FC0};  // NaN, as c10::BFloat16 writes it
   const uint32_t rounding_bias = 0x7FFFu + ((bits >> 16) & 1u);
   return bf16_t{static_cast<uint16_t>((bits + rounding_bias) >> 16)};
 }

@@ -2,10 +2,18 @@
 (``torch.distributed``) for the exchange.
 
 Collectives per call:
-    dispatch          2: all-gather of the counts, then one all-to-all of the packed rows
-                         (x, FP8 scales, source index, local expert ids, weights in one row);
+    dispatch          2: an all-gather of fixed-size per-rank records (tokens sent to each rank,
+                         the row format, num_worst_tokens, an error flag), then one all-to-all of
+                         the packed rows (x, FP8 scales, source index, local expert ids, weights);
+                         3 for a dispatch of x alone without num_worst_tokens, whose per-expert
+                         counts need one more all-gather;
     cached dispatch   1: all-to-all of the packed x rows;
     combine           1: all-to-all of the expert outputs (plus weights when given).
+
+Every rank checks every rank's record, so a format mismatch, a rank whose input failed its value
+checks, or a too small ``num_worst_tokens`` makes all ranks raise together and the group stays
+usable. A collective that times out leaves the group out of step: the transport then refuses
+every later call.
 """
 
 from typing import List, Optional, Tuple
@@ -14,16 +22,17 @@ import torch
 import torch.distributed as dist
 
 from .. import _C
-from .._dtypes import KERNEL_DTYPE_CODES
-from ..collectives import all_gather, all_to_all
+from .._dtypes import INT32_LIMIT, KERNEL_DTYPE_CODES, WIRE_DTYPE_IDS
+from ..collectives import CollectiveError, all_gather, all_to_all
 from ..handle import DispatchHandle
 
 Tensor = torch.Tensor
 
-# Entries of the per-rank header all-gathered with the counts, after [R tokens per rank | E tokens per expert].
-_HEADER_NUM_WORST_TOKENS = 0
-_HEADER_ROW_STRIDE = 1
-_HEADER_SIZE = 2
+# Fields after the R send counts in each rank's record; the ones in _FORMAT_FIELDS must agree on
+# all ranks, and the argument named beside each is the one to blame when they do not.
+_RECORD_FIELDS = ("rejected", "num_worst_tokens", "num_experts", "num_topk", "x_dtype", "hidden", "scales_per_token")
+_FORMAT_FIELDS = {"num_experts": "num_tokens_per_expert", "num_topk": "topk_idx", "x_dtype": "x", "hidden": "x",
+                  "scales_per_token": "x[1]"}
 
 
 def _ptr(tensor: Optional[Tensor]) -> int:
@@ -50,6 +59,34 @@ class CpuTransport:
         # Send and receive staging bytes, kept between calls: a fresh allocation of tens of MB
         # costs as much in page faults as the copy into it. Never handed out to callers.
         self._staging = {"send": torch.empty(0, dtype=torch.uint8), "recv": torch.empty(0, dtype=torch.uint8)}
+        self._out_of_step: Optional[str] = None
+
+    # ------------------------------------------------------------------------------------------
+    # Plumbing
+    # ------------------------------------------------------------------------------------------
+
+    def _start_call(self) -> None:
+        if self._out_of_step is not None:
+            raise RuntimeError(f"eplib: this Buffer's group is out of step since an earlier collective failed "
+                               f"({self._out_of_step}); create a new process group and Buffer")
+        # Follow torch's setting (torchrun sets OMP_NUM_THREADS=1 per rank) so ranks sharing a
+        # machine do not oversubscribe it.
+        _C.set_num_threads(torch.get_num_threads())
+
+    def _all_gather(self, output: Tensor, input: Tensor, phase: str) -> None:
+        try:
+            all_gather(output, input, self.group, phase)
+        except CollectiveError as error:
+            self._out_of_step = str(error)
+            raise
+
+    def _all_to_all(self, output: Tensor, input: Tensor, output_splits: List[int], input_splits: List[int],
+                    phase: str) -> None:
+        try:
+            all_to_all(output, input, output_splits, input_splits, self.group, phase)
+        except CollectiveError as error:
+            self._out_of_step = str(error)
+            raise
 
     def _staging_bytes(self, name: str, num_bytes: int) -> Tensor:
         """The first num_bytes of the reusable staging tensor `name`, grown when too small."""
@@ -57,16 +94,11 @@ class CpuTransport:
             self._staging[name] = torch.empty(num_bytes + num_bytes // 4, dtype=torch.uint8)
         return self._staging[name][:num_bytes]
 
-    @staticmethod
-    def _sync_threads() -> None:
-        # Follow torch's setting (torchrun sets OMP_NUM_THREADS=1 per rank) so ranks sharing a
-        # machine do not oversubscribe it.
-        _C.set_num_threads(torch.get_num_threads())
+    # ------------------------------------------------------------------------------------------
+    # Kernels
+    # ------------------------------------------------------------------------------------------
 
-    def get_dispatch_layout(self, topk_idx: Tensor, num_experts: int) -> Tuple[Tensor, Tensor, Tensor]:
-        """topk_idx int64 [T, K] -> (num_tokens_per_rank int32 [R], num_tokens_per_expert int32 [E],
-        is_token_in_rank bool [T, R])."""
-        self._sync_threads()
+    def _layout(self, topk_idx: Tensor, num_experts: int) -> Tuple[Tensor, Tensor, Tensor]:
         num_tokens, num_topk = topk_idx.shape
         num_tokens_per_rank = torch.empty(self.num_ranks, dtype=torch.int32)
         num_tokens_per_expert = torch.empty(num_experts, dtype=torch.int32)
@@ -75,6 +107,14 @@ class CpuTransport:
                            num_tokens_per_rank.data_ptr(), num_tokens_per_expert.data_ptr(),
                            is_token_in_rank.data_ptr())
         return num_tokens_per_rank, num_tokens_per_expert, is_token_in_rank
+
+    def _send_positions(self, is_token_in_rank: Tensor) -> Tuple[Tensor, Tensor]:
+        num_tokens = is_token_in_rank.shape[0]
+        send_pos = torch.empty(num_tokens, self.num_ranks, dtype=torch.int32)
+        send_counts = torch.empty(self.num_ranks, dtype=torch.int32)
+        _C.send_positions(is_token_in_rank.data_ptr(), num_tokens, self.num_ranks, send_pos.data_ptr(),
+                          send_counts.data_ptr())
+        return send_pos, send_counts
 
     def _pack(self, x: Tensor, x_scales: Optional[Tensor], topk_idx: Optional[Tensor], topk_weights: Optional[Tensor],
               num_experts: int, send_pos: Tensor, num_send_rows: int) -> Tuple[Tensor, int]:
@@ -89,22 +129,24 @@ class CpuTransport:
     def _exchange_rows(self, send_buffer: Tensor, stride: int, send_counts: Tuple[int, ...],
                        recv_counts: Tuple[int, ...], phase: str) -> Tensor:
         recv_buffer = self._staging_bytes("recv", sum(recv_counts) * stride)
-        all_to_all(recv_buffer, send_buffer, [n * stride for n in recv_counts], [n * stride for n in send_counts],
-                   self.group, phase)
+        self._all_to_all(recv_buffer, send_buffer, [n * stride for n in recv_counts],
+                         [n * stride for n in send_counts], phase)
         return recv_buffer
 
     def _unpack(self, recv_buffer: Tensor, num_recv: int, num_rows: int, x: Tensor, x_scales: Optional[Tensor],
-                num_topk: int) -> Tuple[Tensor, Optional[Tensor], Tensor, Optional[Tensor], Optional[Tensor]]:
-        """Received rows -> (recv_x, recv_x_scales, recv_src_idx, recv_topk_idx, recv_topk_weights), each
-        with num_rows rows; rows past num_recv (num_worst_tokens padding) are zero, and -1 in the indices."""
+                num_topk: int, num_local_experts: int):
+        """Received rows -> (recv_x, recv_x_scales, recv_src_idx, recv_topk_idx, recv_topk_weights,
+        received (row, slot) pairs per local expert), each with num_rows rows; rows past num_recv
+        (num_worst_tokens padding) are zero, and -1 in the indices."""
         recv_x = torch.empty(num_rows, x.shape[1], dtype=x.dtype)
         recv_x_scales = torch.empty(num_rows, x_scales.shape[1], dtype=x_scales.dtype) if x_scales is not None else None
         recv_src_idx = torch.empty(num_rows, dtype=torch.int32)
         recv_topk_idx = torch.empty(num_rows, num_topk, dtype=torch.int64) if num_topk else None
         recv_topk_weights = torch.empty(num_rows, num_topk, dtype=torch.float32) if num_topk else None
+        per_expert = torch.empty(num_local_experts, dtype=torch.int64) if num_topk else None
         _C.dispatch_unpack(recv_buffer.data_ptr(), num_recv, _row_bytes(x), _row_bytes(x_scales), num_topk,
-                           recv_x.data_ptr(), _ptr(recv_x_scales), recv_src_idx.data_ptr(), _ptr(recv_topk_idx),
-                           _ptr(recv_topk_weights))
+                           num_local_experts, recv_x.data_ptr(), _ptr(recv_x_scales), recv_src_idx.data_ptr(),
+                           _ptr(recv_topk_idx), _ptr(recv_topk_weights), _ptr(per_expert))
         if num_rows > num_recv:
             for tensor in (recv_x, recv_x_scales, recv_topk_weights):
                 if tensor is not None:
@@ -112,27 +154,42 @@ class CpuTransport:
             for tensor in (recv_src_idx, recv_topk_idx):
                 if tensor is not None:
                     tensor[num_recv:].fill_(-1)
-        return recv_x, recv_x_scales, recv_src_idx, recv_topk_idx, recv_topk_weights
+        return recv_x, recv_x_scales, recv_src_idx, recv_topk_idx, recv_topk_weights, per_expert
 
-    def _exchange_counts(self, num_tokens_per_rank: Tensor, num_tokens_per_expert: Tensor, num_worst_tokens: int,
-                         stride: int) -> Tensor:
-        """All-gather [tokens per rank | tokens per expert | header] -> int64 [R, R + E + header]."""
-        header = torch.zeros(_HEADER_SIZE, dtype=torch.int64)
-        header[_HEADER_NUM_WORST_TOKENS] = num_worst_tokens
-        header[_HEADER_ROW_STRIDE] = stride
-        local = torch.cat([num_tokens_per_rank.to(torch.int64), num_tokens_per_expert.to(torch.int64), header])
-        gathered = torch.empty(self.num_ranks * local.numel(), dtype=torch.int64)
-        all_gather(gathered, local, self.group, "dispatch (counts exchange)")
-        return gathered.view(self.num_ranks, local.numel())
+    # ------------------------------------------------------------------------------------------
+    # The record exchange of a dispatch
+    # ------------------------------------------------------------------------------------------
 
-    def _check_gathered_header(self, header: Tensor, recv_totals: List[int]) -> None:
-        """Every rank checks every rank's header, so all of them raise together instead of some
-        of them waiting in the next collective."""
-        strides = header[:, _HEADER_ROW_STRIDE].tolist()
-        if len(set(strides)) != 1:
-            raise ValueError(f"x/topk_idx: ranks disagree on the row format (hidden size, dtype, FP8 scales, "
-                             f"top-k): packed row bytes per rank are {strides}")
-        worst = header[:, _HEADER_NUM_WORST_TOKENS].tolist()
+    def _exchange_records(self, send_counts: Optional[Tensor], **fields: int) -> Tensor:
+        """All-gather each rank's [R send counts | _RECORD_FIELDS] -> int64 [R, R + fields]."""
+        record = torch.zeros(self.num_ranks + len(_RECORD_FIELDS), dtype=torch.int64)
+        if send_counts is not None:
+            record[:self.num_ranks] = send_counts
+        for name, value in fields.items():
+            record[self.num_ranks + _RECORD_FIELDS.index(name)] = value
+        records = torch.empty(self.num_ranks * record.numel(), dtype=torch.int64)
+        self._all_gather(records, record, "dispatch (counts exchange)")
+        return records.view(self.num_ranks, record.numel())
+
+    def _check_records(self, records: Tensor) -> List[int]:
+        """Raises on every rank alike when any record is unusable; returns rows received per rank."""
+        def column(name: str) -> List[int]:
+            return records[:, self.num_ranks + _RECORD_FIELDS.index(name)].tolist()
+
+        rejected = [r for r, flag in enumerate(column("rejected")) if flag]
+        if rejected:
+            raise RuntimeError(f"eplib: dispatch abandoned on rank {self.rank}: rank(s) {rejected} rejected their "
+                               f"input (their ValueError says why)")
+        for name, argument in _FORMAT_FIELDS.items():
+            values = column(name)
+            if len(set(values)) > 1:
+                raise ValueError(f"{argument}: all ranks must agree on {name}, but ranks 0..{self.num_ranks - 1} "
+                                 f"have {values}")
+        recv_totals = records[:, :self.num_ranks].sum(0).tolist()
+        for r, total in enumerate(recv_totals):
+            if total > INT32_LIMIT:
+                raise ValueError(f"x: rank {r} would receive {total} rows; at most {INT32_LIMIT} fit int32 positions")
+        worst = column("num_worst_tokens")
         too_small = [r for r in range(self.num_ranks) if 0 < worst[r] < recv_totals[r]]
         if self.rank in too_small:
             raise ValueError(f"num_worst_tokens: rank {self.rank} receives {recv_totals[self.rank]} tokens, "
@@ -141,79 +198,111 @@ class CpuTransport:
             r = too_small[0]
             raise RuntimeError(f"eplib: dispatch abandoned on rank {self.rank}: rank {r} receives {recv_totals[r]} "
                                f"tokens, more than its num_worst_tokens={worst[r]}")
+        return recv_totals
+
+    # ------------------------------------------------------------------------------------------
+    # Calls
+    # ------------------------------------------------------------------------------------------
+
+    def get_dispatch_layout(self, topk_idx: Tensor, num_experts: int) -> Tuple[Tensor, Tensor, Tensor]:
+        """topk_idx int64 [T, K] -> (num_tokens_per_rank int32 [R], num_tokens_per_expert int32 [E],
+        is_token_in_rank bool [T, R])."""
+        self._start_call()
+        return self._layout(topk_idx, num_experts)
 
     def dispatch(self, x: Tensor, x_scales: Optional[Tensor], num_tokens_per_rank: Tensor, is_token_in_rank: Tensor,
                  num_tokens_per_expert: Tensor, topk_idx: Optional[Tensor], topk_weights: Optional[Tensor],
                  expert_alignment: int, num_worst_tokens: int):
         """See ``Buffer.dispatch``. Returns (recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights,
         num_recv_tokens_per_expert_list, handle)."""
-        self._sync_threads()
-        num_tokens = x.shape[0]
+        self._start_call()
         num_experts = num_tokens_per_expert.shape[0]
-        send_pos = torch.empty(num_tokens, self.num_ranks, dtype=torch.int32)
-        counted = torch.empty(self.num_ranks, dtype=torch.int32)
-        _C.send_positions(is_token_in_rank.data_ptr(), num_tokens, self.num_ranks, send_pos.data_ptr(),
-                          counted.data_ptr())
-        if not torch.equal(counted, num_tokens_per_rank):
-            raise ValueError(f"num_tokens_per_rank: expected the per-rank counts of is_token_in_rank "
-                             f"{counted.tolist()}, got {num_tokens_per_rank.tolist()}")
-        if topk_idx is not None:
-            # The receivers size their per-expert lists from these counts: check them against topk_idx.
-            _, expected_per_expert, _ = self.get_dispatch_layout(topk_idx, num_experts)
-            if not torch.equal(expected_per_expert, num_tokens_per_expert):
-                raise ValueError(f"num_tokens_per_expert: expected the per-expert counts of topk_idx "
-                                 f"{expected_per_expert.tolist()}, got {num_tokens_per_expert.tolist()}")
-        send_counts = tuple(counted.tolist())
-        # Packing validates expert ids and weights, so it runs before the first collective.
-        send_buffer, stride = self._pack(x, x_scales, topk_idx, topk_weights, num_experts, send_pos, sum(send_counts))
-
-        gathered = self._exchange_counts(num_tokens_per_rank, num_tokens_per_expert, num_worst_tokens, stride)
-        counts_matrix = gathered[:, :self.num_ranks]  # [source, destination]
-        recv_totals = counts_matrix.sum(0).tolist()
-        self._check_gathered_header(gathered[:, self.num_ranks + num_experts:], recv_totals)
+        num_topk = topk_idx.shape[1] if topk_idx is not None else 0
+        try:
+            send_pos, send_counts = self._local_dispatch_checks(num_tokens_per_rank, is_token_in_rank,
+                                                                num_tokens_per_expert, topk_idx)
+            # Packing checks expert ids and weights, so it runs before the first collective.
+            send_buffer, stride = self._pack(x, x_scales, topk_idx, topk_weights, num_experts, send_pos,
+                                             int(send_counts.sum()))
+        except ValueError:
+            # Tell the peers, so that they raise now instead of waiting for this rank to time out.
+            self._exchange_records(None, rejected=1)
+            raise
+        records = self._exchange_records(
+            send_counts, num_worst_tokens=num_worst_tokens, num_experts=num_experts, num_topk=num_topk,
+            x_dtype=WIRE_DTYPE_IDS[x.dtype], hidden=x.shape[1],
+            scales_per_token=x_scales.shape[1] if x_scales is not None else 0)
+        recv_totals = self._check_records(records)
+        counts_matrix = records[:, :self.num_ranks]  # [source, destination]
         recv_counts = tuple(counts_matrix[:, self.rank].tolist())
         num_recv = recv_totals[self.rank]
+
+        recv_buffer = self._exchange_rows(send_buffer, stride, tuple(send_counts.tolist()), recv_counts,
+                                          "dispatch (payload)")
+        num_rows = num_worst_tokens if num_worst_tokens > 0 else num_recv
+        num_local_experts = num_experts // self.num_ranks
+        recv_x, recv_x_scales, recv_src_idx, recv_topk_idx, recv_topk_weights, per_expert = self._unpack(
+            recv_buffer, num_recv, num_rows, x, x_scales, num_topk, num_local_experts)
 
         if num_worst_tokens > 0:
             num_recv_tokens_per_expert_list = []
         else:
-            experts_per_rank = num_experts // self.num_ranks
-            first = self.num_ranks + self.rank * experts_per_rank
-            per_expert = gathered[:, first:first + experts_per_rank].sum(0).tolist()
-            num_recv_tokens_per_expert_list = [-(-n // expert_alignment) * expert_alignment for n in per_expert]
-
-        recv_buffer = self._exchange_rows(send_buffer, stride, send_counts, recv_counts, "dispatch (payload)")
-        num_rows = num_worst_tokens if num_worst_tokens > 0 else num_recv
-        num_topk = topk_idx.shape[1] if topk_idx is not None else 0
-        recv_x, recv_x_scales, recv_src_idx, recv_topk_idx, recv_topk_weights = self._unpack(
-            recv_buffer, num_recv, num_rows, x, x_scales, num_topk)
+            if per_expert is None:  # x alone: the counts come from every source's num_tokens_per_expert
+                per_expert = self._gather_local_expert_counts(num_tokens_per_expert)
+            num_recv_tokens_per_expert_list = [-(-n // expert_alignment) * expert_alignment
+                                               for n in per_expert.tolist()]
         handle = DispatchHandle(
             rank_prefix_matrix=counts_matrix.cumsum(0).to(torch.int32),
+            send_counts=tuple(send_counts.tolist()),
+            recv_counts=recv_counts,
+            recv_src_idx=recv_src_idx,
             is_token_in_rank=is_token_in_rank,
             send_pos=send_pos,
-            recv_src_idx=recv_src_idx,
             num_recv_tokens=num_recv,
-            send_counts=send_counts,
-            recv_counts=recv_counts,
+            hidden=x.shape[1],
         )
         return recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, num_recv_tokens_per_expert_list, handle
+
+    def _local_dispatch_checks(self, num_tokens_per_rank: Tensor, is_token_in_rank: Tensor,
+                               num_tokens_per_expert: Tensor, topk_idx: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+        """Checks the layout arguments against each other; returns (send_pos, send_counts)."""
+        send_pos, send_counts = self._send_positions(is_token_in_rank)
+        if not torch.equal(send_counts, num_tokens_per_rank):
+            raise ValueError(f"num_tokens_per_rank: expected the per-rank counts of is_token_in_rank "
+                             f"{send_counts.tolist()}, got {num_tokens_per_rank.tolist()}")
+        if topk_idx is not None:
+            # Receivers size their per-expert lists from these counts: they must be topk_idx's.
+            _, expected_per_expert, _ = self._layout(topk_idx, num_tokens_per_expert.shape[0])
+            if not torch.equal(expected_per_expert, num_tokens_per_expert):
+                raise ValueError(f"num_tokens_per_expert: expected the per-expert counts of topk_idx "
+                                 f"{expected_per_expert.tolist()}, got {num_tokens_per_expert.tolist()}")
+        elif bool((num_tokens_per_expert < 0).any()):
+            raise ValueError(f"num_tokens_per_expert: expected counts >= 0, got {num_tokens_per_expert.tolist()}")
+        return send_pos, send_counts
+
+    def _gather_local_expert_counts(self, num_tokens_per_expert: Tensor) -> Tensor:
+        """Sum over source ranks of their num_tokens_per_expert for this rank's experts (int64)."""
+        num_experts = num_tokens_per_expert.shape[0]
+        gathered = torch.empty(self.num_ranks * num_experts, dtype=torch.int64)
+        self._all_gather(gathered, num_tokens_per_expert.to(torch.int64), "dispatch (expert counts exchange)")
+        num_local = num_experts // self.num_ranks
+        return gathered.view(self.num_ranks, num_experts)[:, self.rank * num_local:(self.rank + 1) * num_local].sum(0)
 
     def cached_dispatch(self, x: Tensor, x_scales: Optional[Tensor],
                         handle: DispatchHandle) -> Tuple[Tensor, Optional[Tensor]]:
         """Dispatch x (and FP8 scales) along the layout of an earlier dispatch: one collective."""
-        self._sync_threads()
-        send_buffer, stride = self._pack(x, x_scales, None, None, 0, handle.send_pos,
-                                         sum(handle.send_counts))
+        self._start_call()
+        send_buffer, stride = self._pack(x, x_scales, None, None, 0, handle.send_pos, sum(handle.send_counts))
         recv_buffer = self._exchange_rows(send_buffer, stride, handle.send_counts, handle.recv_counts,
                                           "cached dispatch (payload)")
-        recv_x, recv_x_scales, _, _, _ = self._unpack(recv_buffer, handle.num_recv_tokens, handle.num_output_rows,
-                                                      x, x_scales, 0)
+        recv_x, recv_x_scales, *_ = self._unpack(recv_buffer, handle.num_recv_tokens, handle.num_output_rows,
+                                                 x, x_scales, 0, 0)
         return recv_x, recv_x_scales
 
     def combine(self, x: Tensor, handle: DispatchHandle, topk_weights: Optional[Tensor], bias_0: Optional[Tensor],
                 bias_1: Optional[Tensor]) -> Tuple[Tensor, Optional[Tensor]]:
         """Send expert outputs back and reduce them per token; see ``Buffer.combine``."""
-        self._sync_threads()
+        self._start_call()
         num_recv = handle.num_recv_tokens
         num_topk = topk_weights.shape[1] if topk_weights is not None else 0
         x_bytes = _row_bytes(x)

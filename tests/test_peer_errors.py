@@ -1,0 +1,76 @@
+"""Errors that only some ranks see, or that only show across ranks: every rank must raise together,
+promptly (no waiting for EPLIB_TIMEOUT_S), and the group must stay usable afterwards."""
+
+import time
+
+import pytest
+
+from dist_harness import make_payload, make_topk_idx, make_topk_weights
+
+# name -> (what the odd rank does differently, argument the ValueError must name on the ranks that raise it)
+MISMATCHES = {
+    "nan_weight_on_last_rank": "topk_weights",
+    "top_k_differs": "topk_idx",
+    "dtype_differs_same_width": "x",
+    "hidden_differs": "x",
+    "num_experts_differs": "num_tokens_per_expert",
+}
+
+
+def job_mismatch(rank, R, group, name):
+    """Rank R-1 differs from the others as `name` says; then every rank dispatches valid input."""
+    import os
+
+    import eplib
+    import torch
+
+    os.environ["EPLIB_TIMEOUT_S"] = "20"  # a hang would show as a slow test, well before the pool's limit
+    odd = rank == R - 1
+    T, H, K, E = 12, 16, 2, 2 * R
+    if name == "top_k_differs" and odd:
+        K = 3
+    if name == "hidden_differs" and odd:
+        H = 24
+    if name == "num_experts_differs" and odd:
+        E = 4 * R
+    dtype = "fp16" if (name == "dtype_differs_same_width" and odd) else "bf16"
+    buf = eplib.Buffer(group)
+    idx, w = make_topk_idx(7, rank, T, K, E, "uniform"), make_topk_weights(7, rank, T, K)
+    if name == "nan_weight_on_last_rank" and odd:
+        w[5, 1] = float("nan")
+    x = make_payload(7, rank, T, H, dtype)
+    lay = buf.get_dispatch_layout(idx, E)
+    start = time.monotonic()
+    try:
+        buf.dispatch(x, num_tokens_per_rank=lay[0], is_token_in_rank=lay[3], num_tokens_per_expert=lay[2],
+                     topk_idx=idx, topk_weights=w)
+        outcome = None
+    except Exception as error:  # noqa: BLE001 - the test inspects it
+        outcome = (type(error).__name__, str(error))
+    elapsed = time.monotonic() - start
+
+    # The group is still in step: a valid dispatch and combine work on every rank.
+    T, H, K, E = 5, 8, 2, 2 * R
+    idx, w = make_topk_idx(8, rank, T, K, E, "uniform"), make_topk_weights(8, rank, T, K)
+    x = make_payload(8, rank, T, H, "fp32")
+    lay = buf.get_dispatch_layout(idx, E)
+    recv_x, _, _, _, handle, _ = buf.dispatch(x, num_tokens_per_rank=lay[0], is_token_in_rank=lay[3],
+                                              num_tokens_per_expert=lay[2], topk_idx=idx, topk_weights=w)
+    combined, _, _ = buf.combine(recv_x, handle)
+    recovered = torch.equal(combined, x * lay[3].sum(1, keepdim=True))
+    return outcome, elapsed, recovered
+
+
+@pytest.mark.parametrize("name", list(MISMATCHES))
+def test_mismatch_raises_on_every_rank_and_group_recovers(pool, name):
+    results = pool.run(job_mismatch, name, timeout=90)
+    for rank, (outcome, elapsed, recovered) in enumerate(results):
+        assert outcome is not None, f"rank {rank}: dispatch did not raise"
+        kind, message = outcome
+        if name == "nan_weight_on_last_rank" and rank != pool.world_size - 1:
+            # The peers did nothing wrong: they learn that rank R-1 rejected its input.
+            assert kind == "RuntimeError" and f"[{pool.world_size - 1}]" in message, f"rank {rank}: {outcome}"
+        else:
+            assert kind == "ValueError" and message.startswith(MISMATCHES[name]), f"rank {rank}: {outcome}"
+        assert elapsed < 10, f"rank {rank} took {elapsed:.1f} s to raise"
+        assert recovered, f"rank {rank}: the group did not recover"
