@@ -122,6 +122,11 @@ PYBIND11_MODULE(_C, m) {
       release_gil);
 
   m.def(
+      "advise_huge_pages",
+      [](uintptr_t address, int64_t num_bytes) { cpu::advise_huge_pages(as_ptr<void>(address), num_bytes); },
+      "Back a fresh, untouched host allocation with transparent huge pages (advisory).");
+
+  m.def(
       "dispatch_row_stride",
       [](int64_t x_bytes, int64_t scales_bytes, int num_topk) {
         return eplib::make_dispatch_row_layout(x_bytes, scales_bytes, num_topk).stride;

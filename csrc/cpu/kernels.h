@@ -47,4 +47,9 @@ void combine_reduce(DType dtype, const uint8_t* recv_buffer, int64_t hidden, int
                     int64_t num_tokens, int num_ranks, const void* bias_0, const void* bias_1, void* combined_x,
                     float* combined_topk_weights);
 
+// Asks the kernel to back [address, address + num_bytes) with transparent huge pages before it is
+// first touched: a fresh tens-of-MB output then costs a few hundred page faults instead of
+// thousands. Advisory; a no-op where the kernel or the platform does not offer it.
+void advise_huge_pages(void* address, int64_t num_bytes);
+
 }  // namespace eplib::cpu

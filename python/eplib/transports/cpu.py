@@ -47,6 +47,20 @@ def _as_bytes(tensor: Tensor) -> Tensor:
     return tensor.reshape(-1).view(torch.uint8)
 
 
+# Fresh allocations at least this large get huge pages before their first write: on the test VM a
+# 61 MB output took 21 ms of page faults with 4 KB pages and 4 ms with 2 MB pages.
+_HUGE_PAGE_MIN_BYTES = 8 << 20
+
+
+def _empty(*shape: int, dtype: torch.dtype) -> Tensor:
+    """torch.empty for outputs and staging bytes; large ones are backed by huge pages."""
+    tensor = torch.empty(*shape, dtype=dtype)
+    num_bytes = tensor.numel() * tensor.element_size()
+    if num_bytes >= _HUGE_PAGE_MIN_BYTES:
+        _C.advise_huge_pages(tensor.data_ptr(), num_bytes)
+    return tensor
+
+
 class CpuTransport:
     """Dispatch and combine for CPU tensors over a gloo (or any CPU-capable) process group."""
 
@@ -91,7 +105,7 @@ class CpuTransport:
     def _staging_bytes(self, name: str, num_bytes: int) -> Tensor:
         """The first num_bytes of the reusable staging tensor `name`, grown when too small."""
         if self._staging[name].numel() < num_bytes:
-            self._staging[name] = torch.empty(num_bytes + num_bytes // 4, dtype=torch.uint8)
+            self._staging[name] = _empty(num_bytes + num_bytes // 4, dtype=torch.uint8)
         return self._staging[name][:num_bytes]
 
     # ------------------------------------------------------------------------------------------
@@ -138,7 +152,7 @@ class CpuTransport:
         """Received rows -> (recv_x, recv_x_scales, recv_src_idx, recv_topk_idx, recv_topk_weights,
         received (row, slot) pairs per local expert), each with num_rows rows; rows past num_recv
         (num_worst_tokens padding) are zero, and -1 in the indices."""
-        recv_x = torch.empty(num_rows, x.shape[1], dtype=x.dtype)
+        recv_x = _empty(num_rows, x.shape[1], dtype=x.dtype)
         recv_x_scales = torch.empty(num_rows, x_scales.shape[1], dtype=x_scales.dtype) if x_scales is not None else None
         recv_src_idx = torch.empty(num_rows, dtype=torch.int32)
         recv_topk_idx = torch.empty(num_rows, num_topk, dtype=torch.int64) if num_topk else None
@@ -317,7 +331,7 @@ class CpuTransport:
         recv_buffer = self._exchange_rows(send_buffer, stride, handle.recv_counts, handle.send_counts,
                                           "combine (payload)")
         num_tokens, hidden = handle.num_tokens, x.shape[1]
-        combined_x = torch.empty(num_tokens, hidden, dtype=x.dtype)
+        combined_x = _empty(num_tokens, hidden, dtype=x.dtype)
         combined_topk_weights = torch.empty(num_tokens, num_topk, dtype=torch.float32) if num_topk else None
         _C.combine_reduce(KERNEL_DTYPE_CODES[x.dtype], recv_buffer.data_ptr(), hidden, num_topk,
                           handle.send_pos.data_ptr(), num_tokens, self.num_ranks, _ptr(bias_0), _ptr(bias_1),
