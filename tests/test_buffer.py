@@ -62,6 +62,11 @@ def job_api_surface(rank, R, group):
     out = {}
     buf = eplib.Buffer(group, num_nvl_bytes=0, num_rdma_bytes=0, low_latency_mode=False, num_qps_per_rank=24,
                        allow_nvlink_for_low_latency_mode=True, allow_mnnvl=False, explicitly_destroy=False)
+    # DeepEP's positional order: num_nvl_bytes, num_rdma_bytes, low_latency_mode, num_qps_per_rank,
+    # allow_nvlink_for_low_latency_mode, allow_mnnvl, explicitly_destroy, enable_shrink, comm.
+    positional = eplib.Buffer(group, 0, 0, False, 24, True, False, True, False, None)
+    out["positional explicitly_destroy"] = positional.explicitly_destroy
+    positional.destroy()
     explicit = eplib.Buffer(group, explicitly_destroy=True)
     explicit.destroy()
 
@@ -110,6 +115,7 @@ def test_buffer_api_surface(pool):
     res = pool.run(job_api_surface, timeout=60)
     for rank, out in enumerate(res):
         assert out == {
+            "positional explicitly_destroy": True,
             "config types": (True, True, True),
             "dispatch event is EventOverlap": True,
             "dispatch same with config/async": True,
