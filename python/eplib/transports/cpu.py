@@ -16,7 +16,7 @@ usable. A collective that times out leaves the group out of step: the transport 
 every later call.
 """
 
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -87,17 +87,10 @@ class CpuTransport:
         # machine do not oversubscribe it.
         _C.set_num_threads(torch.get_num_threads())
 
-    def _all_gather(self, output: Tensor, input: Tensor, phase: str) -> None:
+    def _collective(self, collective: Callable[..., None], *args, phase: str) -> None:
+        """Runs collective(*args, group, phase); a failure marks the group out of step."""
         try:
-            all_gather(output, input, self.group, phase)
-        except CollectiveError as error:
-            self._out_of_step = str(error)
-            raise
-
-    def _all_to_all(self, output: Tensor, input: Tensor, output_splits: List[int], input_splits: List[int],
-                    phase: str) -> None:
-        try:
-            all_to_all(output, input, output_splits, input_splits, self.group, phase)
+            collective(*args, self.group, phase)
         except CollectiveError as error:
             self._out_of_step = str(error)
             raise
@@ -143,8 +136,8 @@ class CpuTransport:
     def _exchange_rows(self, send_buffer: Tensor, stride: int, send_counts: Tuple[int, ...],
                        recv_counts: Tuple[int, ...], phase: str) -> Tensor:
         recv_buffer = self._staging_bytes("recv", sum(recv_counts) * stride)
-        self._all_to_all(recv_buffer, send_buffer, [n * stride for n in recv_counts],
-                         [n * stride for n in send_counts], phase)
+        self._collective(all_to_all, recv_buffer, send_buffer, [n * stride for n in recv_counts],
+                         [n * stride for n in send_counts], phase=phase)
         return recv_buffer
 
     def _unpack(self, recv_buffer: Tensor, num_recv: int, num_rows: int, x: Tensor, x_scales: Optional[Tensor],
@@ -182,7 +175,7 @@ class CpuTransport:
         for name, value in fields.items():
             record[self.num_ranks + _RECORD_FIELDS.index(name)] = value
         records = torch.empty(self.num_ranks * record.numel(), dtype=torch.int64)
-        self._all_gather(records, record, "dispatch (counts exchange)")
+        self._collective(all_gather, records, record, phase="dispatch (counts exchange)")
         return records.view(self.num_ranks, record.numel())
 
     def _check_records(self, records: Tensor) -> List[int]:
@@ -251,8 +244,8 @@ class CpuTransport:
         recv_counts = tuple(counts_matrix[:, self.rank].tolist())
         num_recv = recv_totals[self.rank]
 
-        recv_buffer = self._exchange_rows(send_buffer, stride, tuple(send_counts.tolist()), recv_counts,
-                                          "dispatch (payload)")
+        host_send_counts = tuple(send_counts.tolist())
+        recv_buffer = self._exchange_rows(send_buffer, stride, host_send_counts, recv_counts, "dispatch (payload)")
         num_rows = num_worst_tokens if num_worst_tokens > 0 else num_recv
         num_local_experts = num_experts // self.num_ranks
         recv_x, recv_x_scales, recv_src_idx, recv_topk_idx, recv_topk_weights, per_expert = self._unpack(
@@ -267,7 +260,7 @@ class CpuTransport:
                                                for n in per_expert.tolist()]
         handle = DispatchHandle(
             rank_prefix_matrix=counts_matrix.cumsum(0).to(torch.int32),
-            send_counts=tuple(send_counts.tolist()),
+            send_counts=host_send_counts,
             recv_counts=recv_counts,
             recv_src_idx=recv_src_idx,
             is_token_in_rank=is_token_in_rank,
@@ -298,7 +291,8 @@ class CpuTransport:
         """Sum over source ranks of their num_tokens_per_expert for this rank's experts (int64)."""
         num_experts = num_tokens_per_expert.shape[0]
         gathered = torch.empty(self.num_ranks * num_experts, dtype=torch.int64)
-        self._all_gather(gathered, num_tokens_per_expert.to(torch.int64), "dispatch (expert counts exchange)")
+        self._collective(all_gather, gathered, num_tokens_per_expert.to(torch.int64),
+                         phase="dispatch (expert counts exchange)")
         num_local = num_experts // self.num_ranks
         return gathered.view(self.num_ranks, num_experts)[:, self.rank * num_local:(self.rank + 1) * num_local].sum(0)
 
