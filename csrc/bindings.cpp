@@ -6,9 +6,11 @@
 #include <cstdint>
 
 #include "cpu/kernels.h"
+#include "eplib/errors.h"
 #include "eplib/layout.h"
 #include "cpu/parallel.h"
 #ifdef EPLIB_WITH_CUDA
+#include "cuda/kernels.h"
 #include "cuda/runtime.h"
 #endif
 
@@ -45,6 +47,121 @@ int cuda_runtime_version() {
 #endif
 }
 
+#ifdef EPLIB_WITH_CUDA
+// The CUDA kernels, named cuda_<CPU name>: the CPU function's arguments (dispatch_unpack and
+// combine_pack have their own), then error_flag where the kernel checks values, then the stream
+// (torch.cuda.current_stream().cuda_stream). See cuda/kernels.h.
+void def_cuda_kernels(py::module_& m) {
+  using eplib::DType;
+  namespace cuda = eplib::cuda;
+  const auto release_gil = py::call_guard<py::gil_scoped_release>();
+  auto stream_of = [](uintptr_t stream) { return reinterpret_cast<cudaStream_t>(stream); };
+
+  m.def(
+      "cuda_dispatch_layout",
+      [=](uintptr_t topk_idx, int64_t num_tokens, int num_topk, int num_experts, int num_ranks,
+          uintptr_t num_tokens_per_rank, uintptr_t num_tokens_per_expert, uintptr_t is_token_in_rank,
+          uintptr_t error_flag, uintptr_t stream) {
+        cuda::dispatch_layout(as_ptr<const int64_t>(topk_idx), num_tokens, num_topk, num_experts, num_ranks,
+                              as_ptr<int32_t>(num_tokens_per_rank), as_ptr<int32_t>(num_tokens_per_expert),
+                              as_ptr<bool>(is_token_in_rank), as_ptr<int32_t>(error_flag), stream_of(stream));
+      },
+      release_gil);
+
+  m.def(
+      "cuda_send_positions",
+      [=](uintptr_t is_token_in_rank, int64_t num_tokens, int num_ranks, uintptr_t send_pos,
+          uintptr_t num_tokens_per_rank, int64_t slot_rows, uintptr_t error_flag, uintptr_t stream) {
+        cuda::send_positions(as_ptr<const bool>(is_token_in_rank), num_tokens, num_ranks, as_ptr<int32_t>(send_pos),
+                             as_ptr<int32_t>(num_tokens_per_rank), slot_rows, as_ptr<int32_t>(error_flag),
+                             stream_of(stream));
+      },
+      release_gil);
+
+  m.def(
+      "cuda_dispatch_pack",
+      [=](uintptr_t x, int64_t x_bytes, uintptr_t x_scales, int64_t scales_bytes, uintptr_t topk_idx,
+          uintptr_t topk_weights, int num_topk, int num_experts, uintptr_t send_pos, int64_t num_tokens, int num_ranks,
+          uintptr_t send_buffer, uintptr_t error_flag, uintptr_t stream) {
+        cuda::dispatch_pack(as_ptr<const uint8_t>(x), x_bytes, as_ptr<const uint8_t>(x_scales), scales_bytes,
+                            as_ptr<const int64_t>(topk_idx), as_ptr<const float>(topk_weights), num_topk, num_experts,
+                            as_ptr<const int32_t>(send_pos), num_tokens, num_ranks, as_ptr<uint8_t>(send_buffer),
+                            as_ptr<int32_t>(error_flag), stream_of(stream));
+      },
+      release_gil);
+
+  m.def(
+      "cuda_dispatch_unpack",
+      [=](uintptr_t recv_buffer, uintptr_t recv_counts, int num_ranks, int64_t slot_rows, int64_t num_out_rows,
+          int64_t x_bytes, int64_t scales_bytes, int num_topk, int num_local_experts, uintptr_t recv_x,
+          uintptr_t recv_x_scales, uintptr_t recv_src_idx, uintptr_t recv_topk_idx, uintptr_t recv_topk_weights,
+          uintptr_t num_recv_tokens_per_expert, uintptr_t num_recv_out, uintptr_t error_flag, uintptr_t stream) {
+        cuda::dispatch_unpack(as_ptr<const uint8_t>(recv_buffer), as_ptr<const int32_t>(recv_counts), num_ranks,
+                              slot_rows, num_out_rows, x_bytes, scales_bytes, num_topk, num_local_experts,
+                              as_ptr<uint8_t>(recv_x), as_ptr<uint8_t>(recv_x_scales), as_ptr<int32_t>(recv_src_idx),
+                              as_ptr<int64_t>(recv_topk_idx), as_ptr<float>(recv_topk_weights),
+                              as_ptr<int64_t>(num_recv_tokens_per_expert), as_ptr<int32_t>(num_recv_out),
+                              as_ptr<int32_t>(error_flag), stream_of(stream));
+      },
+      release_gil);
+
+  m.def(
+      "cuda_combine_pack",
+      [=](uintptr_t x, int64_t x_bytes, uintptr_t topk_weights, int num_topk, uintptr_t recv_counts, int num_ranks,
+          int64_t slot_rows, int64_t num_rows, uintptr_t send_buffer, uintptr_t stream) {
+        cuda::combine_pack(as_ptr<const uint8_t>(x), x_bytes, as_ptr<const float>(topk_weights), num_topk,
+                           as_ptr<const int32_t>(recv_counts), num_ranks, slot_rows, num_rows,
+                           as_ptr<uint8_t>(send_buffer), stream_of(stream));
+      },
+      release_gil);
+
+  m.def(
+      "cuda_combine_reduce",
+      [=](int dtype, uintptr_t recv_buffer, int64_t hidden, int num_topk, uintptr_t send_pos, int64_t num_tokens,
+          int num_ranks, uintptr_t bias_0, uintptr_t bias_1, uintptr_t combined_x, uintptr_t combined_topk_weights,
+          uintptr_t stream) {
+        cuda::combine_reduce(static_cast<DType>(dtype), as_ptr<const uint8_t>(recv_buffer), hidden, num_topk,
+                             as_ptr<const int32_t>(send_pos), num_tokens, num_ranks, as_ptr<const void>(bias_0),
+                             as_ptr<const void>(bias_1), as_ptr<void>(combined_x),
+                             as_ptr<float>(combined_topk_weights), stream_of(stream));
+      },
+      release_gil);
+
+  m.def(
+      "cuda_permute_layout",
+      [=](uintptr_t topk_idx, int64_t num_rows, int num_topk, int num_local_experts, int64_t expert_alignment,
+          int64_t num_out_rows, uintptr_t pair_pos, uintptr_t expert_offsets, uintptr_t num_tokens_per_expert,
+          uintptr_t error_flag, uintptr_t stream) {
+        cuda::permute_layout(as_ptr<const int64_t>(topk_idx), num_rows, num_topk, num_local_experts, expert_alignment,
+                             num_out_rows, as_ptr<int32_t>(pair_pos), as_ptr<int64_t>(expert_offsets),
+                             as_ptr<int64_t>(num_tokens_per_expert), as_ptr<int32_t>(error_flag), stream_of(stream));
+      },
+      release_gil);
+
+  m.def(
+      "cuda_permute_rows",
+      [=](int dtype, uintptr_t x, int64_t num_rows, int64_t hidden, int num_topk, uintptr_t pair_pos,
+          uintptr_t topk_weights, uintptr_t expert_offsets, uintptr_t num_tokens_per_expert, int num_local_experts,
+          int64_t num_out_rows, uintptr_t out, uintptr_t stream) {
+        cuda::permute_rows(static_cast<DType>(dtype), as_ptr<const void>(x), num_rows, hidden, num_topk,
+                           as_ptr<const int32_t>(pair_pos), as_ptr<const void>(topk_weights),
+                           as_ptr<const int64_t>(expert_offsets), as_ptr<const int64_t>(num_tokens_per_expert),
+                           num_local_experts, num_out_rows, as_ptr<void>(out), stream_of(stream));
+      },
+      release_gil);
+
+  m.def(
+      "cuda_unpermute_rows",
+      [=](int dtype, uintptr_t y, int64_t num_in_rows, int64_t hidden, int num_topk, uintptr_t pair_pos,
+          uintptr_t topk_weights, int64_t num_rows, uintptr_t out, uintptr_t stream) {
+        cuda::unpermute_rows(static_cast<DType>(dtype), as_ptr<const void>(y), num_in_rows, hidden, num_topk,
+                             as_ptr<const int32_t>(pair_pos), as_ptr<const void>(topk_weights), num_rows,
+                             as_ptr<void>(out), stream_of(stream));
+      },
+      release_gil);
+}
+#endif
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -58,6 +175,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("cuda_device_count", &cuda_device_count, "Visible CUDA devices (0 without driver or GPU).");
   m.def("cuda_available", [] { return cuda_device_count() > 0; }, "True when CUDA kernels can run here.");
   m.def("cuda_runtime_version", &cuda_runtime_version, "CUDA runtime version compiled in (0 without CUDA).");
+  // Bits the CUDA kernels set in a device error flag (eplib/errors.h); the host raises on them.
+  m.attr("ERR_EXPERT_ID") = eplib::kErrorExpertId;
+  m.attr("ERR_WEIGHT") = eplib::kErrorWeight;
+  m.attr("ERR_OVERFLOW") = eplib::kErrorOverflow;
   m.def("set_num_threads", &cpu::set_num_threads, py::arg("num_threads"));
   m.def("get_num_threads", &cpu::get_num_threads);
 
@@ -120,6 +241,42 @@ PYBIND11_MODULE(_C, m) {
                             as_ptr<const void>(bias_1), as_ptr<void>(combined_x), as_ptr<float>(combined_topk_weights));
       },
       release_gil);
+
+  m.def(
+      "permute_layout",
+      [](uintptr_t topk_idx, int64_t num_rows, int num_topk, int num_local_experts, int64_t expert_alignment,
+         int64_t num_out_rows, uintptr_t pair_pos, uintptr_t expert_offsets, uintptr_t num_tokens_per_expert) {
+        cpu::permute_layout(as_ptr<const int64_t>(topk_idx), num_rows, num_topk, num_local_experts, expert_alignment,
+                            num_out_rows, as_ptr<int32_t>(pair_pos), as_ptr<int64_t>(expert_offsets),
+                            as_ptr<int64_t>(num_tokens_per_expert));
+      },
+      release_gil);
+
+  m.def(
+      "permute_rows",
+      [](int dtype, uintptr_t x, int64_t num_rows, int64_t hidden, int num_topk, uintptr_t pair_pos,
+         uintptr_t topk_weights, uintptr_t expert_offsets, uintptr_t num_tokens_per_expert, int num_local_experts,
+         int64_t num_out_rows, uintptr_t out) {
+        cpu::permute_rows(static_cast<DType>(dtype), as_ptr<const void>(x), num_rows, hidden, num_topk,
+                          as_ptr<const int32_t>(pair_pos), as_ptr<const void>(topk_weights),
+                          as_ptr<const int64_t>(expert_offsets), as_ptr<const int64_t>(num_tokens_per_expert),
+                          num_local_experts, num_out_rows, as_ptr<void>(out));
+      },
+      release_gil);
+
+  m.def(
+      "unpermute_rows",
+      [](int dtype, uintptr_t y, int64_t num_in_rows, int64_t hidden, int num_topk, uintptr_t pair_pos,
+         uintptr_t topk_weights, int64_t num_rows, uintptr_t out) {
+        cpu::unpermute_rows(static_cast<DType>(dtype), as_ptr<const void>(y), num_in_rows, hidden, num_topk,
+                            as_ptr<const int32_t>(pair_pos), as_ptr<const void>(topk_weights), num_rows,
+                            as_ptr<void>(out));
+      },
+      release_gil);
+
+#ifdef EPLIB_WITH_CUDA
+  def_cuda_kernels(m);
+#endif
 
   m.def(
       "advise_huge_pages",

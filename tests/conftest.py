@@ -48,3 +48,14 @@ def pool4(pool_cache) -> RankPool:
 def pool(request, pool_cache) -> RankPool:
     """The test runs once on the 2-rank pool and once on the 4-rank pool."""
     return pool_cache(request.param)
+
+
+@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
+def threads(request):
+    """Run a native-kernel test single-threaded and with the parallel path forced on."""
+    from eplib import _C
+
+    previous = _C.get_num_threads()
+    _C.set_num_threads(request.param)
+    yield request.param
+    _C.set_num_threads(previous)

@@ -244,7 +244,7 @@ class RankPool:
 
 FP8 = torch.float8_e4m3fn
 #: Names usable across the process boundary and in test ids.
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8": FP8}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64, "fp8": FP8}
 FP8_BLOCK = 128  # hidden columns per FP8 scale
 
 
@@ -461,7 +461,7 @@ def make_buffer(impl: str, group, **kwargs):
 
 
 def expected_combine(src: int, R: int, E: int, idxs, ys, biases, H: int) -> torch.Tensor:
-    """Closed-form fp32 combine sum on rank `src` (before the cast).
+    """Closed-form combine sum on rank `src` (before the cast), in fp32, or fp64 for fp64 rows.
 
     ys[r] are the rows rank r passes to combine (its dispatch output order); the row of src's
     token t on rank r sits after the rows of sources < src (the rank_prefix_matrix offset), at t's
@@ -469,9 +469,10 @@ def expected_combine(src: int, R: int, E: int, idxs, ys, biases, H: int) -> torc
     """
     El = E // R
     T = idxs[src].shape[0]
-    acc = torch.zeros((T, H), dtype=torch.float32)
+    acc_dtype = torch.float64 if ys[0].dtype == torch.float64 else torch.float32
+    acc = torch.zeros((T, H), dtype=acc_dtype)
     for b in biases:
-        acc = acc + b.float()
+        acc = acc + b.to(acc_dtype)
     for r in range(R):
         offset = 0
         for s in range(src):
@@ -479,7 +480,7 @@ def expected_combine(src: int, R: int, E: int, idxs, ys, biases, H: int) -> torc
             offset += int((ds == r).any(dim=1).sum())
         d = torch.where(idxs[src] >= 0, idxs[src] // El, torch.full_like(idxs[src], -1))
         sel = (d == r).any(dim=1).nonzero().flatten()
-        acc[sel] = acc[sel] + ys[r][offset: offset + sel.numel()].float()
+        acc[sel] = acc[sel] + ys[r][offset: offset + sel.numel()].to(acc_dtype)
     return acc
 
 
@@ -496,7 +497,7 @@ def job_closed_form(rank: int, R: int, group, impl: str, case: dict) -> List[str
     against closed-form expectations built from all ranks' (regenerated) inputs.
 
     case keys: seed, Ts (per-rank token counts), H, K, E, skew, dtype ("fp32", "bf16", "fp16",
-    "fp8"), alignment, num_worst, with_topk, bias (0, 1 = one tensor, 2 = a tuple of two),
+    "fp64", "fp8"), alignment, num_worst, with_topk, bias (0, 1 = one tensor, 2 = a tuple of two),
     buffer_kwargs (optional). Returns a list of mismatch descriptions (empty = pass). All
     collectives run before any comparison, so a mismatch on one rank cannot strand the others.
     """

@@ -16,7 +16,7 @@ IMPLS = ["ref", "eplib"]
 # name -> regex the message must match (it names the offending argument).
 BAD_INPUTS = {
     "x_dtype_int32": r"\bx\b",
-    "x_dtype_float64": r"\bx\b",
+    "x_dtype_int64": r"\bx\b",
     "x_not_2d": r"\bx\b",
     "x_non_contiguous": r"\bx\b.*contiguous|contiguous.*\bx\b",
     "fp8_scales_dtype": r"\bx\b|scales",
@@ -78,7 +78,7 @@ def job_bad_input(rank, R, group, impl, name):
     bad_w = w.clone()
     calls = {
         "x_dtype_int32": lambda: dispatch(x=x.to(torch.int32)),
-        "x_dtype_float64": lambda: dispatch(x=x.double()),
+        "x_dtype_int64": lambda: dispatch(x=x.to(torch.int64)),
         "x_not_2d": lambda: dispatch(x=x.reshape(T, 2, H // 2)),
         "x_non_contiguous": lambda: dispatch(x=torch.cat([x, x], dim=1)[:, ::2]),
         "fp8_scales_dtype": lambda: dispatch(x=(torch.zeros(T, 128).to(torch.float8_e4m3fn),
@@ -100,7 +100,7 @@ def job_bad_input(rank, R, group, impl, name):
         "is_token_in_rank_rows": lambda: dispatch(is_token_in_rank=lay[3][:-1]),
         "cached_x_rows_vs_handle": lambda: buf.dispatch(x7, handle=handle),
         "combine_x_rows_vs_handle": lambda: buf.combine(torch.cat([recv_x, recv_x[:1]]), handle),
-        "combine_x_dtype": lambda: buf.combine(recv_x.double(), handle),
+        "combine_x_dtype": lambda: buf.combine(recv_x.to(torch.int32), handle),
         "combine_topk_weights_rows": lambda: buf.combine(recv_x, handle, topk_weights=recv_w[:-1]),
         "combine_bias_shape": lambda: buf.combine(recv_x, handle, bias=torch.zeros(T + 1, H)),
         "num_tokens_per_rank_vs_is_token_in_rank": lambda: dispatch(num_tokens_per_rank=lay[0] + 1),

@@ -33,15 +33,6 @@ def native_layout(topk_idx: torch.Tensor, num_experts: int, num_ranks: int):
     return per_rank, per_expert, in_rank
 
 
-@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
-def threads(request):
-    """Run each kernel test single-threaded and with the parallel path forced on."""
-    previous = _C.get_num_threads()
-    _C.set_num_threads(request.param)
-    yield request.param
-    _C.set_num_threads(previous)
-
-
 @pytest.mark.parametrize("num_tokens", [0, 1, 5000])
 @pytest.mark.parametrize("num_experts,num_ranks,num_topk", [(64, 4, 8), (8, 8, 1), (6, 2, 3)])
 def test_layout_matches_torch(threads, num_tokens, num_experts, num_ranks, num_topk):
@@ -113,9 +104,10 @@ def test_fp16_rounding_near_boundaries(threads):
     assert got[1].isinf() and got[2].isinf() and got[0].item() == 65504.0 and got[4].item() == 1.0
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 def test_reduction_order_is_bias_then_ranks_ascending(threads, dtype):
-    """fp32 addition is not associative: the kernel must add bias_0, bias_1, then rank 0, 1, ..."""
+    """Addition is not associative: the kernel must add bias_0, bias_1, then rank 0, 1, ... in
+    fp32 (fp64 for fp64 data, which fp32 accumulation would round)."""
     num_tokens, hidden, num_ranks = 64, 33, 3
     generator = torch.Generator().manual_seed(1)
     rows = [torch.randn(num_tokens, hidden, generator=generator).mul(1e4 ** (r % 2)).to(dtype) for r in range(num_ranks)]
@@ -131,11 +123,12 @@ def test_reduction_order_is_bias_then_ranks_ascending(threads, dtype):
     out = torch.empty(num_tokens, hidden, dtype=dtype)
     _C.combine_reduce(KERNEL_DTYPE_CODES[dtype], recv_buffer.data_ptr(), hidden, 0, send_pos.data_ptr(), num_tokens,
                       num_ranks, biases[0].data_ptr(), biases[1].data_ptr(), out.data_ptr(), 0)
-    expected = torch.zeros(num_tokens, hidden, dtype=torch.float32)
-    expected += biases[0].float()
-    expected += biases[1].float()
+    acc_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    expected = torch.zeros(num_tokens, hidden, dtype=acc_dtype)
+    expected += biases[0].to(acc_dtype)
+    expected += biases[1].to(acc_dtype)
     for r in range(num_ranks):
-        expected[present[:, r]] += rows[r][present[:, r]].float()
+        expected[present[:, r]] += rows[r][present[:, r]].to(acc_dtype)
     assert torch.equal(out, expected.to(dtype))
 
 

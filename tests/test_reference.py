@@ -13,6 +13,7 @@ CASES = {
     "duplicate_experts_in_row": dict(skew="dup", K=4),
     "bf16": dict(dtype="bf16", skew="masked"),
     "fp16": dict(dtype="fp16", skew="zipf"),
+    "fp64_bias_tuple": dict(dtype="fp64", skew="masked", bias=2),
     "fp8_tuple": dict(dtype="fp8", H=256, skew="masked"),
     "K1": dict(K=1),
     "E_equals_R": dict(E_per_rank=1, K=1),

@@ -17,15 +17,16 @@ void combine_reduce_typed(const uint8_t* recv_buffer, int64_t hidden, int num_to
                           int64_t num_tokens, int num_ranks, const T* bias_0, const T* bias_1, T* combined_x,
                           float* combined_topk_weights) {
   const CombineRowLayout layout = make_combine_row_layout(hidden * static_cast<int64_t>(sizeof(T)), num_topk);
+  using Acc = AccumulatorOf<T>;
   parallel_for(num_tokens, kRowsPerChunk, [&](int64_t begin, int64_t end) {
-    std::vector<float> acc(hidden);
+    std::vector<Acc> acc(hidden);
     for (int64_t t = begin; t < end; ++t) {
       // Bias first, then ranks in ascending order: the summation order every transport follows.
-      for (int64_t h = 0; h < hidden; ++h) acc[h] = 0.0f;
+      for (int64_t h = 0; h < hidden; ++h) acc[h] = Acc{0};
       if (bias_0 != nullptr)
-        for (int64_t h = 0; h < hidden; ++h) acc[h] += to_float(bias_0[t * hidden + h]);
+        for (int64_t h = 0; h < hidden; ++h) acc[h] += to_accumulator(bias_0[t * hidden + h]);
       if (bias_1 != nullptr)
-        for (int64_t h = 0; h < hidden; ++h) acc[h] += to_float(bias_1[t * hidden + h]);
+        for (int64_t h = 0; h < hidden; ++h) acc[h] += to_accumulator(bias_1[t * hidden + h]);
       float* token_weights = combined_topk_weights != nullptr ? combined_topk_weights + t * num_topk : nullptr;
       if (token_weights != nullptr)
         for (int k = 0; k < num_topk; ++k) token_weights[k] = 0.0f;
@@ -34,7 +35,7 @@ void combine_reduce_typed(const uint8_t* recv_buffer, int64_t hidden, int num_to
         if (pos < 0) continue;
         const uint8_t* row = recv_buffer + static_cast<int64_t>(pos) * layout.stride;
         const T* values = reinterpret_cast<const T*>(row);
-        for (int64_t h = 0; h < hidden; ++h) acc[h] += to_float(values[h]);
+        for (int64_t h = 0; h < hidden; ++h) acc[h] += to_accumulator(values[h]);
         if (token_weights != nullptr)
           for (int k = 0; k < num_topk; ++k) {
             float weight;
@@ -42,7 +43,7 @@ void combine_reduce_typed(const uint8_t* recv_buffer, int64_t hidden, int num_to
             token_weights[k] += weight;
           }
       }
-      for (int64_t h = 0; h < hidden; ++h) combined_x[t * hidden + h] = from_float<T>(acc[h]);
+      for (int64_t h = 0; h < hidden; ++h) combined_x[t * hidden + h] = from_accumulator<T>(acc[h]);
     }
   });
 }

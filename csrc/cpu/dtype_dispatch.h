@@ -15,6 +15,7 @@ void visit_dtype(DType dtype, const Body& body) {
     case DType::kFloat32: return body(float{});
     case DType::kBFloat16: return body(bf16_t{});
     case DType::kFloat16: return body(fp16_t{});
+    case DType::kFloat64: return body(double{});
   }
   throw std::invalid_argument("unsupported dtype code " + std::to_string(static_cast<int>(dtype)));
 }

@@ -10,7 +10,9 @@ from .buffer import Buffer
 from .config import Config
 from .event import EventOverlap
 from .handle import DispatchHandle
+from .permute import PermuteHandle, permute_by_expert, unpermute_by_expert
 
 __version__ = "0.1.0"
 
-__all__ = ["Buffer", "Config", "EventOverlap", "DispatchHandle", "reference", "__version__"]
+__all__ = ["Buffer", "Config", "EventOverlap", "DispatchHandle", "PermuteHandle", "permute_by_expert", "reference",
+           "unpermute_by_expert", "__version__"]

@@ -6,11 +6,15 @@ import torch
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_BLOCK = 128
 
-# Element types the native reduction handles; keep in step with eplib::DType (csrc/include/eplib/dtype.h).
-KERNEL_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+# Element types the native kernels handle; keep in step with eplib::DType (csrc/include/eplib/dtype.h).
+# float64 (accumulated in float64) is for gradchecks of the autograd ops; CPU kernels only.
+KERNEL_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3}
+
+# The subset the CUDA kernels handle.
+CUDA_KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 
 # Every dtype dispatch accepts, as a small int that ranks exchange to check they agree.
-WIRE_DTYPE_IDS = {**KERNEL_DTYPE_CODES, FP8_DTYPE: 3}
+WIRE_DTYPE_IDS = {**KERNEL_DTYPE_CODES, FP8_DTYPE: 4}
 
 # Positions, counts and source indices are int32, as in DeepEP.
 INT32_LIMIT = 2**31 - 1

@@ -4,23 +4,24 @@ Code written for DeepEP runs on eplib by changing the import. The Buffer checks 
 then hands the call to a transport (``eplib.transports``) that moves the rows between ranks.
 """
 
-from typing import List, Optional, Tuple, Union
+from typing import Any, List, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
 
-from ._dtypes import KERNEL_DTYPE_CODES
+from . import _C
+from ._dtypes import CUDA_KERNEL_DTYPES, KERNEL_DTYPE_CODES
 from .config import Config
 from .event import EventOverlap
 from .handle import DispatchHandle
-from .transports import CpuTransport
+from .transports import CpuTransport, NcclTransport
 from .validation import (check_bias, check_int, check_int32_product, check_num_experts, check_tensor,
                          check_topk, check_x)
 
 Tensor = torch.Tensor
 XType = Union[Tensor, Tuple[Tensor, Tensor]]
 
-TRANSPORTS = ("auto", "cpu")
+TRANSPORTS = ("auto", "cpu", "nccl", "ipc")
 
 # DeepEP's recommended configs by group size: (nvl send, nvl recv, rdma send, rdma recv) chunk
 # tokens. eplib's cpu transport does not use them; they are returned so that code which reads them runs.
@@ -43,8 +44,24 @@ class Buffer:
     only then. ``comm`` (an mpi4py communicator) is not supported: pass a ``group`` (as in DeepEP,
     ``comm`` is ignored when a group is given).
 
-    ``transport`` (eplib only): ``"auto"`` picks per call by the tensors' device; ``"cpu"`` runs
-    CPU tensors over the group's gloo backend.
+    ``transport`` (eplib only): ``"auto"`` picks per call by the tensors' device: ``cpu`` for CPU
+    tensors, ``nccl`` for CUDA tensors. ``"cpu"`` runs CPU tensors over the group's gloo backend;
+    ``"nccl"`` runs CUDA tensors over the group's NCCL backend (or, slowly, staged through a gloo
+    group's host memory: the multi-process-on-one-GPU test path); ``"ipc"`` (CUDA peer memory) is
+    not built yet. A Buffer's CUDA calls all run on the device of its first CUDA call.
+
+    Streams (CUDA, as in DeepEP): each call runs on the Buffer's communication stream
+    (``get_comm_stream()``) after ``previous_event`` (else after the current stream). With
+    ``async_finish`` it returns an ``EventOverlap`` to wait on, otherwise the current stream waits
+    for it; ``allocate_on_comm_stream`` allocates the outputs on the communication stream and needs
+    ``previous_event`` and ``async_finish``. On CPU the calls finish before returning and the event
+    is a completed no-op.
+
+    Device-side errors (CUDA): bad values found by kernels (expert ids out of range, non-finite
+    weights, inconsistent layout tensors, more rows than ``num_worst_tokens``) are raised as
+    ValueError at the next normal-mode dispatch (``num_worst_tokens == 0``, no handle), whose one
+    host sync reads them; calls that never synchronize (``get_dispatch_layout``, ``num_worst_tokens``
+    and cached dispatches, ``combine``) report them there.
 
     Attributes: ``rank``, ``group_size``, ``group``, ``num_nvl_bytes``, ``num_rdma_bytes``,
     ``low_latency_mode``, ``explicitly_destroy`` and the class attribute ``num_sms``.
@@ -64,6 +81,11 @@ class Buffer:
             raise TypeError(f"group: expected a torch.distributed ProcessGroup, got {type(group).__name__}")
         if transport not in TRANSPORTS:
             raise ValueError(f"transport: expected one of {TRANSPORTS}, got {transport!r}")
+        if transport == "ipc":
+            raise NotImplementedError("transport: 'ipc' (CUDA peer memory) is not built yet; use 'nccl' (or 'auto') "
+                                      "for CUDA tensors")
+        if transport == "nccl":
+            _check_cuda_usable("transport='nccl'")
         check_int("num_nvl_bytes", num_nvl_bytes, 0)
         check_int("num_rdma_bytes", num_rdma_bytes, 0)
         self.group = group
@@ -77,6 +99,7 @@ class Buffer:
         backend = str(dist.get_backend(group))
         # CPU tensors need a backend with CPU collectives ("gloo", or e.g. "cpu:gloo,cuda:nccl").
         self._cpu = CpuTransport(group) if ("gloo" in backend or "mpi" in backend) else None
+        self._nccl: Optional[NcclTransport] = None  # created by the first CUDA call, on its device
         self._backend = backend
         self._destroyed = False
 
@@ -91,6 +114,7 @@ class Buffer:
                                "released when it is garbage-collected")
         self._destroyed = True
         self._cpu = None  # frees the staging bytes
+        self._nccl = None  # its communication stream and error flag
 
     def _check_alive(self) -> None:
         if self._destroyed:
@@ -114,8 +138,13 @@ class Buffer:
         return EventOverlap()
 
     def get_comm_stream(self) -> Optional["torch.cuda.Stream"]:
-        """The communication stream of GPU transports; None on CPU, where calls finish before returning."""
-        return None
+        """The communication stream of CUDA calls (created on the current device if no CUDA call ran
+        yet); None without a usable GPU, where all calls run on CPU and finish before returning."""
+        if self._nccl is None:
+            if self.transport == "cpu" or not (torch.cuda.is_available() and _C.cuda_available()):
+                return None
+            return self._cuda_transport(torch.device("cuda", torch.cuda.current_device())).comm_stream
+        return self._nccl.comm_stream
 
     @staticmethod
     def get_dispatch_config(num_ranks: int) -> Config:
@@ -149,14 +178,54 @@ class Buffer:
     # Normal-mode API
     # ----------------------------------------------------------------------------------------
 
-    def _transport_for(self, x: Tensor) -> CpuTransport:
+    def _transport_for(self, name: str, x: Tensor) -> Union[CpuTransport, NcclTransport]:
+        """The transport for tensors on x's device (``name`` is x's argument name, for errors)."""
         if x.device.type == "cpu":
+            if self.transport == "nccl":
+                raise ValueError(f"{name}: this Buffer was made with transport='nccl', which moves CUDA tensors; "
+                                 f"got a CPU tensor")
             if self._cpu is None:
-                raise ValueError(f"x: CPU tensors need a process group with a CPU backend such as gloo; this "
+                raise ValueError(f"{name}: CPU tensors need a process group with a CPU backend such as gloo; this "
                                  f"Buffer's group uses {self._backend!r}")
             return self._cpu
-        raise ValueError(f"x: this build of eplib moves CPU tensors only (transport 'cpu'); got a tensor on "
-                         f"{x.device}. The nccl and ipc transports for CUDA tensors are not built yet")
+        if x.device.type == "cuda":
+            if self.transport == "cpu":
+                raise ValueError(f"{name}: this Buffer was made with transport='cpu', which moves CPU tensors; got "
+                                 f"a tensor on {x.device}")
+            _check_cuda_usable(f"{name} on {x.device}")
+            return self._cuda_transport(x.device)
+        raise ValueError(f"{name}: expected a CPU or CUDA tensor, got a tensor on {x.device}")
+
+    def _cuda_transport(self, device: torch.device) -> NcclTransport:
+        if self._nccl is None:
+            self._nccl = NcclTransport(self.group, device)
+        elif self._nccl.device != device:
+            raise ValueError(f"x: this Buffer runs its CUDA calls on {self._nccl.device} (where its first CUDA call "
+                             f"ran), got a tensor on {device}")
+        return self._nccl
+
+    @staticmethod
+    def _check_stream_args(transport: Union[CpuTransport, NcclTransport], previous_event: Optional[EventOverlap],
+                           async_finish: bool, allocate_on_comm_stream: bool) -> None:
+        if previous_event is not None and not isinstance(previous_event, EventOverlap):
+            raise TypeError(f"previous_event: expected an eplib.EventOverlap or None, got "
+                            f"{type(previous_event).__name__}")
+        if isinstance(transport, NcclTransport) and allocate_on_comm_stream and not (
+                previous_event is not None and async_finish):
+            raise ValueError("allocate_on_comm_stream: needs previous_event and async_finish=True (as in DeepEP), "
+                             f"got previous_event={'set' if previous_event is not None else None}, "
+                             f"async_finish={async_finish}")
+
+    @staticmethod
+    def _run(transport: Union[CpuTransport, NcclTransport], method: str, *args: Any,
+             previous_event: Optional[EventOverlap], async_finish: bool,
+             allocate_on_comm_stream: bool) -> Tuple[Any, EventOverlap]:
+        """transport.method(*args) -> (its result, event): CUDA transports follow the stream protocol
+        and return the event; CPU calls have finished, so theirs is a completed no-op event."""
+        if isinstance(transport, CpuTransport):
+            return getattr(transport, method)(*args), EventOverlap()
+        return getattr(transport, method)(*args, previous_event=previous_event, async_finish=async_finish,
+                                          allocate_on_comm_stream=allocate_on_comm_stream)
 
     def get_dispatch_layout(self, topk_idx: Tensor, num_experts: int, previous_event: Optional[EventOverlap] = None,
                             async_finish: bool = False, allocate_on_comm_stream: bool = False
@@ -171,17 +240,20 @@ class Buffer:
             ``num_tokens_per_rank`` int32 ``[R]`` (a token counts once per rank), ``None`` (DeepEP's
             RDMA counts; eplib has no RDMA rank level), ``num_tokens_per_expert`` int32 ``[E]``
             (counts (token, slot) pairs: an id repeated in one token's row counts twice),
-            ``is_token_in_rank`` bool ``[T, R]``, and an ``EventOverlap``.
+            ``is_token_in_rank`` bool ``[T, R]``, and an ``EventOverlap``. An id out of range raises
+            ValueError here on CPU; on CUDA the device flags it and the next normal-mode dispatch raises.
         """
         self._check_alive()
         check_num_experts(num_experts, self.group_size)
         topk_idx = check_tensor("topk_idx", topk_idx, [torch.int64], [None, None])
         check_int32_product("topk_idx", "T * K", *topk_idx.shape)
         check_int32_product("topk_idx", "T * R", topk_idx.shape[0], self.group_size)
-        transport = self._transport_for(topk_idx)
-        num_tokens_per_rank, num_tokens_per_expert, is_token_in_rank = transport.get_dispatch_layout(
-            topk_idx, num_experts)
-        return num_tokens_per_rank, None, num_tokens_per_expert, is_token_in_rank, EventOverlap()
+        transport = self._transport_for("topk_idx", topk_idx)
+        self._check_stream_args(transport, previous_event, async_finish, allocate_on_comm_stream)
+        (num_tokens_per_rank, num_tokens_per_expert, is_token_in_rank), event = self._run(
+            transport, "get_dispatch_layout", topk_idx, num_experts, previous_event=previous_event,
+            async_finish=async_finish, allocate_on_comm_stream=allocate_on_comm_stream)
+        return num_tokens_per_rank, None, num_tokens_per_expert, is_token_in_rank, event
 
     def dispatch(self, x: XType, handle: Optional[DispatchHandle] = None,
                  num_tokens_per_rank: Optional[Tensor] = None, num_tokens_per_rdma_rank: Optional[Tensor] = None,
@@ -204,8 +276,12 @@ class Buffer:
             topk_idx: int64 ``[T, K]`` and topk_weights: float32 ``[T, K]``, both or neither.
             expert_alignment: each per-expert count is rounded up to a multiple of this.
             num_worst_tokens: if > 0, outputs have exactly this many rows (ValueError on the
-                rank that receives more); padding rows are zero with ``recv_topk_idx == -1``.
-            config, previous_event, async_finish, allocate_on_comm_stream: DeepEP's; no effect on CPU.
+                rank that receives more: at once on CPU; on CUDA, where this mode never synchronizes,
+                at the next normal-mode dispatch); padding rows are zero with ``recv_topk_idx == -1``.
+                All ranks must pass the same value.
+            config: DeepEP's; no effect (eplib's transports have no chunked ring buffers).
+            previous_event, async_finish, allocate_on_comm_stream: DeepEP's stream protocol (see the class
+                docstring); no effect on CPU.
 
         Returns:
             ``recv_x`` ``[N, H]`` (a tuple for FP8), rows ordered by source rank then source token;
@@ -216,7 +292,12 @@ class Buffer:
         """
         self._check_alive()
         values, scales = check_x(x, list(KERNEL_DTYPE_CODES), allow_fp8=True)
-        transport = self._transport_for(values)
+        transport = self._transport_for("x", values)
+        if scales is None:
+            self._check_x_dtype(values, transport)
+        self._check_stream_args(transport, previous_event, async_finish, allocate_on_comm_stream)
+        streams = dict(previous_event=previous_event, async_finish=async_finish,
+                       allocate_on_comm_stream=allocate_on_comm_stream)
         num_tokens = values.shape[0]
         check_int32_product("x", "T * R", num_tokens, self.group_size)
         check_int("expert_alignment", expert_alignment, 1)
@@ -233,8 +314,8 @@ class Buffer:
             if given:
                 raise ValueError(f"{given[0]}: a cached dispatch (handle given) takes x only, got {', '.join(given)}")
             self._check_handle(handle, values)
-            recv_x, recv_scales = transport.cached_dispatch(values, scales, handle)
-            return (recv_x, recv_scales) if scales is not None else recv_x, None, None, None, None, EventOverlap()
+            (recv_x, recv_scales), event = self._run(transport, "cached_dispatch", values, scales, handle, **streams)
+            return (recv_x, recv_scales) if scales is not None else recv_x, None, None, None, None, event
 
         for name, value in (("num_tokens_per_rank", num_tokens_per_rank), ("is_token_in_rank", is_token_in_rank),
                             ("num_tokens_per_expert", num_tokens_per_expert)):
@@ -247,11 +328,11 @@ class Buffer:
         check_num_experts(num_tokens_per_expert.shape[0], self.group_size)
         topk_idx, topk_weights = check_topk(topk_idx, topk_weights, num_tokens, device, require_weights=True)
 
-        recv_x, recv_scales, recv_topk_idx, recv_topk_weights, per_expert, new_handle = transport.dispatch(
-            values, scales, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert, topk_idx, topk_weights,
-            expert_alignment, num_worst_tokens)
+        (recv_x, recv_scales, recv_topk_idx, recv_topk_weights, per_expert, new_handle), event = self._run(
+            transport, "dispatch", values, scales, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert,
+            topk_idx, topk_weights, expert_alignment, num_worst_tokens, **streams)
         recv = (recv_x, recv_scales) if scales is not None else recv_x
-        return recv, recv_topk_idx, recv_topk_weights, per_expert, new_handle, EventOverlap()
+        return recv, recv_topk_idx, recv_topk_weights, per_expert, new_handle, event
 
     def combine(self, x: Tensor, handle: DispatchHandle, topk_weights: Optional[Tensor] = None,
                 bias: Union[Tensor, Tuple[Tensor, Tensor], None] = None, config: Optional[Config] = None,
@@ -273,7 +354,9 @@ class Buffer:
         """
         self._check_alive()
         values, _ = check_x(x, list(KERNEL_DTYPE_CODES), allow_fp8=False)
-        transport = self._transport_for(values)
+        transport = self._transport_for("x", values)
+        self._check_x_dtype(values, transport)
+        self._check_stream_args(transport, previous_event, async_finish, allocate_on_comm_stream)
         if config is not None and not isinstance(config, Config):
             raise TypeError(f"config: expected an eplib.Config or None, got {type(config).__name__}")
         self._check_handle(handle, values, combine=True)
@@ -283,8 +366,17 @@ class Buffer:
         if topk_weights is not None:
             check_tensor("topk_weights", topk_weights, [torch.float32], [values.shape[0], None], values.device)
         bias_0, bias_1 = check_bias(bias, handle.num_tokens, values.shape[1], values.dtype, values.device)
-        combined_x, combined_topk_weights = transport.combine(values, handle, topk_weights, bias_0, bias_1)
-        return combined_x, combined_topk_weights, EventOverlap()
+        (combined_x, combined_topk_weights), event = self._run(
+            transport, "combine", values, handle, topk_weights, bias_0, bias_1, previous_event=previous_event,
+            async_finish=async_finish, allocate_on_comm_stream=allocate_on_comm_stream)
+        return combined_x, combined_topk_weights, event
+
+    @staticmethod
+    def _check_x_dtype(x: Tensor, transport: Union[CpuTransport, NcclTransport]) -> None:
+        """The CUDA kernels move bf16 and fp32 (and FP8 tuples); the CPU ones fp16 and fp64 too."""
+        allowed = CUDA_KERNEL_DTYPES if isinstance(transport, NcclTransport) else tuple(KERNEL_DTYPE_CODES)
+        if x.dtype not in allowed:
+            raise TypeError(f"x: expected {' or '.join(str(d) for d in allowed)} on {x.device}, got {x.dtype}")
 
     def _check_handle(self, handle: DispatchHandle, x: Tensor, combine: bool = False) -> None:
         """The handle is eplib's, made for this group, for x's hidden size, and (for a cached
@@ -304,3 +396,13 @@ class Buffer:
             raise ValueError(f"x: the handle was made for hidden size {handle.hidden}, x has {x.shape[1]}")
         if handle.send_pos.device != x.device:
             raise ValueError(f"handle: its tensors are on {handle.send_pos.device}, x is on {x.device}")
+
+
+def _check_cuda_usable(what: str) -> None:
+    """Raises ValueError unless eplib's CUDA kernels can run here."""
+    if not _C.built_with_cuda():
+        raise ValueError(f"{what}: this eplib was built without CUDA kernels (rebuild with EPLIB_CUDA=1 where nvcc is "
+                         f"installed)")
+    if not (torch.cuda.is_available() and _C.cuda_available()):
+        raise ValueError(f"{what}: no usable CUDA device (torch.cuda.is_available()={torch.cuda.is_available()}, "
+                         f"eplib._C.cuda_available()={_C.cuda_available()})")

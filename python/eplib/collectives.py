@@ -2,7 +2,9 @@
 
 Every wait on another rank goes through here: a collective that has not completed after
 ``EPLIB_TIMEOUT_S`` seconds (default 100) raises ``CollectiveError`` (a ``RuntimeError``) naming
-this rank and the phase, so a rank whose peer raised or died fails instead of hanging.
+this rank and the phase, so a rank whose peer raised or died fails instead of hanging. With NCCL,
+a host wait with a timeout polls the collective's completion event (it is a host sync); calls that
+must not sync pass ``host_wait=False`` and leave hangs to NCCL's watchdog.
 """
 
 import datetime
@@ -47,15 +49,45 @@ def _wait(work: dist.Work, limit: float, group: dist.ProcessGroup, phase: str) -
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
-def all_gather(output: torch.Tensor, input: torch.Tensor, group: dist.ProcessGroup, phase: str) -> None:
-    """All-gather ``input`` of every rank into ``output`` ([R * n], rank-major)."""
+def _finish(work: dist.Work, limit: float, group: dist.ProcessGroup, phase: str, host_wait: bool) -> None:
+    if host_wait:
+        _wait(work, limit, group, phase)
+    else:
+        # NCCL: without a timeout, wait() only makes the current CUDA stream wait for the collective
+        # (with one it blocks the host). A peer that never arrives is then caught by NCCL's watchdog
+        # after the process group's timeout. Not for gloo, whose wait() blocks the host.
+        work.wait()
+
+
+def all_gather(output: torch.Tensor, input: torch.Tensor, group: dist.ProcessGroup, phase: str,
+               host_wait: bool = True) -> None:
+    """All-gather ``input`` of every rank into ``output`` ([R * n], rank-major).
+
+    host_wait=False (CUDA tensors on NCCL only): the current stream waits, the host does not.
+    """
     limit = timeout_seconds()  # read first: a bad setting must not leave a collective in flight
-    _wait(_all_gather_single(output, input, group=group, async_op=True), limit, group, phase)
+    _finish(_all_gather_single(output, input, group=group, async_op=True), limit, group, phase, host_wait)
 
 
 def all_to_all(output: torch.Tensor, input: torch.Tensor, output_split_sizes: Optional[List[int]],
-               input_split_sizes: Optional[List[int]], group: dist.ProcessGroup, phase: str) -> None:
-    """``all_to_all_single`` over dim 0 with the given split sizes."""
+               input_split_sizes: Optional[List[int]], group: dist.ProcessGroup, phase: str,
+               host_wait: bool = True) -> None:
+    """``all_to_all_single`` over dim 0 with the given split sizes (None: equal splits).
+
+    host_wait=False (CUDA tensors on NCCL only): the current stream waits, the host does not.
+    """
     limit = timeout_seconds()
     work = dist.all_to_all_single(output, input, output_split_sizes, input_split_sizes, group=group, async_op=True)
-    _wait(work, limit, group, phase)
+    _finish(work, limit, group, phase, host_wait)
+
+
+def all_reduce(tensor: torch.Tensor, group: dist.ProcessGroup, phase: str) -> None:
+    """Sums ``tensor`` over the ranks of ``group``, in place."""
+    limit = timeout_seconds()
+    _wait(dist.all_reduce(tensor, group=group, async_op=True), limit, group, phase)
+
+
+def reduce_scatter(output: torch.Tensor, input: torch.Tensor, group: dist.ProcessGroup, phase: str) -> None:
+    """Sums ``input`` ([R * n], rank-major) over the ranks; rank r keeps block r in ``output`` ([n])."""
+    limit = timeout_seconds()
+    _wait(dist.reduce_scatter_tensor(output, input, group=group, async_op=True), limit, group, phase)

@@ -8,10 +8,12 @@ import torch
 class EventOverlap:
     """An event recorded after a communication call, plus the tensors it keeps alive.
 
-    On CUDA ``event`` is a ``torch.cuda.Event``; ``current_stream_wait()`` makes the current
-    stream wait for it. On CPU everything has finished when a call returns, so the event is
-    ``None`` and waiting is a no-op. As a context manager (``with event: ...``) it waits on exit,
-    like DeepEP's, so the body overlaps with the communication.
+    On CUDA, calls with ``async_finish=True`` return one whose ``event`` is a ``torch.cuda.Event``
+    recorded on the Buffer's communication stream; ``current_stream_wait()`` makes the current
+    stream wait for it. Calls without async_finish (the current stream already waits) and all
+    calls on CPU (finished when they return) give ``event = None``: waiting is then a no-op. As a
+    context manager (``with event: ...``) it waits on exit, like DeepEP's, so the body overlaps
+    with the communication.
     """
 
     def __init__(self, event: Optional[Any] = None, extra_tensors: Optional[Iterable[torch.Tensor]] = None) -> None:

@@ -1,6 +1,6 @@
 """The dispatch handle: everything a cached dispatch and the matching combine reuse."""
 
-from typing import NamedTuple, Tuple
+from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
 
@@ -14,7 +14,7 @@ class DispatchHandle(NamedTuple):
         rank_prefix_matrix: int32 ``[R, R]``; entry ``[i][j]`` is the number of tokens that source
             ranks ``0..i`` send to rank ``j``. Rows from source ``i`` on rank ``j`` start at
             ``[i-1][j]`` (0 for ``i = 0``).
-        send_counts: tokens sent to each rank, on the host.
+        send_counts: tokens sent to each rank, on the host (see "Device values" below).
         recv_counts: tokens received from each rank, on the host. Both are derived from
             ``rank_prefix_matrix`` and kept on the host so that cached calls never read the device.
         recv_src_idx: int32 ``[N]``, source token index of each received row; -1 on the padding
@@ -24,16 +24,27 @@ class DispatchHandle(NamedTuple):
             rank, then token index), or -1. Combine receives the rows back in the same places.
         num_recv_tokens: rows that really arrived (``<= N``).
         hidden: H of the dispatched x; cached dispatches and combines must use the same.
+        slot_rows: 0, or (nccl transport, ``num_worst_tokens`` dispatch) the rows per peer of the
+            padded exchange: rows for rank ``r`` sit at ``[r * slot_rows, (r + 1) * slot_rows)`` of
+            the send region, and ``send_pos`` holds those places.
+        device_recv_counts: nccl transport only: int32 ``[R]`` tokens received from each rank, on
+            the device (the kernels of cached dispatch and combine read it).
+
+    Device values in padded mode: when ``slot_rows > 0`` the host never learns the counts, so
+    ``send_counts``, ``recv_counts`` (int32 ``[R]``) and ``num_recv_tokens`` (int32 ``[1]``) are
+    tensors on the device instead of host ints. Everywhere else they are host ints.
     """
 
     rank_prefix_matrix: torch.Tensor
-    send_counts: Tuple[int, ...]
-    recv_counts: Tuple[int, ...]
+    send_counts: Union[Tuple[int, ...], torch.Tensor]
+    recv_counts: Union[Tuple[int, ...], torch.Tensor]
     recv_src_idx: torch.Tensor
     is_token_in_rank: torch.Tensor
     send_pos: torch.Tensor
-    num_recv_tokens: int
+    num_recv_tokens: Union[int, torch.Tensor]
     hidden: int
+    slot_rows: int = 0
+    device_recv_counts: Optional[torch.Tensor] = None
 
     @property
     def num_tokens(self) -> int:

@@ -10,11 +10,11 @@ benchmarks. Clarity beats speed everywhere in this file.
 Conventions (shared with eplib.Buffer, bit for bit):
 - R = group size, E experts with E % R == 0; rank r owns experts [r*E/R, (r+1)*E/R).
 - topk_idx int64 [T, K] in [-1, E) (-1 = masked slot), topk_weights float32 [T, K].
-- x is [T, H] float32 / bfloat16 / float16, or the FP8 tuple
+- x is [T, H] float32 / bfloat16 / float16 / float64, or the FP8 tuple
   (float8_e4m3fn [T, H], float32 scales [T, S]) whose scales travel with their token.
 - A token goes to a rank at most once; received rows are ordered by source rank, then by
   source token index.
-- combine sums in fp32: 0, then bias_0, then bias_1, then the rows sent back by the
+- combine sums in fp32 (fp64 for float64 x): 0, then bias_0, then bias_1, then the rows sent back by the
   destination ranks in ascending rank order; the sum is cast to x.dtype.
 """
 
@@ -29,7 +29,7 @@ Tensor = torch.Tensor
 #: x as dispatch accepts it: a [T, H] tensor or the FP8 tuple (values, scales).
 DispatchX = Union[Tensor, Tuple[Tensor, Tensor]]
 
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _FP8_DTYPE = torch.float8_e4m3fn
 
 
@@ -69,11 +69,11 @@ def _check_tensor(t: object, name: str, dtype: torch.dtype, shape: Sequence[Opti
 
 
 def _check_float_x(x: object, name: str) -> Tensor:
-    """x of combine (or the plain-tensor x of dispatch): contiguous [T, H] fp32/bf16/fp16."""
+    """x of combine (or the plain-tensor x of dispatch): contiguous [T, H] fp32/bf16/fp16/fp64."""
     if not isinstance(x, Tensor):
-        _fail(TypeError, name, "a [T, H] float32/bfloat16/float16 tensor", type(x).__name__)
+        _fail(TypeError, name, "a [T, H] float32/bfloat16/float16/float64 tensor", type(x).__name__)
     if x.dtype not in _FLOAT_DTYPES:
-        _fail(TypeError, name, "dtype float32, bfloat16 or float16", _describe(x))
+        _fail(TypeError, name, "dtype float32, bfloat16, float16 or float64", _describe(x))
     if x.dim() != 2:
         _fail(ValueError, name, "a 2-D [T, H] tensor", _describe(x))
     if not x.is_contiguous():
@@ -204,7 +204,7 @@ class ReferenceBuffer:
         """Sends every token to each rank that owns one of its experts (at most once per rank).
 
         Args:
-            x: [T, H] float32/bfloat16/float16, or (float8_e4m3fn [T, H], float32 scales [T, S]).
+            x: [T, H] float32/bfloat16/float16/float64, or (float8_e4m3fn [T, H], float32 scales [T, S]).
             handle: a handle from an earlier dispatch (cached mode: the layout is reused and only
                 x travels; every other argument is ignored).
             num_tokens_per_rank: int32 [R], is_token_in_rank: bool [T, R],
@@ -367,7 +367,7 @@ class ReferenceBuffer:
         """Sends the expert-side rows back and sums them per original token.
 
         Args:
-            x: [N, H] float32/bfloat16/float16, N = rows of the dispatch output that made handle
+            x: [N, H] float32/bfloat16/float16/float64, N = rows of the dispatch output that made handle
                 (num_worst_tokens padding included; padding rows are ignored).
             handle: from that dispatch.
             topk_weights: float32 [N, K] or None; summed back like x (in fp32, no bias).
@@ -375,8 +375,8 @@ class ReferenceBuffer:
             config, previous_event, async_finish, allocate_on_comm_stream: ignored.
 
         Returns:
-            (combined_x [T, H] x.dtype: cast of the fp32 sum 0 + bias_0 + bias_1 + the returned
-             rows in ascending destination-rank order,
+            (combined_x [T, H] x.dtype: cast of the fp32 (fp64 for float64 x) sum 0 + bias_0 +
+             bias_1 + the returned rows in ascending destination-rank order,
              combined_topk_weights float32 [T, K] or None, None).
         """
         _check_float_x(x, "x")
@@ -406,10 +406,12 @@ class ReferenceBuffer:
         if topk_weights is not None:
             back_w = self._all_to_all_rows(topk_weights[real], handle.recv_counts, handle.send_counts)
 
-        # fp32 sum in the contract's order: 0, bias_0, bias_1, then destination ranks ascending.
-        acc = torch.zeros((num_tokens, x.shape[1]), dtype=torch.float32)
+        # fp32 sum (fp64 for fp64 x) in the contract's order: 0, bias_0, bias_1, then destination
+        # ranks ascending.
+        acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        acc = torch.zeros((num_tokens, x.shape[1]), dtype=acc_dtype)
         for b in biases:
-            acc = acc + b.float()
+            acc = acc + b.to(acc_dtype)
         acc_w = None
         if back_w is not None:
             acc_w = torch.zeros((num_tokens, topk_weights.shape[1]), dtype=torch.float32)
@@ -417,7 +419,7 @@ class ReferenceBuffer:
         for r in range(self.group_size):
             end = start + handle.send_counts[r]
             tokens = handle.send_token_idx[start:end]  # distinct, so one addition per element
-            acc[tokens] = acc[tokens] + back_x[start:end].float()
+            acc[tokens] = acc[tokens] + back_x[start:end].to(acc_dtype)
             if acc_w is not None:
                 acc_w[tokens] = acc_w[tokens] + back_w[start:end]
             start = end

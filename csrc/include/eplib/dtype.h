@@ -11,7 +11,7 @@
 namespace eplib {
 
 // Codes shared with Python (eplib/_dtypes.py); keep the two in step.
-enum class DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+enum class DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2, kFloat64 = 3 };
 
 struct bf16_t { uint16_t bits; };
 struct fp16_t { uint16_t bits; };
@@ -87,5 +87,29 @@ EPLIB_HOST_DEVICE fp16_t from_float<fp16_t>(float value) {
   if (remainder > 0x1000u || (remainder == 0x1000u && (half_bits & 1u))) ++half_bits;
   return fp16_t{static_cast<uint16_t>(sign | half_bits)};
 }
+
+// Reductions accumulate in AccumulatorOf<T>: fp32 for the 16- and 32-bit types, fp64 for fp64
+// (so float64 gradchecks of the autograd ops see no fp32 rounding).
+template <typename T>
+struct Accumulator {
+  using type = float;
+};
+template <>
+struct Accumulator<double> {
+  using type = double;
+};
+template <typename T>
+using AccumulatorOf = typename Accumulator<T>::type;
+
+// Element -> accumulator and back: to_float / from_float, except that fp64 passes through.
+template <typename T>
+EPLIB_HOST_DEVICE AccumulatorOf<T> to_accumulator(T value) { return to_float(value); }
+template <>
+EPLIB_HOST_DEVICE double to_accumulator<double>(double value) { return value; }
+
+template <typename T>
+EPLIB_HOST_DEVICE T from_accumulator(AccumulatorOf<T> value) { return from_float<T>(value); }
+template <>
+EPLIB_HOST_DEVICE double from_accumulator<double>(double value) { return value; }
 
 }  // namespace eplib

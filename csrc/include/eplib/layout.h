@@ -78,4 +78,26 @@ EPLIB_HOST_DEVICE CombineRowLayout make_combine_row_layout(int64_t x_bytes, int 
   return layout;
 }
 
+// Receive regions. Source s's rows sit at s * slot_rows in the padded ("slot") layout (slot_rows > 0),
+// or right after the rows of sources < s (slot_rows == 0). Compacted, rows follow each other in
+// source order: compact_start[s] = rows of sources < s, compact_start[R] = total.
+
+// Rows of a source that a region holds: its count, clipped to the slot in the slot layout.
+EPLIB_HOST_DEVICE int64_t region_rows(int32_t count, int64_t slot_rows) {
+  const int64_t rows = count < 0 ? 0 : count;
+  return (slot_rows > 0 && rows > slot_rows) ? slot_rows : rows;
+}
+
+// Row of the receive region that holds compacted row i (< compact_start[R]).
+EPLIB_HOST_DEVICE int64_t region_row_of(const int64_t* compact_start, int num_ranks, int64_t slot_rows, int64_t i) {
+  if (slot_rows == 0) return i;
+  int low = 0, high = num_ranks;  // compact_start[low] <= i < compact_start[high]; empty sources skipped
+  while (high - low > 1) {
+    const int middle = (low + high) / 2;
+    if (compact_start[middle] <= i) low = middle;
+    else high = middle;
+  }
+  return low * slot_rows + (i - compact_start[low]);
+}
+
 }  // namespace eplib

@@ -25,14 +25,13 @@ from .. import _C
 from .._dtypes import INT32_LIMIT, KERNEL_DTYPE_CODES, WIRE_DTYPE_IDS
 from ..collectives import CollectiveError, all_gather, all_to_all
 from ..handle import DispatchHandle
+from .records import check_format_agreement
 
 Tensor = torch.Tensor
 
-# Fields after the R send counts in each rank's record; the ones in _FORMAT_FIELDS must agree on
-# all ranks, and the argument named beside each is the one to blame when they do not.
+# Fields after the R send counts in each rank's record; the format fields (records.FORMAT_FIELDS)
+# must agree on all ranks.
 _RECORD_FIELDS = ("rejected", "num_worst_tokens", "num_experts", "num_topk", "x_dtype", "hidden", "scales_per_token")
-_FORMAT_FIELDS = {"num_experts": "num_tokens_per_expert", "num_topk": "topk_idx", "x_dtype": "x", "hidden": "x",
-                  "scales_per_token": "x[1]"}
 
 
 def _ptr(tensor: Optional[Tensor]) -> int:
@@ -187,11 +186,7 @@ class CpuTransport:
         if rejected:
             raise RuntimeError(f"eplib: dispatch abandoned on rank {self.rank}: rank(s) {rejected} rejected their "
                                f"input (their ValueError says why)")
-        for name, argument in _FORMAT_FIELDS.items():
-            values = column(name)
-            if len(set(values)) > 1:
-                raise ValueError(f"{argument}: all ranks must agree on {name}, but ranks 0..{self.num_ranks - 1} "
-                                 f"have {values}")
+        check_format_agreement(column, self.num_ranks)
         recv_totals = records[:, :self.num_ranks].sum(0).tolist()
         for r, total in enumerate(recv_totals):
             if total > INT32_LIMIT:

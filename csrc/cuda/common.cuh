@@ -1,0 +1,154 @@
+// Device helpers shared by the CUDA kernels: launch checks, the dtype switch, the error flag,
+// warp-wide row copies and a block-wide scan.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <initializer_list>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+
+#include "eplib/dtype.h"
+#include "eplib/errors.h"
+
+namespace eplib::cuda {
+
+constexpr int kWarpSize = 32;
+constexpr unsigned kFullMask = 0xFFFFFFFFu;
+
+// cudart is linked statically, so its error state is ours alone: read it through our runtime, right
+// after the call that may have failed, and turn it into an exception (RuntimeError in Python).
+inline void check_cuda(cudaError_t error, const char* what) {
+  if (error != cudaSuccess)
+    throw std::runtime_error(std::string("eplib: ") + what + " failed: " + cudaGetErrorString(error));
+}
+
+inline void check_launch(const char* kernel) { check_cuda(cudaGetLastError(), kernel); }
+
+// Grid size for a grid-stride loop over `items` work items of `items_per_block` each: enough blocks to
+// fill the device several times over, never zero.
+inline unsigned grid_for(int64_t items, int64_t items_per_block) {
+  constexpr int64_t kMaxBlocks = 8192;
+  const int64_t blocks = (items + items_per_block - 1) / items_per_block;
+  return static_cast<unsigned>(blocks < 1 ? 1 : (blocks > kMaxBlocks ? kMaxBlocks : blocks));
+}
+
+// The one place where a runtime dtype code becomes an element type for the CUDA kernels.
+template <typename Body>
+void visit_cuda_dtype(DType dtype, const Body& body) {
+  switch (dtype) {
+    case DType::kFloat32: return body(float{});
+    case DType::kBFloat16: return body(bf16_t{});
+    default: break;
+  }
+  throw std::invalid_argument("eplib: the CUDA kernels take float32 or bfloat16 rows, got dtype code " +
+                              std::to_string(static_cast<int>(dtype)));
+}
+
+// True when every address and byte stride given is a multiple of 16 (null counts as aligned): rows
+// of elements can then move as 16-byte vectors; otherwise kernels take their one-element path.
+inline bool all_16_byte_aligned(std::initializer_list<uint64_t> values) {
+  for (const uint64_t value : values)
+    if (value % 16 != 0) return false;
+  return true;
+}
+
+// Runs body(std::integral_constant<int, N>{}) with N = the elements of T in 16 bytes when `aligned`,
+// else N = 1: the vector width of a row kernel, chosen once per launch.
+template <typename T, typename Body>
+void visit_vector_width(bool aligned, const Body& body) {
+  if (aligned) return body(std::integral_constant<int, static_cast<int>(16 / sizeof(T))>{});
+  return body(std::integral_constant<int, 1>{});
+}
+
+// N elements of T moved as one access (16 bytes when N * sizeof(T) == 16).
+template <typename T, int N>
+struct alignas(sizeof(T) * N) ElementVector {
+  T values[N];
+};
+
+__device__ __forceinline__ void set_error(int32_t* error_flag, int32_t bit) {
+  if (error_flag != nullptr) atomicOr(error_flag, bit);
+}
+
+__device__ __forceinline__ int lane_id() { return static_cast<int>(threadIdx.x % kWarpSize); }
+
+__device__ __forceinline__ int64_t global_warp_id() {
+  return (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarpSize;
+}
+
+__device__ __forceinline__ int64_t num_global_warps() {
+  return static_cast<int64_t>(gridDim.x) * blockDim.x / kWarpSize;
+}
+
+// num_vectors items of type Vector from src to dst, spread over the lanes of a warp. Unrolled so a lane
+// keeps several loads in flight.
+template <typename Vector>
+__device__ __forceinline__ void warp_copy_vectors(uint8_t* dst, const uint8_t* src, int64_t num_vectors, int lane) {
+  auto* dst_vectors = reinterpret_cast<Vector*>(dst);
+  const auto* src_vectors = reinterpret_cast<const Vector*>(src);
+#pragma unroll 4
+  for (int64_t i = lane; i < num_vectors; i += kWarpSize) dst_vectors[i] = src_vectors[i];
+}
+
+// Copies `bytes` bytes with the whole warp: the widest of 16/8/4-byte accesses that both pointers'
+// alignment allows, then the remaining tail byte by byte.
+__device__ __forceinline__ void warp_copy(uint8_t* dst, const uint8_t* src, int64_t bytes, int lane) {
+  const uintptr_t alignment = reinterpret_cast<uintptr_t>(dst) | reinterpret_cast<uintptr_t>(src);
+  int64_t copied = 0;
+  if (alignment % 16 == 0) {
+    warp_copy_vectors<int4>(dst, src, bytes / 16, lane);
+    copied = bytes / 16 * 16;
+  } else if (alignment % 8 == 0) {
+    warp_copy_vectors<int2>(dst, src, bytes / 8, lane);
+    copied = bytes / 8 * 8;
+  } else if (alignment % 4 == 0) {
+    warp_copy_vectors<int32_t>(dst, src, bytes / 4, lane);
+    copied = bytes / 4 * 4;
+  }
+  for (int64_t i = copied + lane; i < bytes; i += kWarpSize) dst[i] = src[i];
+}
+
+// Zeroes `bytes` bytes with the whole warp (zero bytes are +0.0 in every float type).
+__device__ __forceinline__ void warp_zero(uint8_t* dst, int64_t bytes, int lane) {
+  int64_t zeroed = 0;
+  if (reinterpret_cast<uintptr_t>(dst) % 16 == 0) {
+    auto* vectors = reinterpret_cast<int4*>(dst);
+    for (int64_t i = lane; i < bytes / 16; i += kWarpSize) vectors[i] = make_int4(0, 0, 0, 0);
+    zeroed = bytes / 16 * 16;
+  }
+  for (int64_t i = zeroed + lane; i < bytes; i += kWarpSize) dst[i] = 0;
+}
+
+// Block-wide exclusive prefix sum of one value per thread; also returns the block's total. Needs
+// kWarpSize int64 of shared memory and every thread of the block; reusable back to back.
+__device__ __forceinline__ int64_t block_exclusive_sum(int64_t value, int64_t* warp_totals, int64_t* total) {
+  const int lane = lane_id();
+  const int warp = static_cast<int>(threadIdx.x / kWarpSize);
+  const int num_warps = static_cast<int>((blockDim.x + kWarpSize - 1) / kWarpSize);
+  int64_t inclusive = value;
+#pragma unroll
+  for (int offset = 1; offset < kWarpSize; offset *= 2) {
+    const int64_t other = __shfl_up_sync(kFullMask, inclusive, offset);
+    if (lane >= offset) inclusive += other;
+  }
+  __syncthreads();  // an earlier call may still be reading warp_totals
+  if (lane == kWarpSize - 1) warp_totals[warp] = inclusive;
+  __syncthreads();
+  if (warp == 0) {
+    int64_t warp_sum = lane < num_warps ? warp_totals[lane] : 0;
+#pragma unroll
+    for (int offset = 1; offset < kWarpSize; offset *= 2) {
+      const int64_t other = __shfl_up_sync(kFullMask, warp_sum, offset);
+      if (lane >= offset) warp_sum += other;
+    }
+    warp_totals[lane] = warp_sum;  // inclusive over warps
+  }
+  __syncthreads();
+  *total = warp_totals[num_warps - 1];
+  return (warp > 0 ? warp_totals[warp - 1] : 0) + inclusive - value;
+}
+
+}  // namespace eplib::cuda

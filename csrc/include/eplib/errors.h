@@ -1,0 +1,15 @@
+// Bits that CUDA kernels OR into a device error flag (int32) on input only the device can check.
+// A kernel that sets one still stays in bounds (a bad id counts as -1, a row that does not fit
+// is dropped); the host reads the flag at its next sync and raises ValueError. Exported to Python
+// as _C.ERR_EXPERT_ID, _C.ERR_WEIGHT, _C.ERR_OVERFLOW.
+#pragma once
+
+#include <cstdint>
+
+namespace eplib {
+
+constexpr int32_t kErrorExpertId = 1;  // an expert id outside [-1, E)
+constexpr int32_t kErrorWeight = 2;    // a non-finite top-k weight
+constexpr int32_t kErrorOverflow = 4;  // more rows than a fixed-size region holds
+
+}  // namespace eplib

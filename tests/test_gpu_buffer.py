@@ -1,0 +1,392 @@
+"""eplib.Buffer on CUDA tensors (the nccl transport), against CPU implementations on the same inputs.
+
+Runs where torch sees a GPU and eplib was built with its CUDA kernels; skipped elsewhere. Every
+multi-rank case runs R processes sharing cuda:0:
+- R=1 over a real NCCL group;
+- R=2 and R=4 over the pool's gloo group, which makes the nccl transport stage its collectives
+  through host memory (NCCL before 2.30 refuses two ranks on one GPU). The kernels and the
+  transport's multi-rank logic are the production ones; only the byte movement differs.
+Stream semantics and CUDA-graph capture need the real NCCL path (the staged path synchronizes the
+host at every collective and cannot be captured), so they run with R=1.
+"""
+
+import re
+
+import pytest
+import torch
+
+from dist_harness import base_case, fill_case, make_random_rows, make_topk_idx, make_topk_weights, same
+from gpu_harness import DEVICE, eplib_buffer, gpu_usable, group_for, job_gpu_compare, to_host
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not gpu_usable(), reason="needs a CUDA GPU and eplib built "
+                                                                            "with CUDA kernels")]
+
+# (backend, world size): R=1 over NCCL, R=2 and R=4 staged through gloo on one GPU.
+SETUPS = {"R1-nccl": ("nccl", 1), "R2-gloo": ("gloo", 2), "R4-gloo": ("gloo", 4)}
+
+# Buffer vs reference on random (non-integer) data: CUDA dtypes (fp32, bf16, FP8 tuple), every option.
+GPU_CASES = {
+    "fp32-uniform": dict(dtype="fp32", skew="uniform", H=32, K=3, E_per_rank=3),
+    "bf16-zipf": dict(dtype="bf16", skew="zipf", H=32, K=3, E_per_rank=3),
+    "fp8-masked": dict(dtype="fp8", skew="masked", H=256, K=3, E_per_rank=3),
+    "fp32-dup-bias_single": dict(dtype="fp32", skew="dup", K=4, bias=1),
+    "bf16-hot-bias_tuple-num_worst": dict(dtype="bf16", skew="hot", bias=2, num_worst=64),
+    "fp32-masked-num_worst-bias": dict(dtype="fp32", skew="masked", bias=1, num_worst=48),
+    "fp32-empty_ranks-align8": dict(Ts=[0, 21, 5], alignment=8),
+    "bf16-x_only": dict(dtype="bf16", with_topk=False),
+    "fp8-x_only-num_worst": dict(dtype="fp8", H=128, with_topk=False, num_worst=80),
+    "fp32-E_equals_R-K1": dict(E_per_rank=1, K=1),
+    # Row sizes that are not a multiple of 16 bytes take the kernels' scalar tails.
+    "fp32-H20": dict(dtype="fp32", H=20, K=2),
+    "bf16-H7": dict(dtype="bf16", H=7, K=2, skew="masked"),
+    "bf16-many_tokens": dict(dtype="bf16", Ts=[150, 90], H=512, K=4, E_per_rank=4, skew="zipf", bias=2),
+}
+
+
+@pytest.fixture(params=list(SETUPS), ids=list(SETUPS))
+def setup(request, pool_cache):
+    backend, world_size = SETUPS[request.param]
+    return backend, pool_cache(world_size)
+
+
+@pytest.mark.parametrize("name", list(GPU_CASES))
+def test_gpu_buffer_equals_reference(setup, name):
+    backend, pool = setup
+    case = fill_case(base_case(**GPU_CASES[name]), pool.world_size)
+    errs = pool.run(job_gpu_compare, backend, case, "ref", timeout=120)
+    assert not any(errs), "\n".join(e for rank_errs in errs for e in rank_errs)
+
+
+@pytest.mark.parametrize("name", [n for n, c in GPU_CASES.items() if c.get("dtype", "fp32") == "fp32"])
+def test_gpu_buffer_bit_exact_vs_cpu_transport(setup, name):
+    """fp32: the CUDA kernels give the cpu transport's bits (same row order, same fp32 sums)."""
+    backend, pool = setup
+    case = fill_case(base_case(**GPU_CASES[name]), pool.world_size)
+    errs = pool.run(job_gpu_compare, backend, case, "eplib", timeout=120)
+    assert not any(errs), "\n".join(e for rank_errs in errs for e in rank_errs)
+
+
+# ------------------------------------------------------------------------------------ shared inputs
+
+
+def _inputs(rank: int, seed: int, T: int, H: int, K: int, E: int, dtype: str = "bf16", skew: str = "uniform",
+            device: torch.device = DEVICE):
+    """(x, topk_idx, topk_weights) on device for `rank`, deterministic in seed."""
+    idx = make_topk_idx(seed, rank, T, K, E, skew)
+    return (make_random_rows(seed, rank, T, H, dtype).to(device), idx.to(device),
+            make_topk_weights(seed, rank, T, K).to(device))
+
+
+def _dispatch(buf, x, idx, w, E, **kwargs):
+    lay = buf.get_dispatch_layout(idx, E)
+    return buf.dispatch(x, num_tokens_per_rank=lay[0], is_token_in_rank=lay[3], num_tokens_per_expert=lay[2],
+                        topk_idx=idx, topk_weights=w, **kwargs)
+
+
+# ------------------------------------------------------------------------------------ streams
+
+
+# About 0.2-0.5 s of GPU time at 1-2 GHz: long enough that the host sees the work still pending.
+SLEEP_CYCLES = 400_000_000
+
+
+def job_streams(rank, R, group):
+    """DeepEP's stream protocol, observed from the outside (R=1, NCCL). Returns {check: bool}.
+
+    The dispatches here use num_worst_tokens (no host sync), so that the host can watch work that
+    is still pending on the GPU."""
+    import eplib
+
+    buf = eplib.Buffer(group_for("nccl", group))
+    comm = buf.get_comm_stream()
+    current = torch.cuda.current_stream()
+    T, H, K, E = 64, 128, 2, 4
+    x1, idx, w = _inputs(rank, 1, T, H, K, E)
+    x2 = make_random_rows(2, rank, T, H, "bf16").to(DEVICE)
+    x3 = make_random_rows(3, rank, T, H, "bf16").to(DEVICE)
+    lay = buf.get_dispatch_layout(idx, E)
+
+    def run(x, **kwargs):
+        return buf.dispatch(x, num_tokens_per_rank=lay[0], is_token_in_rank=lay[3], num_tokens_per_expert=lay[2],
+                            topk_idx=idx, topk_weights=w, num_worst_tokens=T * R, **kwargs)
+
+    want = {name: run(x)[0].clone() for name, x in (("x1", x1), ("x2", x2), ("x3", x3))}
+    out = {"comm stream is its own": isinstance(comm, torch.cuda.Stream) and comm != current}
+
+    # The comm stream waits for the current stream: x is written there after a long sleep.
+    x = torch.empty_like(x1)
+    torch.cuda._sleep(SLEEP_CYCLES)
+    x.copy_(x2)
+    out["waits for the current stream"] = same(run(x)[0], want["x2"])
+
+    # previous_event: x is written on a side stream that the current stream never waits for.
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(SLEEP_CYCLES)
+        x.copy_(x3)
+        written = eplib.Buffer.capture()
+    result = run(x, previous_event=written, async_finish=True, allocate_on_comm_stream=True)
+    result[5].current_stream_wait()
+    out["waits for previous_event"] = same(result[0], want["x3"])
+
+    # async_finish: the call returns while the comm stream is still busy and the current stream is
+    # free until current_stream_wait(). Sync mode: the current stream waits at once.
+    torch.cuda.synchronize()
+    with torch.cuda.stream(comm):
+        torch.cuda._sleep(SLEEP_CYCLES)
+    result = run(x1, async_finish=True)
+    event = result[5]
+    out["async: event pending"] = event.event is not None and not event.event.query()
+    out["async: current stream not held"] = current.query()
+    event.current_stream_wait()
+    out["async: current stream waits after current_stream_wait"] = not current.query()
+    out["async: result"] = same(result[0], want["x1"])
+    torch.cuda.synchronize()
+    with torch.cuda.stream(comm):
+        torch.cuda._sleep(SLEEP_CYCLES)
+    result = run(x1)
+    out["sync: no event"] = result[5].event is None
+    out["sync: current stream waits"] = not current.query()
+    out["sync: result"] = same(result[0], want["x1"])
+
+    # The context manager waits on exit; cached dispatch, combine and layout follow the same protocol.
+    torch.cuda.synchronize()
+    handle = result[4]
+    with torch.cuda.stream(comm):
+        torch.cuda._sleep(SLEEP_CYCLES)
+    cached = buf.dispatch(x2, handle=handle, previous_event=eplib.Buffer.capture(), async_finish=True)
+    with cached[5] as entered:
+        out["context manager returns the event"] = entered is cached[5]
+    out["context manager waits on exit"] = not current.query()
+    out["cached async"] = same(cached[0], want["x2"])
+    sync_combined = buf.combine(result[0], handle, topk_weights=result[2])
+    async_combined = buf.combine(result[0], handle, topk_weights=result[2], previous_event=eplib.Buffer.capture(),
+                                 async_finish=True, allocate_on_comm_stream=True)
+    async_combined[2].current_stream_wait()
+    out["combine async"] = same(async_combined[:2], sync_combined[:2])
+    layout_async = buf.get_dispatch_layout(idx, E, async_finish=True)
+    layout_async[4].current_stream_wait()
+    out["layout async"] = same(layout_async[:4], lay[:4])
+
+    try:
+        buf.dispatch(x1, handle=handle, allocate_on_comm_stream=True)
+        out["allocate_on_comm_stream needs previous_event and async_finish"] = False
+    except ValueError as error:
+        out["allocate_on_comm_stream needs previous_event and async_finish"] = "allocate_on_comm_stream" in str(error)
+    torch.cuda.synchronize()
+    return out
+
+
+def test_gpu_stream_semantics(pool_cache):
+    out = pool_cache(1).run(job_streams, timeout=120)[0]
+    assert all(out.values()), {k: v for k, v in out.items() if not v}
+
+
+# ------------------------------------------------------------------------------------ device error flag
+
+
+def _attempt(results: dict, name: str, fn) -> None:
+    try:
+        fn()
+        results[name] = "ok"
+    except Exception as error:  # noqa: BLE001 - the test compares the outcome per rank
+        results[name] = f"{type(error).__name__}: {error}"
+
+
+def job_error_flag(rank, R, group, backend):
+    """Bad values found by the kernels: raised at the next normal-mode dispatch on the rank that had
+    them (ValueError), RuntimeError on the others; the flag is cleared after. Returns {step: outcome}."""
+    buf, device = eplib_buffer(backend, group)
+    T, H, K, E = 16, 32, 2, 2 * R
+    x, idx, w = _inputs(rank, 4, T, H, K, E, dtype="fp32", device=device)
+    bad_idx = idx.clone()
+    if rank == R - 1:
+        bad_idx[3, 1] = E  # one id out of range on the last rank only
+    results = {}
+    _attempt(results, "layout of a bad id", lambda: buf.get_dispatch_layout(bad_idx, E))
+    _attempt(results, "normal dispatch of a bad id", lambda: _dispatch(buf, x, bad_idx, w, E))
+    _attempt(results, "normal dispatch after", lambda: _dispatch(buf, x, idx, w, E))
+    _attempt(results, "num_worst dispatch of a bad id",
+             lambda: _dispatch(buf, x, bad_idx, w, E, num_worst_tokens=T * R))
+    _attempt(results, "next normal dispatch", lambda: _dispatch(buf, x, idx, w, E))
+    _attempt(results, "clean again", lambda: _dispatch(buf, x, idx, w, E))
+    # Every rank sends more than one token to every rank: all overflow num_worst_tokens=1.
+    _attempt(results, "num_worst_tokens too small", lambda: _dispatch(buf, x, idx, w, E, num_worst_tokens=1))
+    _attempt(results, "after overflow", lambda: _dispatch(buf, x, idx, w, E))
+    bad_w = w.clone()
+    if rank == 0:
+        bad_w[0, 0] = float("nan")
+    _attempt(results, "nan weight", lambda: _dispatch(buf, x, idx, bad_w, E))
+    lay = buf.get_dispatch_layout(idx, E)
+    _attempt(results, "num_tokens_per_rank off by one", lambda: buf.dispatch(
+        x, num_tokens_per_rank=lay[0] + 1, is_token_in_rank=lay[3], num_tokens_per_expert=lay[2], topk_idx=idx,
+        topk_weights=w))
+    _attempt(results, "final", lambda: _dispatch(buf, x, idx, w, E))
+    return results
+
+
+@pytest.mark.parametrize("setup_name", ["R1-nccl", "R2-gloo"])
+def test_gpu_error_flag(pool_cache, setup_name):
+    check_error_flag(pool_cache, *SETUPS[setup_name])
+
+
+def check_error_flag(pool_cache, backend: str, world_size: int) -> None:
+    """Runs job_error_flag and checks each rank's outcome of each step."""
+    results = pool_cache(world_size).run(job_error_flag, backend, timeout=120)
+    last = world_size - 1
+    for rank, res in enumerate(results):
+        bad_id = (r"ValueError: topk_idx: an expert id outside" if rank == last
+                  else rf"RuntimeError: .*rank\(s\) \[{last}\]")
+        expected = {
+            "layout of a bad id": "^ok$",
+            "normal dispatch of a bad id": bad_id,
+            "normal dispatch after": "^ok$",
+            "num_worst dispatch of a bad id": "^ok$",  # no host sync: reported at the next one
+            "next normal dispatch": bad_id,
+            "clean again": "^ok$",
+            "num_worst_tokens too small": "^ok$",
+            "after overflow": r"ValueError: num_worst_tokens",
+            "nan weight": r"ValueError: topk_weights" if rank == 0 else r"RuntimeError: .*rank\(s\) \[0\]",
+            "num_tokens_per_rank off by one": r"ValueError: num_tokens_per_rank",
+            "final": "^ok$",
+        }
+        for step, pattern in expected.items():
+            assert re.search(pattern, res[step]), f"rank {rank} {step}: {res[step]!r} does not match {pattern!r}"
+
+
+# ------------------------------------------------------------------------------------ CUDA graph
+
+
+def job_cuda_graph(rank, R, group):
+    """Capture layout + num_worst_tokens dispatch + cached dispatch + combine (R=1, NCCL) in a CUDA
+    graph, replay it on new inputs, compare with the reference on the CPU. Returns mismatches.
+
+    Only the NCCL path is capturable: the gloo staging path copies through host memory."""
+    import eplib
+    from dist_harness import describe_diff
+    from eplib.reference import ReferenceBuffer
+
+    buf = eplib.Buffer(group_for("nccl", group))
+    T, H, K, E = 48, 256, 4, 8
+    W = T * R  # a rank receives at most T tokens from each rank
+    static_x, static_idx, static_w = _inputs(rank, 10, T, H, K, E)
+    static_x2 = torch.empty_like(static_x)
+
+    def step(b, x, x2, idx, w):
+        lay = b.get_dispatch_layout(idx, E)
+        recv_x, recv_idx, recv_w, num_list, handle, _ = b.dispatch(
+            x, num_tokens_per_rank=lay[0], is_token_in_rank=lay[3], num_tokens_per_expert=lay[2], topk_idx=idx,
+            topk_weights=w, num_worst_tokens=W)
+        cached = b.dispatch(x2, handle=handle)[0]
+        combined_x, combined_w, _ = b.combine(recv_x, handle, topk_weights=recv_w)
+        return dict(layout=lay[:4], recv_x=recv_x, recv_idx=recv_idx, recv_w=recv_w, num_list=num_list,
+                    rank_prefix_matrix=handle[0], cached=cached, combined_x=combined_x, combined_w=combined_w)
+
+    # Warm up on a side stream (torch's rule before capture); this also creates the NCCL communicator.
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step(buf, static_x, static_x2, static_idx, static_w)
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    # thread_local: NCCL's watchdog thread may query events while this thread captures.
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        static_out = step(buf, static_x, static_x2, static_idx, static_w)
+
+    errs = []
+    ref = ReferenceBuffer(group)
+    for seed in (11, 12):
+        x, idx, w = (t.cpu() for t in _inputs(rank, seed, T, H, K, E, skew="masked" if seed == 12 else "uniform"))
+        x2 = make_random_rows(seed + 100, rank, T, H, "bf16")
+        for static, value in ((static_x, x), (static_x2, x2), (static_idx, idx), (static_w, w)):
+            static.copy_(value)
+        graph.replay()
+        torch.cuda.synchronize()
+        want = step(ref, x, x2, idx, w)
+        for key, value in want.items():
+            got = to_host(static_out[key])
+            if not same(got, value):
+                errs.append(f"replay seed {seed}: " + describe_diff(key, got, value))
+    # Nothing in the captured work was flagged: the next normal-mode dispatch goes through.
+    _dispatch(buf, static_x, static_idx, static_w, E)
+    return errs
+
+
+def test_gpu_cuda_graph_num_worst_tokens(pool_cache):
+    errs = pool_cache(1).run(job_cuda_graph, timeout=120)[0]
+    assert not errs, "\n".join(errs)
+
+
+# ------------------------------------------------------------------------------------ argument checks
+
+
+def job_device_checks(rank, R, group):
+    """Arguments on the wrong device or of a dtype the CUDA kernels lack raise before any kernel."""
+    import eplib
+
+    nccl = group_for("nccl", group)
+    buf = eplib.Buffer(nccl)
+    T, H, K, E = 8, 32, 2, 2
+    x, idx, w = _inputs(rank, 5, T, H, K, E)
+    lay = buf.get_dispatch_layout(idx, E)
+    kwargs = dict(num_tokens_per_rank=lay[0], is_token_in_rank=lay[3], num_tokens_per_expert=lay[2], topk_idx=idx,
+                  topk_weights=w)
+    recv = buf.dispatch(x, **kwargs)
+    cpu_handle = eplib.Buffer(group).dispatch(x.cpu(), **{k: v.cpu() for k, v in kwargs.items()})[4]
+    results = {}
+    _attempt(results, "topk_idx on cpu", lambda: buf.dispatch(x, **{**kwargs, "topk_idx": idx.cpu()}))
+    _attempt(results, "num_tokens_per_rank on cpu",
+             lambda: buf.dispatch(x, **{**kwargs, "num_tokens_per_rank": lay[0].cpu()}))
+    _attempt(results, "fp16 x", lambda: buf.dispatch(x.half(), **kwargs))
+    _attempt(results, "bias on cpu", lambda: buf.combine(recv[0], recv[4], bias=torch.zeros(T, H, dtype=x.dtype)))
+    _attempt(results, "cpu handle", lambda: buf.combine(recv[0], cpu_handle))
+    _attempt(results, "previous_event type", lambda: buf.get_dispatch_layout(idx, E, previous_event=object()))
+    _attempt(results, "transport cpu with cuda", lambda: eplib.Buffer(group, transport="cpu").get_dispatch_layout(
+        idx, E))
+    _attempt(results, "transport nccl with cpu", lambda: eplib.Buffer(nccl, transport="nccl").get_dispatch_layout(
+        idx.cpu(), E))
+    _attempt(results, "transport ipc", lambda: eplib.Buffer(nccl, transport="ipc"))
+    _attempt(results, "explicit nccl works", lambda: eplib.Buffer(nccl, transport="nccl").get_dispatch_layout(idx, E))
+    torch.cuda.synchronize()
+    return results
+
+
+def test_gpu_device_checks(pool_cache):
+    res = pool_cache(1).run(job_device_checks, timeout=120)[0]
+    expected = {
+        "topk_idx on cpu": r"ValueError: topk_idx: expected a tensor on cuda",
+        "num_tokens_per_rank on cpu": r"ValueError: num_tokens_per_rank: expected a tensor on cuda",
+        "fp16 x": r"TypeError: x: expected torch.float32 or torch.bfloat16",
+        "bias on cpu": r"ValueError: bias\[0\]: expected a tensor on cuda",
+        "cpu handle": r"ValueError: handle",
+        "previous_event type": r"TypeError: previous_event",
+        "transport cpu with cuda": r"ValueError: topk_idx: .*transport='cpu'",
+        "transport nccl with cpu": r"ValueError: topk_idx: .*transport='nccl'",
+        "transport ipc": r"NotImplementedError: transport: 'ipc'",
+        "explicit nccl works": r"^ok$",
+    }
+    for step, pattern in expected.items():
+        assert re.search(pattern, res[step]), f"{step}: {res[step]!r} does not match {pattern!r}"
+
+
+# ------------------------------------------------------------------------------------ EventOverlap on CUDA
+
+
+def test_gpu_event_overlap_waits():
+    """EventOverlap.current_stream_wait and the context manager make the current stream wait."""
+    import eplib
+
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(SLEEP_CYCLES)
+        event = eplib.Buffer.capture()
+    current = torch.cuda.current_stream()
+    assert event.event is not None and not event.event.query()
+    assert current.query()
+    with event:
+        pass
+    assert not current.query()
+    torch.cuda.synchronize()
+    assert event.event.query() and current.query()

@@ -1,0 +1,33 @@
+"""The nccl transport's logic on the CPU (no GPU needed): NcclTransport with the CUDA kernels'
+contract emulated by tests/nccl_emulation.py, over the gloo staging path, behind eplib.Buffer.
+
+Covers what does not depend on CUDA itself: the counts records and their checks, split sizes,
+the padded (num_worst_tokens) slot exchange, handles with device counts, cached dispatch, combine,
+and the error-flag protocol (which call raises, on which rank, and that the flag is cleared). The
+same cases run on a GPU in tests/test_gpu_buffer.py.
+"""
+
+import pytest
+
+from dist_harness import base_case, fill_case
+from gpu_harness import job_gpu_compare
+from test_gpu_buffer import GPU_CASES, check_error_flag
+
+
+@pytest.mark.parametrize("name", list(GPU_CASES))
+def test_emulated_transport_equals_reference(pool, name):
+    case = fill_case(base_case(**GPU_CASES[name]), pool.world_size)
+    errs = pool.run(job_gpu_compare, "emulated", case, "ref", timeout=60)
+    assert not any(errs), "\n".join(e for rank_errs in errs for e in rank_errs)
+
+
+@pytest.mark.parametrize("name", [n for n, c in GPU_CASES.items() if c.get("dtype", "fp32") == "fp32"])
+def test_emulated_transport_equals_cpu_transport(pool, name):
+    case = fill_case(base_case(**GPU_CASES[name]), pool.world_size)
+    errs = pool.run(job_gpu_compare, "emulated", case, "eplib", timeout=60)
+    assert not any(errs), "\n".join(e for rank_errs in errs for e in rank_errs)
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_emulated_error_flag(pool_cache, world_size):
+    check_error_flag(pool_cache, "emulated", world_size)

@@ -1,0 +1,25 @@
+"""Prints the versions a GPU run depends on (tools/gpu_check.sh); exits 1 if eplib cannot use the GPU."""
+
+import platform
+import sys
+
+import torch
+
+import eplib
+
+
+def main() -> int:
+    print("python", platform.python_version())
+    print("torch", torch.__version__, "cuda", torch.version.cuda)
+    if not torch.cuda.is_available():
+        print("torch sees no CUDA device")
+        return 1
+    print("gpu", torch.cuda.get_device_name(0), "capability", torch.cuda.get_device_capability(0))
+    print("nccl", ".".join(map(str, torch.cuda.nccl.version())))
+    print("eplib built_with_cuda", eplib._C.built_with_cuda(), "cuda_available", eplib._C.cuda_available(),
+          "runtime", eplib._C.cuda_runtime_version())
+    return 0 if eplib._C.built_with_cuda() and eplib._C.cuda_available() else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
