@@ -2,17 +2,19 @@
 
 ``eplib.Buffer`` matches DeepEP V1's ``deep_ep.Buffer`` call for call; ``eplib.reference`` is an
 independent plain-torch implementation of the same contract (the test oracle and benchmark
-baseline).
+baseline); ``eplib.ops`` makes dispatch and combine differentiable; ``eplib.MoE`` (with
+``eplib.moe.Router`` and ``eplib.moe.Balancer``) is a ready MoE layer built on them.
 """
 
-from . import _C, reference
+from . import _C, ops, reference, timing
 from .buffer import Buffer
 from .config import Config
 from .event import EventOverlap
 from .handle import DispatchHandle
+from .moe import MoE
 from .permute import PermuteHandle, permute_by_expert, unpermute_by_expert
 
 __version__ = "0.1.0"
 
-__all__ = ["Buffer", "Config", "EventOverlap", "DispatchHandle", "PermuteHandle", "permute_by_expert", "reference",
-           "unpermute_by_expert", "__version__"]
+__all__ = ["Buffer", "Config", "EventOverlap", "DispatchHandle", "MoE", "PermuteHandle", "ops", "permute_by_expert",
+           "reference", "unpermute_by_expert", "__version__"]
