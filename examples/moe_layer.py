@@ -15,6 +15,7 @@ combine or in the tp weight exchange) and a summary, and exits non-zero if the l
 """
 
 import argparse
+import gc
 import inspect
 import math
 import os
@@ -150,13 +151,26 @@ def main() -> int:
     args = parse_args()
     use_cuda = torch.cuda.is_available()
     dist.init_process_group("nccl" if use_cuda else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
+    world = dist.get_world_size()
     if args.experts % world != 0:
         raise SystemExit(f"--experts {args.experts} must be a multiple of the number of ranks {world}")
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
+    try:
+        loss_fell = train(args, device)
+    finally:
+        # Free what still holds the group (the model's Buffer, autograd nodes; some sit in reference
+        # cycles) so that the group is torn down here, while Python still runs: a gloo group torn
+        # down during interpreter exit can abort the process from one of its worker threads.
+        gc.collect()
+        dist.destroy_process_group()
+    return 0 if loss_fell else 1
 
+
+def train(args: argparse.Namespace, device: torch.device) -> bool:
+    """The training loop; returns whether the loss fell."""
+    rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(args.seed)  # the same replicated parameters on every rank
     model = TinyMoELM(args, device).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
@@ -221,8 +235,7 @@ def main() -> int:
         if args.plot:
             write_plot(args.plot, history)
             print(f"wrote {args.plot}")
-    dist.destroy_process_group()
-    return 0 if loss_fell else 1
+    return loss_fell
 
 
 if __name__ == "__main__":
