@@ -1,91 +1,262 @@
-"""Dispatch + combine latency of eplib beside eplib.reference, in the same run.
+"""Dispatch/combine latency of eplib beside eplib.reference and a framework-style baseline.
 
-    torchrun --standalone --nproc_per_node=4 benchmarks/bench_dispatch.py \
-        --tokens 4096 --hidden 2048 --top-k 8 --experts 64 --dtype bf16
+    torchrun --standalone --nproc_per_node=4 benchmarks/bench_dispatch.py [--quick] [--json out.json] [--plot out.png]
 
-CPU ranks over gloo. Each iteration is timed between two barriers with time.perf_counter_ns;
-figures are the median and p10/p90 over iterations of the slowest rank (a step waits for it).
+Sweeps tokens per rank, hidden size, top-k, experts, dtype and routing skew (benchmarks/routing.py).
+For each point and implementation it times get_dispatch_layout, dispatch, combine, and
+layout+dispatch+combine end to end, each right after a barrier, and reports the median and p10/p90
+over iterations of the slowest rank. The three implementations run interleaved, iteration by
+iteration, so that background load hits them alike. Before timing a point, a correctness guard
+checks that every implementation's combine returns the same tokens.
+
+Implementations:
+    eplib      eplib.Buffer (``--transport``)
+    reference  eplib.reference.ReferenceBuffer, plain torch (CPU tensors only)
+    framework  benchmarks/baselines.py: replicate each token K times, sort by expert,
+               all_to_all_single, and back (Megatron-core's AllToAll dispatcher)
 """
 
 import argparse
+import datetime
 import os
-import statistics
+import sys
 import time
-from typing import Callable, Dict, List
+from dataclasses import dataclass
+from itertools import product
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
 import eplib
+import report
+import routing
+from collective_meter import CollectiveMeter
 from eplib.reference import ReferenceBuffer
+from pipelines import DeepEPStylePipeline, FrameworkPipeline, Pipeline
+from timing import Sample, time_operation
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+OPS = ("layout", "dispatch", "combine", "end_to_end")
+TRANSPORTS = ("cpu", "nccl", "ipc", "auto")
+FULL_SWEEP = {"tokens": [128, 512, 4096], "hidden": [2048], "top_k": [8], "experts": [64], "dtype": ["bf16"],
+              "routing": list(routing.KINDS), "warmup": 3, "iters": 20}
+QUICK_SWEEP = {"tokens": [64, 256], "hidden": [256], "top_k": [4], "experts": [16], "dtype": ["bf16"],
+               "routing": list(routing.KINDS), "warmup": 2, "iters": 8}
+# torch 2.13 deprecates all_gather_into_tensor in favour of all_gather_single; older releases lack the latter.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
-def parse_args() -> argparse.Namespace:
+@dataclass(frozen=True)
+class Point:
+    tokens: int
+    hidden: int
+    dtype: str
+    spec: routing.RoutingSpec
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tokens", type=int, default=4096, help="tokens per rank")
-    parser.add_argument("--hidden", type=int, default=2048)
-    parser.add_argument("--top-k", type=int, default=8)
-    parser.add_argument("--experts", type=int, default=64)
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--iters", type=int, default=10)
-    parser.add_argument("--seed", type=int, default=0)
-    return parser.parse_args()
+    ints = lambda text: [int(v) for v in text.split(",")]  # noqa: E731
+    names = lambda text: text.split(",")  # noqa: E731
+    parser.add_argument("--tokens", type=ints,
+                        help=f"tokens per rank, comma-separated (default {FULL_SWEEP['tokens']})")
+    parser.add_argument("--hidden", type=ints, help=f"default {FULL_SWEEP['hidden']}")
+    parser.add_argument("--top-k", type=ints, help=f"default {FULL_SWEEP['top_k']}")
+    parser.add_argument("--experts", type=ints, help=f"default {FULL_SWEEP['experts']}")
+    parser.add_argument("--dtype", type=names, help=f"of {sorted(DTYPES)}, default {FULL_SWEEP['dtype']}")
+    parser.add_argument("--routing", type=names, help=f"of {list(routing.KINDS)}, default all")
+    parser.add_argument("--zipf-s", type=float, default=1.0,
+                        help="Zipf exponent of the zipf routing (default %(default)s)")
+    parser.add_argument("--hot-fraction", type=float, default=0.5,
+                        help="share of tokens that pick the hot expert (default %(default)s)")
+    parser.add_argument("--n-group", type=int, default=8,
+                        help="expert groups of the group routing, DeepSeek-V3 (default %(default)s)")
+    parser.add_argument("--topk-group", type=int, default=4,
+                        help="groups each token may use in the group routing (default %(default)s)")
+    parser.add_argument("--transport", choices=TRANSPORTS, default="cpu",
+                        help="eplib transport; cpu runs gloo with CPU tensors, nccl/ipc run NCCL with CUDA tensors, "
+                             "auto picks CUDA when there is a GPU")
+    parser.add_argument("--warmup", type=int, help=f"warm-up iterations per point (default {FULL_SWEEP['warmup']})")
+    parser.add_argument("--iters", type=int, help=f"timed iterations per point (default {FULL_SWEEP['iters']})")
+    parser.add_argument("--seed", type=int, default=0, help="routing and token seed (default %(default)s)")
+    parser.add_argument("--timeout-s", type=float, default=300.0,
+                        help="limit of every wait on another rank (default %(default)s)")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"tiny sweep for CI smoke runs: {QUICK_SWEEP} unless given explicitly")
+    parser.add_argument("--json", metavar="PATH", help="write every figure and the machine info here")
+    parser.add_argument("--plot", metavar="PATH", help="draw latency vs tokens here (needs matplotlib)")
+    args = parser.parse_args(argv)
+    for key, value in (QUICK_SWEEP if args.quick else FULL_SWEEP).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    for dtype in args.dtype:
+        if dtype not in DTYPES:
+            parser.error(f"--dtype: expected names from {sorted(DTYPES)}, got {dtype!r}")
+    for kind in args.routing:
+        if kind not in routing.KINDS:
+            parser.error(f"--routing: expected names from {list(routing.KINDS)}, got {kind!r}")
+    if args.iters < 1 or args.warmup < 0:
+        parser.error("--iters must be >= 1 and --warmup >= 0")
+    return args
 
 
-def time_slowest_rank(fn: Callable[[], None], warmup: int, iters: int) -> List[float]:
-    """Per-iteration milliseconds of the slowest rank."""
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(iters):
-        dist.barrier()
-        start = time.perf_counter_ns()
-        fn()
-        elapsed = torch.tensor([(time.perf_counter_ns() - start) / 1e6], dtype=torch.float64)
-        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
-        samples.append(elapsed.item())
-    return samples
+def sweep(args: argparse.Namespace) -> List[Point]:
+    """Every combination of the swept values; exits with a message on one that cannot run."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun
+    points = []
+    for hidden, top_k, experts, dtype, kind, tokens in product(args.hidden, args.top_k, args.experts, args.dtype,
+                                                               args.routing, args.tokens):
+        if experts % world_size != 0:
+            raise SystemExit(f"--experts: {experts} experts do not split evenly over {world_size} ranks")
+        try:
+            spec = routing.RoutingSpec(kind, experts, top_k, zipf_s=args.zipf_s, hot_fraction=args.hot_fraction,
+                                       n_group=args.n_group, topk_group=args.topk_group)
+        except ValueError as error:
+            raise SystemExit(f"sweep point top-k={top_k} experts={experts} routing={kind}: {error}") from error
+        points.append(Point(tokens, hidden, dtype, spec))
+    return points
 
 
-def summarize(samples: List[float]) -> Dict[str, float]:
-    ordered = sorted(samples)
-    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-    return {"median_ms": statistics.median(ordered), "p10_ms": pick(0.1), "p90_ms": pick(0.9)}
+def init_distributed(transport: str, timeout_s: float) -> torch.device:
+    """Process group and device: gloo + CPU for the cpu transport, NCCL + this rank's GPU otherwise."""
+    use_cuda = transport in ("nccl", "ipc") or (transport == "auto" and torch.cuda.is_available())
+    if use_cuda and not torch.cuda.is_available():
+        raise SystemExit(f"--transport {transport}: needs CUDA, and torch.cuda.is_available() is False")
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if use_cuda:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", timeout=timeout, device_id=device)
+        return device
+    dist.init_process_group("gloo", timeout=timeout)
+    return torch.device("cpu")
+
+
+def make_buffer(transport: str) -> eplib.Buffer:
+    try:
+        return eplib.Buffer(dist.group.WORLD, transport=transport)
+    except (ValueError, TypeError, NotImplementedError) as error:
+        dist.destroy_process_group()
+        raise SystemExit(f"--transport {transport}: this eplib build's Buffer rejected it: {error}") from error
+
+
+def make_tokens(point: Point, seed: int, rank: int, device: torch.device) -> torch.Tensor:
+    """x [T, H]: small integers in [-4, 4], so every sum the guard checks is exact in every dtype."""
+    generator = torch.Generator().manual_seed(seed * 1000 + rank + 500)
+    x = torch.randint(-4, 5, (point.tokens, point.hidden), generator=generator)
+    return x.to(DTYPES[point.dtype]).to(device)
+
+
+def make_pipelines(point: Point, buffer: eplib.Buffer, reference: Optional[ReferenceBuffer], seed: int,
+                   device: torch.device) -> List[Pipeline]:
+    """eplib, the reference (CPU only) and the framework baseline on this rank's inputs for ``point``."""
+    rank = dist.get_rank()
+    topk_idx, topk_weights = routing.generate(point.spec, point.tokens, seed, rank)
+    topk_idx, topk_weights = topk_idx.to(device), topk_weights.to(device)
+    x = make_tokens(point, seed, rank, device)
+    experts = point.spec.num_experts
+    pipelines = [DeepEPStylePipeline("eplib", buffer, x, topk_idx, topk_weights, experts)]
+    if reference is not None:
+        pipelines.append(DeepEPStylePipeline("reference", reference, x, topk_idx, topk_weights, experts))
+    pipelines.append(FrameworkPipeline(dist.group.WORLD, x, topk_idx, experts))
+    return pipelines
+
+
+def check_outputs(pipelines: List[Pipeline], point: Point) -> Dict[str, Dict[str, object]]:
+    """Each implementation's combine of identity-expert outputs against x * K (exact); the
+    baselines also against eplib's. Returns per implementation {passed, max_abs_diff_vs_eplib}."""
+    outputs = {p.name: p.check_output() for p in pipelines}
+    x = pipelines[0].x
+    expected = (x.float() * point.spec.top_k).to(x.dtype)
+    eplib_out = outputs["eplib"]
+    checks = {}
+    for name, out in outputs.items():
+        passed = torch.equal(out, expected) and torch.equal(out, eplib_out)
+        checks[name] = {"passed": passed, "max_abs_diff_vs_eplib": float((out.float() - eplib_out.float()).abs().max())
+                        if out.numel() else 0.0}
+    return checks
+
+
+def run_iteration(pipeline: Pipeline, meter: CollectiveMeter, device: torch.device) -> List[Sample]:
+    """One timed layout, dispatch and combine, then one timed end-to-end run."""
+    layout, layout_sample = time_operation(pipeline.layout, meter, device)
+    dispatched, dispatch_sample = time_operation(lambda: pipeline.dispatch(layout), meter, device)
+    _, combine_sample = time_operation(lambda: pipeline.combine(dispatched), meter, device)
+    _, e2e_sample = time_operation(lambda: pipeline.combine(pipeline.dispatch(pipeline.layout())), meter, device)
+    return [layout_sample, dispatch_sample, combine_sample, e2e_sample]
+
+
+def gather_ranks(local: torch.Tensor) -> torch.Tensor:
+    """All-gather ``local`` of every rank -> CPU tensor [R, *local.shape], row r from rank r."""
+    flat = local.reshape(-1)
+    gathered = torch.empty(dist.get_world_size() * flat.numel(), dtype=local.dtype, device=local.device)
+    _all_gather_single(gathered, flat)
+    return gathered.view((dist.get_world_size(),) + tuple(local.shape)).cpu()
+
+
+def gather_samples(samples: Dict[str, List[List[Sample]]], device: torch.device) -> torch.Tensor:
+    """Per rank [impl, iteration, op, (elapsed_ms, collective_ms, bytes)] -> all ranks [R, ...] (float64)."""
+    return gather_ranks(torch.tensor([[[list(s) for s in it] for it in per_impl] for per_impl in samples.values()],
+                                     dtype=torch.float64, device=device))
+
+
+def gather_checks(checks: Dict[str, Dict[str, object]], device: torch.device) -> Dict[str, Dict[str, object]]:
+    """Checks of all ranks: passed on every rank, largest difference."""
+    gathered = gather_ranks(torch.tensor([[float(c["passed"]), c["max_abs_diff_vs_eplib"]] for c in checks.values()],
+                                         dtype=torch.float64, device=device))
+    return {name: {"passed": bool(gathered[:, i, 0].min() == 1.0),
+                   "max_abs_diff_vs_eplib": float(gathered[:, i, 1].max())} for i, name in enumerate(checks)}
+
+
+def run_point(point: Point, pipelines: List[Pipeline], args: argparse.Namespace, meter: CollectiveMeter,
+              device: torch.device) -> dict:
+    checks = gather_checks(check_outputs(pipelines, point), device)
+    samples: Dict[str, List[List[Sample]]] = {p.name: [] for p in pipelines}
+    for iteration in range(args.warmup + args.iters):
+        for pipeline in pipelines:  # interleaved, so background load hits every implementation alike
+            timed = run_iteration(pipeline, meter, device)
+            if iteration >= args.warmup:
+                samples[pipeline.name].append(timed)
+    gathered = gather_samples(samples, device)
+    return report.point_record(point, list(samples), OPS, gathered, checks, collectives_timed=device.type == "cpu")
 
 
 def main() -> None:
     args = parse_args()
-    dist.init_process_group("gloo")
+    points = sweep(args)
+    if args.plot:
+        report.require_matplotlib()
+    device = init_distributed(args.transport, args.timeout_s)
     rank, world = dist.get_rank(), dist.get_world_size()
-    group = dist.group.WORLD
-    generator = torch.Generator().manual_seed(args.seed * 1000 + rank)
-    x = torch.randn(args.tokens, args.hidden, generator=generator).to(DTYPES[args.dtype])
-    # Uniform routing: K distinct experts per token.
-    topk_idx = torch.rand(args.tokens, args.experts, generator=generator).topk(args.top_k, dim=1).indices
-    topk_weights = torch.rand(args.tokens, args.top_k, generator=generator)
-
-    results = {}
-    for name, buffer in (("eplib", eplib.Buffer(group)), ("reference", ReferenceBuffer(group))):
-        def step() -> None:
-            per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, args.experts)
-            recv_x, _, _, _, handle, _ = buffer.dispatch(
-                x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
-                topk_idx=topk_idx, topk_weights=topk_weights)
-            buffer.combine(recv_x, handle)
-        results[name] = summarize(time_slowest_rank(step, args.warmup, args.iters))
-
+    buffer = make_buffer(args.transport)
+    reference = ReferenceBuffer(dist.group.WORLD) if device.type == "cpu" else None
+    meter = CollectiveMeter(args.timeout_s, time_collectives=device.type == "cpu")
+    meter.install()
+    machine = report.machine_info(world, args.transport, device)
+    records = []
+    started = time.monotonic()
+    for index, point in enumerate(points):
+        if rank == 0:
+            print(f"[{index + 1}/{len(points)}] tokens={point.tokens} hidden={point.hidden} top-k={point.spec.top_k} "
+                  f"experts={point.spec.num_experts} {point.dtype} {point.spec.label()}  "
+                  f"({time.monotonic() - started:.0f} s elapsed)", file=sys.stderr, flush=True)
+        pipelines = make_pipelines(point, buffer, reference, args.seed, device)
+        records.append(run_point(point, pipelines, args, meter, device))
+    meter.uninstall()
     if rank == 0:
-        print(f"layout+dispatch+combine, {world} gloo ranks, {os.cpu_count()} cores, tokens/rank={args.tokens} "
-              f"hidden={args.hidden} top-k={args.top_k} experts={args.experts} dtype={args.dtype}, "
-              f"{args.iters} iterations")
-        for name, stats in results.items():
-            print(f"  {name:10s} median {stats['median_ms']:9.2f} ms   p10 {stats['p10_ms']:9.2f}   "
-                  f"p90 {stats['p90_ms']:9.2f}")
-        print(f"  speed-up of eplib over reference: {results['reference']['median_ms'] / results['eplib']['median_ms']:.2f}x")
+        machine["load_average_end"] = os.getloadavg()
+        machine["sweep_seconds"] = round(time.monotonic() - started, 1)
+        result = report.assemble(args, machine, records)
+        print(report.render_tables(result))
+        if args.json:
+            report.write_json(result, args.json)
+        if args.plot:
+            report.plot(result, args.plot)
+    failed = [r for r in records if not all(c["passed"] for c in r["check"].values())]
     dist.destroy_process_group()
+    if failed:
+        raise SystemExit(f"correctness guard failed at {len(failed)} point(s); see the 'check' entries")
 
 
 if __name__ == "__main__":
