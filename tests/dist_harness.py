@@ -529,7 +529,7 @@ def job_closed_form(rank: int, R: int, group, impl: str, case: dict) -> List[str
     exp2 = [expected_dispatch(d, R, E, x2s, idxs, None, alignment)[0] for d in range(R)]
     Ns = [e[1].shape[0] for e in exp]
     rows_of = [num_worst if num_worst else n for n in Ns]
-    N, nrows = Ns[rank], rows_of[rank]
+    N = Ns[rank]
 
     # Identity experts: send the received rows straight back, padding rows set to garbage that
     # combine must ignore. Integer biases keep the result exact.

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 import eplib
-from eplib import _C
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 

@@ -7,7 +7,7 @@ its token: a cached dispatch along the same handle. Both backwards are collectiv
 of the group must run backward through the same ops in the same order (as a training step does).
 """
 
-from typing import List, Optional, Tuple
+from typing import List, Tuple
 
 import torch
 

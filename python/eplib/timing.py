@@ -2,6 +2,9 @@
 
 ``with eplib.timing.record() as times:`` makes every dispatch, combine (forward and backward) and
 token-parallel weight exchange inside the block add its seconds to ``times.seconds[phase]``.
+The phases: ``"dispatch"`` (the forward dispatch and the backward's cached dispatch),
+``"combine"`` (the forward combine and the backward's combine), ``"tp all-gather"`` and
+``"tp reduce-scatter"`` (the weight exchange of ``MoE(parallel="tp")``).
 Outside such a block the accounting costs one global read per call. On CUDA each timed phase
 synchronizes the device before and after (so it measures the phase, not the launch): use it to
 profile, not in production steps.
@@ -13,10 +16,6 @@ from contextlib import contextmanager
 from typing import Dict, Iterator, Optional
 
 import torch
-
-#: Phase names: the forward dispatch and the backward's cached dispatch count as "dispatch",
-#: the forward combine and the backward's combine as "combine".
-PHASES = ("dispatch", "combine", "tp all-gather", "tp reduce-scatter")
 
 
 class PhaseTimes:

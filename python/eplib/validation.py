@@ -43,7 +43,7 @@ def check_x(x: Union[Tensor, Tuple[Tensor, Tensor]], x_dtypes: Sequence[torch.dt
     """Split ``x`` into (values [T, H], FP8 scales [T, H/128] or None) after checking both."""
     if isinstance(x, tuple):
         if not allow_fp8:
-            raise TypeError(f"x: the FP8 tuple is accepted by dispatch only, got a tuple here")
+            raise TypeError("x: the FP8 tuple is accepted by dispatch only, got a tuple here")
         if len(x) != 2:
             raise ValueError(f"x: expected the FP8 tuple (float8_e4m3fn [T, H], float32 scales [T, H/{FP8_BLOCK}]), "
                              f"got a tuple of {len(x)} items")
