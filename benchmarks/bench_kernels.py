@@ -91,10 +91,14 @@ def bench_shape(num_tokens: int, copy_gbs: float, warmup: int, runs: int) -> Lis
         _C.cuda_dispatch_layout(idxs[i].data_ptr(), num_tokens, NUM_TOPK, NUM_EXPERTS, NUM_RANKS, per_rank.data_ptr(),
                                 per_expert.data_ptr(), in_rank.data_ptr(), flag.data_ptr(), stream())
 
+    ones = torch.ones(num_tokens * NUM_TOPK, dtype=torch.int32, **cuda)
+
     def torch_layout(i):
+        # No host sync (bincount and boolean indexing wait for the device): masked ids count in bin E.
         idx = idxs[i]
         valid = idx >= 0
-        torch.bincount(idx[valid], minlength=NUM_EXPERTS)
+        experts = torch.where(valid, idx, NUM_EXPERTS).reshape(-1)
+        torch.zeros(NUM_EXPERTS + 1, dtype=torch.int32, **cuda).index_add_(0, experts, ones)
         ranks = torch.where(valid, idx // experts_per_rank, NUM_RANKS)
         mask = torch.zeros(num_tokens, NUM_RANKS + 1, dtype=torch.bool, **cuda).scatter_(1, ranks, True)
         mask[:, :NUM_RANKS].sum(0)
@@ -134,8 +138,9 @@ def bench_shape(num_tokens: int, copy_gbs: float, warmup: int, runs: int) -> Lis
     # ---- combine: fp32 sum per token of the rows its ranks send back, cast to bf16
     recv_buffers = [torch.randn(num_rows, HIDDEN, **cuda).to(dtype) for _ in range(num_copies)]
     combined = torch.empty(num_tokens, HIDDEN, dtype=dtype, **cuda)
-    rank_of_row = in_rank.t().nonzero()[:, 0]
     code = KERNEL_DTYPE_CODES[dtype]
+    # Rows come rank after rank: rank r's are [starts[r], starts[r + 1]) (host values, read once here).
+    starts = [0] + torch.cumsum(counts.long(), 0).tolist()
 
     def reduce(i):
         _C.cuda_combine_reduce(code, recv_buffers[i].data_ptr(), HIDDEN, 0, send_pos.data_ptr(), num_tokens,
@@ -143,9 +148,9 @@ def bench_shape(num_tokens: int, copy_gbs: float, warmup: int, runs: int) -> Lis
 
     def torch_reduce(i):
         acc = torch.zeros(num_tokens, HIDDEN, dtype=torch.float32, **cuda)
-        for r in range(NUM_RANKS):  # ranks ascending, as the contract sums
-            rows = rank_of_row == r
-            acc.index_add_(0, token_order[rows], recv_buffers[i][rows].float())
+        for r in range(NUM_RANKS):  # ranks ascending, as the contract sums; slices, so no host sync
+            begin, end = starts[r], starts[r + 1]
+            acc.index_add_(0, token_order[begin:end], recv_buffers[i][begin:end].float())
         combined.copy_(acc)
 
     reduce_bytes = num_rows * x_bytes + num_tokens * x_bytes + num_tokens * NUM_RANKS * 4

@@ -15,7 +15,12 @@ def main() -> int:
         print("torch sees no CUDA device")
         return 1
     print("gpu", torch.cuda.get_device_name(0), "capability", torch.cuda.get_device_capability(0))
-    print("nccl", ".".join(map(str, torch.cuda.nccl.version())))
+    try:  # a tuple (major, minor, patch) in current torch, an int in old releases
+        nccl = torch.cuda.nccl.version()
+        nccl = ".".join(map(str, nccl)) if isinstance(nccl, tuple) else str(nccl)
+    except Exception as error:  # noqa: BLE001 - a version report must not stop the run
+        nccl = f"unknown ({type(error).__name__}: {error})"
+    print("nccl", nccl, "(2.30+ allows several ranks on one GPU with NCCL_MULTI_RANK_GPU_ENABLE=1)")
     print("eplib built_with_cuda", eplib._C.built_with_cuda(), "cuda_available", eplib._C.cuda_available(),
           "runtime", eplib._C.cuda_runtime_version())
     return 0 if eplib._C.built_with_cuda() and eplib._C.cuda_available() else 1
