@@ -146,10 +146,8 @@ class MoE(nn.Module):
             return "ep"
         # Every rank must take the same branch (their collectives differ), so the estimate is the
         # group's: one all-reduce of the token copies, then one host read.
-        num_local = self.num_experts // self.num_ranks
-        is_token_in_rank = torch.zeros(topk_idx.shape[0], self.num_ranks, dtype=torch.bool, device=topk_idx.device)
-        is_token_in_rank.scatter_(1, topk_idx.div(num_local, rounding_mode="floor"), True)
-        rows = is_token_in_rank.sum().reshape(1).to(torch.int64)
+        num_tokens_per_rank, *_ = self.buffer().get_dispatch_layout(topk_idx, self.num_experts)
+        rows = num_tokens_per_rank.sum().reshape(1).to(torch.int64)
         all_reduce(rows, self.group, "MoE auto (token copies)")
         element_bytes = torch.empty((), dtype=self.dtype).element_size()
         params_per_expert = sum(w[0].numel() for w in self.experts.weights())

@@ -22,10 +22,10 @@ import torch
 import torch.distributed as dist
 
 from .. import _C
-from .._dtypes import INT32_LIMIT, KERNEL_DTYPE_CODES, WIRE_DTYPE_IDS
+from .._dtypes import KERNEL_DTYPE_CODES, WIRE_DTYPE_IDS
 from ..collectives import CollectiveError, all_gather, all_to_all
 from ..handle import DispatchHandle
-from .records import check_format_agreement
+from .records import check_format_agreement, check_receive_totals
 
 Tensor = torch.Tensor
 
@@ -188,9 +188,7 @@ class CpuTransport:
                                f"input (their ValueError says why)")
         check_format_agreement(column, self.num_ranks)
         recv_totals = records[:, :self.num_ranks].sum(0).tolist()
-        for r, total in enumerate(recv_totals):
-            if total > INT32_LIMIT:
-                raise ValueError(f"x: rank {r} would receive {total} rows; at most {INT32_LIMIT} fit int32 positions")
+        check_receive_totals(recv_totals)
         worst = column("num_worst_tokens")
         too_small = [r for r in range(self.num_ranks) if 0 < worst[r] < recv_totals[r]]
         if self.rank in too_small:

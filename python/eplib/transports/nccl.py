@@ -55,11 +55,11 @@ import torch
 import torch.distributed as dist
 
 from .. import _C
-from .._dtypes import INT32_LIMIT, KERNEL_DTYPE_CODES, WIRE_DTYPE_IDS
+from .._dtypes import KERNEL_DTYPE_CODES, WIRE_DTYPE_IDS
 from ..collectives import CollectiveError, all_gather, all_to_all
 from ..event import EventOverlap
 from ..handle import DispatchHandle
-from .records import check_format_agreement
+from .records import check_format_agreement, check_receive_totals
 
 Tensor = torch.Tensor
 
@@ -413,9 +413,7 @@ class NcclTransport:
         host_send_counts = tuple(counts[self.rank].tolist())
         host_recv_counts = tuple(counts[:, self.rank].tolist())
         num_recv = sum(host_recv_counts)
-        for r, total in enumerate(counts.sum(0).tolist()):
-            if total > INT32_LIMIT:
-                raise ValueError(f"x: rank {r} would receive {total} rows; at most {INT32_LIMIT} fit int32 positions")
+        check_receive_totals(counts.sum(0).tolist())
         first_expert = first_count + self.num_ranks + self.rank * num_local
         per_expert = records[:, first_expert:first_expert + num_local].sum(0).tolist()
         num_recv_tokens_per_expert_list = [-(-n // expert_alignment) * expert_alignment for n in per_expert]

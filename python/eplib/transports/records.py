@@ -1,7 +1,9 @@
 """What every transport checks in the per-rank records of a dispatch: the row format all ranks
-must share."""
+must share, and receive totals that int32 positions can index."""
 
 from typing import Callable, List
+
+from .._dtypes import INT32_LIMIT
 
 # Format fields of a dispatch record, and the argument to blame when the ranks disagree on one.
 FORMAT_FIELDS = {"num_experts": "num_tokens_per_expert", "num_topk": "topk_idx", "x_dtype": "x", "hidden": "x",
@@ -15,3 +17,11 @@ def check_format_agreement(column: Callable[[str], List[int]], num_ranks: int) -
         values = column(name)
         if len(set(values)) > 1:
             raise ValueError(f"{argument}: all ranks must agree on {name}, but ranks 0..{num_ranks - 1} have {values}")
+
+
+def check_receive_totals(recv_totals: List[int]) -> None:
+    """Raises ValueError (on every rank alike) when a rank would receive more rows than int32
+    positions index; ``recv_totals[r]`` is the rows rank r receives from all ranks."""
+    for r, total in enumerate(recv_totals):
+        if total > INT32_LIMIT:
+            raise ValueError(f"x: rank {r} would receive {total} rows; at most {INT32_LIMIT} fit int32 positions")
