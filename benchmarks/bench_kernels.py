@@ -126,7 +126,7 @@ def bench_shape(num_tokens: int, copy_gbs: float, warmup: int, runs: int) -> Lis
     def pack(i):
         _C.cuda_dispatch_pack(xs[i].data_ptr(), x_bytes, 0, 0, idxs[0].data_ptr(), weights.data_ptr(), NUM_TOPK,
                               NUM_EXPERTS, send_pos.data_ptr(), num_tokens, NUM_RANKS, send_buffers[i].data_ptr(),
-                              flag.data_ptr(), stream())
+                              flag.data_ptr(), None, 0, 0, 0, stream())
 
     def torch_pack(i):
         torch.index_select(xs[i], 0, token_order, out=torch_send[i])
@@ -144,7 +144,7 @@ def bench_shape(num_tokens: int, copy_gbs: float, warmup: int, runs: int) -> Lis
 
     def reduce(i):
         _C.cuda_combine_reduce(code, recv_buffers[i].data_ptr(), HIDDEN, 0, send_pos.data_ptr(), num_tokens,
-                               NUM_RANKS, 0, 0, combined.data_ptr(), 0, stream())
+                               NUM_RANKS, 0, 0, combined.data_ptr(), 0, None, 0, stream())
 
     def torch_reduce(i):
         acc = torch.zeros(num_tokens, HIDDEN, dtype=torch.float32, **cuda)

@@ -6,10 +6,11 @@ correctness guard: each token must come back as ``x * K`` (K copies, each its ex
 output). eplib and the reference send a token to a rank once, so there the expert side returns
 each received row times the number of its slots on that rank; the framework baseline sums K
 copies. x holds small integers, so these sums are exact in every dtype and the guard can
-demand equality.
+demand equality. ``reference_mismatches`` (the ipc transport's check) goes further: eplib's
+outputs on CUDA against eplib.reference's on CPU copies of the same inputs, bit for bit.
 """
 
-from typing import Any, Protocol, Union
+from typing import Any, List, Protocol, Union
 
 import torch
 import torch.distributed as dist
@@ -56,6 +57,10 @@ class DeepEPStylePipeline:
                                     is_token_in_rank=is_token_in_rank, num_tokens_per_expert=num_tokens_per_expert,
                                     topk_idx=self.topk_idx, topk_weights=self.topk_weights)
 
+    def cached_dispatch(self, dispatched: Any) -> Any:
+        """x alone, along the handle of an earlier dispatch (its layout is reused)."""
+        return self.buffer.dispatch(self.x, handle=dispatched[4])
+
     def combine(self, dispatched: Any) -> Tensor:
         recv_x, handle = dispatched[0], dispatched[4]
         return self.buffer.combine(recv_x, handle)[0]
@@ -64,6 +69,40 @@ class DeepEPStylePipeline:
         recv_x, recv_topk_idx, _, _, handle, _ = self.dispatch(self.layout())
         local_slots = (recv_topk_idx >= 0).sum(dim=1, keepdim=True).to(recv_x.dtype)
         return self.buffer.combine(recv_x * local_slots, handle)[0]
+
+
+_LAYOUT_OUTPUTS = ((0, "num_tokens_per_rank"), (2, "num_tokens_per_expert"), (3, "is_token_in_rank"))
+_DISPATCH_OUTPUTS = ("recv_x", "recv_topk_idx", "recv_topk_weights", "num_recv_tokens_per_expert_list")
+
+
+def reference_mismatches(pipeline: DeepEPStylePipeline, reference: DeepEPStylePipeline) -> List[str]:
+    """The outputs in which ``pipeline`` (eplib, CUDA tensors) and ``reference``
+    (eplib.reference.ReferenceBuffer on CPU copies of the same inputs) differ; empty when all agree
+    bit for bit. Compared: the layout, dispatch's four outputs and handle[0] (rank_prefix_matrix),
+    a cached dispatch's recv_x, and the combine of ``check_output`` (which must also be x * K)."""
+    mismatches = []
+
+    def compare(name: str, got: Any, want: Any) -> None:
+        if isinstance(want, Tensor):
+            same = isinstance(got, Tensor) and got.dtype == want.dtype and torch.equal(got.cpu(), want)
+        else:
+            same = got == want
+        if not same:
+            mismatches.append(name)
+
+    got_layout, want_layout = pipeline.layout(), reference.layout()
+    for i, name in _LAYOUT_OUTPUTS:
+        compare(name, got_layout[i], want_layout[i])
+    got, want = pipeline.dispatch(got_layout), reference.dispatch(want_layout)
+    for i, name in enumerate(_DISPATCH_OUTPUTS):
+        compare(name, got[i], want[i])
+    compare("rank_prefix_matrix", got[4][0], want[4][0])
+    compare("cached dispatch recv_x", pipeline.cached_dispatch(got)[0], want[0])
+    combined = pipeline.check_output()
+    compare("combine", combined, reference.check_output())
+    x = reference.x
+    compare("combine == x * K", combined, (x.float() * reference.topk_idx.shape[1]).to(x.dtype))
+    return mismatches
 
 
 class FrameworkPipeline:

@@ -9,6 +9,7 @@ import sys
 from typing import Dict, List, Optional, Sequence
 
 import torch
+import torch.distributed as dist
 
 from timing import summarize
 
@@ -18,6 +19,8 @@ BYTE_RULE = ("bytes = what each rank sends to OTHER ranks through the collective
              "counts eplib, the reference and the framework baseline. GB/s = these bytes / median time.")
 TIME_RULE = ("times: per iteration the slowest rank's wall time of the operation, timed right after a barrier "
              "(CPU: time.perf_counter_ns; CUDA: events); median [p10-p90] over iterations.")
+HOST_RULE = ("host time: per iteration the largest over ranks of time.perf_counter_ns from the call until it "
+             "returned (CUDA: without waiting for the device, so launches and host syncs inside the call); median.")
 COLLECTIVE_RULE = ("collective share: the slowest rank's time inside all_to_all_single / all-gather calls "
                    "(including waiting for peers) over its time for the operation; the rest is eplib's kernels, "
                    "copies and Python. Median over iterations. CPU only.")
@@ -41,14 +44,14 @@ def machine_info(world_size: int, transport: str, device: torch.device) -> dict:
         "command": f"torchrun --standalone --nproc_per_node={world_size} " + " ".join(sys.argv),
         "ranks": world_size,
         "transport": transport,
-        "backend": "nccl" if device.type == "cuda" else "gloo",
+        "backend": dist.get_backend() if dist.is_initialized() else None,
         "torch_threads_per_rank": torch.get_num_threads(),
         "load_average_start": os.getloadavg(),
     }
 
 
 def _op_record(per_rank: torch.Tensor, op: int) -> dict:
-    """Figures of one op from per_rank [R, iterations, ops, (elapsed_ms, collective_ms, bytes)]."""
+    """Figures of one op from per_rank [R, iterations, ops, (elapsed_ms, collective_ms, bytes, host_ms)]."""
     elapsed = per_rank[:, :, op, 0]
     slowest = elapsed.argmax(dim=0)  # [iterations]: the rank each iteration waited for
     iterations = torch.arange(elapsed.shape[1])
@@ -56,6 +59,7 @@ def _op_record(per_rank: torch.Tensor, op: int) -> dict:
     collective_ms = per_rank[slowest, iterations, op, 1]
     bytes_per_rank = [int(b) for b in per_rank[:, -1, op, 2]]
     record = summarize(slowest_ms.tolist())
+    record["host_median_ms"] = statistics.median(per_rank[:, :, op, 3].max(dim=0).values.tolist())
     record["samples_ms"] = [round(v, 4) for v in slowest_ms.tolist()]
     record["collective_ms"] = statistics.median(collective_ms.tolist())
     record["collective_share"] = statistics.median((collective_ms / slowest_ms.clamp(min=1e-9)).tolist())
@@ -81,23 +85,27 @@ def point_record(point, names: Sequence[str], ops: Sequence[str], gathered: torc
         ratios[f"eplib_over_{name}_bytes"] = {  # None on one rank, where nothing leaves the rank
             op: results["eplib"][op]["bytes"] / results[name][op]["bytes"] if results[name][op]["bytes"] else None
             for op in ("dispatch", "combine", "end_to_end")}
+    return {**point_fields(point), "results": results, "ratios": ratios, "check": checks}
+
+
+def point_fields(point) -> dict:
+    """The parameters of a sweep point, as every point record starts."""
     spec = point.spec
     return {
         "tokens_per_rank": point.tokens, "hidden": point.hidden, "top_k": spec.top_k, "num_experts": spec.num_experts,
         "dtype": point.dtype,
         "routing": {"kind": spec.kind, "label": spec.label(), "zipf_s": spec.zipf_s, "hot_fraction": spec.hot_fraction,
                     "n_group": spec.n_group, "topk_group": spec.topk_group},
-        "results": results, "ratios": ratios, "check": checks,
     }
 
 
-def assemble(args, machine: dict, points: List[dict]) -> dict:
+def assemble(args, machine: dict, points: List[dict], extra_rules: Optional[Dict[str, str]] = None) -> dict:
     return {
         "machine": machine,
         "settings": {"iters": args.iters, "warmup": args.warmup, "seed": args.seed, "quick": args.quick,
                      "seed_rule": "routing of rank r from torch.Generator().manual_seed(seed * 1000 + r); "
                                   "expert popularity from seed alone"},
-        "rules": {"bytes": BYTE_RULE, "time": TIME_RULE, "collective_share": COLLECTIVE_RULE},
+        "rules": {"bytes": BYTE_RULE, "time": TIME_RULE, "collective_share": COLLECTIVE_RULE, **(extra_rules or {})},
         "points": points,
     }
 
@@ -112,54 +120,104 @@ def _table(header: List[str], rows: List[List[str]]) -> str:
     return "\n".join(lines)
 
 
+KEY_HEADER = ["tokens/rank", "routing", "H/K/E", "dtype"]
+
+
+def _key(p: dict) -> List[str]:
+    return [str(p["tokens_per_rank"]), p["routing"]["label"], f"{p['hidden']}/{p['top_k']}/{p['num_experts']}",
+            p["dtype"]]
+
+
+def _machine_line(result: dict) -> str:
+    m = result["machine"]
+    return (f"{m['ranks']} ranks, {m['backend']} (eplib transport {m['transport']}), "
+            f"{m['cores']} cores ({m['cpu_model']})"
+            + (f", GPU {m['gpu']}" if m["gpu"] else "") + f", torch {m['torch']}, {m['date_utc']}, "
+            f"{result['settings']['iters']} iterations after {result['settings']['warmup']} warm-up, "
+            f"load average at start {m['load_average_start'][0]:.2f}")
+
+
 def render_tables(result: dict) -> str:
     """Markdown tables (readable in a terminal, pasteable into RESULTS.md)."""
-    m = result["machine"]
     points = result["points"]
     names = [n for n in IMPLS if n in points[0]["results"]]
-    key = lambda p: [str(p["tokens_per_rank"]), p["routing"]["label"], f"{p['hidden']}/{p['top_k']}/{p['num_experts']}",
-                     p["dtype"]]  # noqa: E731
-    key_header = ["tokens/rank", "routing", "H/K/E", "dtype"]
-    out = [f"{m['ranks']} ranks, {m['backend']} (eplib transport {m['transport']}), "
-           f"{m['cores']} cores ({m['cpu_model']})"
-           + (f", GPU {m['gpu']}" if m["gpu"] else "") + f", torch {m['torch']}, {m['date_utc']}, "
-           f"{result['settings']['iters']} iterations after {result['settings']['warmup']} warm-up, "
-           f"load average at start {m['load_average_start'][0]:.2f}",
-           "", TIME_RULE, ""]
+    out = [_machine_line(result), "", TIME_RULE, ""]
 
     out.append("Layout + dispatch + combine, end to end (ms):\n")
     rows = []
     for p in points:
         r = p["results"]
         ratios = [f"{p['ratios'][f'{n}_over_eplib_time']['end_to_end']:.2f}x" for n in names[1:]]
-        rows.append(key(p) + [_cell(r[n]["end_to_end"]) for n in names] + ratios)
-    out.append(_table(key_header + [f"{n} ms" for n in names] + [f"{n}/eplib" for n in names[1:]], rows))
+        rows.append(_key(p) + [_cell(r[n]["end_to_end"]) for n in names] + ratios)
+    out.append(_table(KEY_HEADER + [f"{n} ms" for n in names] + [f"{n}/eplib" for n in names[1:]], rows))
 
     out.append("\nPer phase, median ms (layout / dispatch / combine):\n")
-    rows = [key(p) + [" / ".join(f"{p['results'][n][op]['median_ms']:.2f}" for op in ("layout", "dispatch", "combine"))
+    rows = [_key(p) + [" / ".join(f"{p['results'][n][op]['median_ms']:.2f}" for op in ("layout", "dispatch", "combine"))
                       for n in names] for p in points]
-    out.append(_table(key_header + names, rows))
+    out.append(_table(KEY_HEADER + names, rows))
 
     out.append("\nBytes moved (dispatch + combine, all ranks), bandwidth and time in collectives (end to end):\n")
     rows = []
     for p in points:
         r = p["results"]
-        row = key(p) + [f"{r[n]['end_to_end']['bytes'] / 1e6:.2f}" for n in names]
+        row = _key(p) + [f"{r[n]['end_to_end']['bytes'] / 1e6:.2f}" for n in names]
         row += [_number(p["ratios"][f"eplib_over_{n}_bytes"]["end_to_end"], "{:.3f}") for n in names[1:]]
         row += [_number(r[n]["end_to_end"]["gb_per_s"], "{:.2f}") for n in names]
         row += [_share(r[n]["end_to_end"]) for n in names]
         row.append(" / ".join(_share(r["eplib"][op]) for op in ("dispatch", "combine")))
         rows.append(row)
-    header = (key_header + [f"{n} MB" for n in names] + [f"eplib/{n} bytes" for n in names[1:]]
+    header = (KEY_HEADER + [f"{n} MB" for n in names] + [f"eplib/{n} bytes" for n in names[1:]]
               + [f"{n} GB/s" for n in names] + [f"{n} in collectives" for n in names]
               + ["eplib in collectives: dispatch / combine"])
     out.append(_table(header, rows))
     out += ["", BYTE_RULE, COLLECTIVE_RULE, ""]
 
-    failed = [f"tokens={p['tokens_per_rank']} {p['routing']['label']}: {name}" for p in points
-              for name, c in p["check"].items() if not c["passed"]]
     out.append("Correctness guard (each implementation's combine of identity experts == x * K, bit for bit): "
-               + ("passed at every point" if not failed else "FAILED at " + "; ".join(failed)))
+               + _guard_outcome(points))
+    return "\n".join(out)
+
+
+def _guard_outcome(points: List[dict]) -> str:
+    failed = [f"tokens={p['tokens_per_rank']} {p['routing']['label']}: {name}"
+              + (f" ({', '.join(c['mismatches'])})" if c.get("mismatches") else "")
+              for p in points for name, c in p["check"].items() if not c["passed"]]
+    return "passed at every point" if not failed else "FAILED at " + "; ".join(failed)
+
+
+def render_ipc_tables(result: dict) -> str:
+    """The IPC transport's run: per-op times (when timed), one rank's copy efficiency and goals,
+    and the check against eplib.reference."""
+    m, points = result["machine"], result["points"]
+    out = [_machine_line(result), ""]
+    timed = [p for p in points if p["results"]]
+    if not timed:
+        out.append(f"Timings not reported: the {m['ranks']} processes share a GPU, which time-slices between "
+                   "processes, so their times mean nothing. Correctness only.")
+    else:
+        out += [TIME_RULE, HOST_RULE, "", "Per op, device median ms [p10–p90] / host median us:\n"]
+        ops = list(timed[0]["results"]["eplib"])
+        rows = [_key(p) + [f"{_cell(f)} / {1e3 * f['host_median_ms']:.0f}" for f in p["results"]["eplib"].values()]
+                for p in timed]
+        out.append(_table(KEY_HEADER + ops, rows))
+    efficient = [p for p in timed if p.get("copy_efficiency")]
+    if efficient:
+        out.append("\nCopy efficiency on one GPU (traffic / time against torch copy_ of the same traffic):\n")
+        rows = []
+        for p in efficient:
+            for op, f in p["copy_efficiency"].items():
+                rows.append(_key(p) + [op, f"{f['traffic_bytes'] / 1e6:.1f}", f"{f['median_ms'] * 1e3:.1f}",
+                                       f"{f['gb_per_s']:.0f}", f"{f['copy_gb_per_s']:.0f}",
+                                       f"{100 * f['efficiency']:.0f}%"])
+        out.append(_table(KEY_HEADER + ["op", "traffic MB", "op us", "op GB/s", "copy GB/s", "% of copy"], rows))
+        goals = [g for p in efficient for g in p["goals"]]
+        if goals:
+            out.append("\nGoals:\n")
+            out.append(_table(["goal", "value", "target", "outcome"],
+                              [[g["goal"], str(g["value"]), g["target"], "met" if g["met"] else "MISSED"]
+                               for g in goals]))
+        out += ["", result["rules"]["traffic"], result["rules"]["copy_efficiency"]]
+    out.append("\nCheck against eplib.reference (CPU, same inputs; layout, dispatch outputs, rank_prefix_matrix, "
+               "cached dispatch, combine; bit for bit): " + _guard_outcome(points))
     return "\n".join(out)
 
 

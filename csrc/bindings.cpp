@@ -2,15 +2,20 @@
 // plus sizes, so the native core never links against libtorch. The Python transports check
 // dtypes, shapes and contiguity before calling in; the GIL is released while kernels run.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <cstdint>
+#include <string>
+#include <vector>
 
 #include "cpu/kernels.h"
 #include "eplib/errors.h"
 #include "eplib/layout.h"
 #include "cpu/parallel.h"
+#include "cuda/peer.h"  // plain C++: the peer-buffer layout sizes are known without CUDA too
 #ifdef EPLIB_WITH_CUDA
 #include "cuda/kernels.h"
+#include "cuda/peer_buffer.h"
 #include "cuda/runtime.h"
 #endif
 
@@ -48,14 +53,25 @@ int cuda_runtime_version() {
 }
 
 #ifdef EPLIB_WITH_CUDA
+// The view of a PeerBuffer for the row kernels, or nullptr (None: the nccl transport).
+const eplib::cuda::PeerView* view_of(const eplib::cuda::PeerBuffer* peers) {
+  return peers != nullptr ? peers->view() : nullptr;
+}
+
 // The CUDA kernels, named cuda_<CPU name>: the CPU function's arguments (dispatch_unpack and
-// combine_pack have their own), then error_flag where the kernel checks values, then the stream
-// (torch.cuda.current_stream().cuda_stream). See cuda/kernels.h.
+// combine_pack have their own), then error_flag where the kernel checks values, then (row kernels)
+// the peer transport's arguments, then the stream (torch.cuda.current_stream().cuda_stream). See
+// cuda/kernels.h.
 void def_cuda_kernels(py::module_& m) {
   using eplib::DType;
   namespace cuda = eplib::cuda;
+  using cuda::PeerBuffer;
   const auto release_gil = py::call_guard<py::gil_scoped_release>();
   auto stream_of = [](uintptr_t stream) { return reinterpret_cast<cudaStream_t>(stream); };
+
+  m.def(
+      "cuda_set_device", &cuda::set_device, py::arg("device"),
+      "Make `device` current in eplib's own (static) CUDA runtime: its launches use that device's context.");
 
   m.def(
       "cuda_dispatch_layout",
@@ -82,11 +98,13 @@ void def_cuda_kernels(py::module_& m) {
       "cuda_dispatch_pack",
       [=](uintptr_t x, int64_t x_bytes, uintptr_t x_scales, int64_t scales_bytes, uintptr_t topk_idx,
           uintptr_t topk_weights, int num_topk, int num_experts, uintptr_t send_pos, int64_t num_tokens, int num_ranks,
-          uintptr_t send_buffer, uintptr_t error_flag, uintptr_t stream) {
+          uintptr_t send_buffer, uintptr_t error_flag, const PeerBuffer* peers, uintptr_t rank_prefix_matrix,
+          int64_t slot_rows, int max_blocks, uintptr_t stream) {
         cuda::dispatch_pack(as_ptr<const uint8_t>(x), x_bytes, as_ptr<const uint8_t>(x_scales), scales_bytes,
                             as_ptr<const int64_t>(topk_idx), as_ptr<const float>(topk_weights), num_topk, num_experts,
                             as_ptr<const int32_t>(send_pos), num_tokens, num_ranks, as_ptr<uint8_t>(send_buffer),
-                            as_ptr<int32_t>(error_flag), stream_of(stream));
+                            as_ptr<int32_t>(error_flag), view_of(peers), as_ptr<const int32_t>(rank_prefix_matrix),
+                            slot_rows, max_blocks, stream_of(stream));
       },
       release_gil);
 
@@ -95,23 +113,26 @@ void def_cuda_kernels(py::module_& m) {
       [=](uintptr_t recv_buffer, uintptr_t recv_counts, int num_ranks, int64_t slot_rows, int64_t num_out_rows,
           int64_t x_bytes, int64_t scales_bytes, int num_topk, int num_local_experts, uintptr_t recv_x,
           uintptr_t recv_x_scales, uintptr_t recv_src_idx, uintptr_t recv_topk_idx, uintptr_t recv_topk_weights,
-          uintptr_t num_recv_tokens_per_expert, uintptr_t num_recv_out, uintptr_t error_flag, uintptr_t stream) {
+          uintptr_t num_recv_tokens_per_expert, uintptr_t num_recv_out, uintptr_t error_flag, const PeerBuffer* peers,
+          int max_blocks, uintptr_t stream) {
         cuda::dispatch_unpack(as_ptr<const uint8_t>(recv_buffer), as_ptr<const int32_t>(recv_counts), num_ranks,
                               slot_rows, num_out_rows, x_bytes, scales_bytes, num_topk, num_local_experts,
                               as_ptr<uint8_t>(recv_x), as_ptr<uint8_t>(recv_x_scales), as_ptr<int32_t>(recv_src_idx),
                               as_ptr<int64_t>(recv_topk_idx), as_ptr<float>(recv_topk_weights),
                               as_ptr<int64_t>(num_recv_tokens_per_expert), as_ptr<int32_t>(num_recv_out),
-                              as_ptr<int32_t>(error_flag), stream_of(stream));
+                              as_ptr<int32_t>(error_flag), view_of(peers), max_blocks, stream_of(stream));
       },
       release_gil);
 
   m.def(
       "cuda_combine_pack",
       [=](uintptr_t x, int64_t x_bytes, uintptr_t topk_weights, int num_topk, uintptr_t recv_counts, int num_ranks,
-          int64_t slot_rows, int64_t num_rows, uintptr_t send_buffer, uintptr_t stream) {
+          int64_t slot_rows, int64_t num_rows, uintptr_t send_buffer, const PeerBuffer* peers,
+          uintptr_t rank_prefix_matrix, int max_blocks, uintptr_t stream) {
         cuda::combine_pack(as_ptr<const uint8_t>(x), x_bytes, as_ptr<const float>(topk_weights), num_topk,
                            as_ptr<const int32_t>(recv_counts), num_ranks, slot_rows, num_rows,
-                           as_ptr<uint8_t>(send_buffer), stream_of(stream));
+                           as_ptr<uint8_t>(send_buffer), view_of(peers), as_ptr<const int32_t>(rank_prefix_matrix),
+                           max_blocks, stream_of(stream));
       },
       release_gil);
 
@@ -119,11 +140,11 @@ void def_cuda_kernels(py::module_& m) {
       "cuda_combine_reduce",
       [=](int dtype, uintptr_t recv_buffer, int64_t hidden, int num_topk, uintptr_t send_pos, int64_t num_tokens,
           int num_ranks, uintptr_t bias_0, uintptr_t bias_1, uintptr_t combined_x, uintptr_t combined_topk_weights,
-          uintptr_t stream) {
+          const PeerBuffer* peers, int max_blocks, uintptr_t stream) {
         cuda::combine_reduce(static_cast<DType>(dtype), as_ptr<const uint8_t>(recv_buffer), hidden, num_topk,
                              as_ptr<const int32_t>(send_pos), num_tokens, num_ranks, as_ptr<const void>(bias_0),
                              as_ptr<const void>(bias_1), as_ptr<void>(combined_x),
-                             as_ptr<float>(combined_topk_weights), stream_of(stream));
+                             as_ptr<float>(combined_topk_weights), view_of(peers), max_blocks, stream_of(stream));
       },
       release_gil);
 
@@ -159,6 +180,44 @@ void def_cuda_kernels(py::module_& m) {
                              as_ptr<void>(out), stream_of(stream));
       },
       release_gil);
+
+  py::class_<PeerBuffer>(m, "PeerBuffer",
+                         "One rank's CUDA IPC buffer (cuda/peer_buffer.h): export, import of the peers, notify "
+                         "exchange, host-mapped status, teardown.")
+      .def(py::init<int, int, int64_t, int>(), py::arg("rank"), py::arg("num_ranks"), py::arg("num_bytes"),
+           py::arg("device"))
+      .def("ipc_handle", [](const PeerBuffer& self) { return py::bytes(self.ipc_handle()); })
+      .def(
+          "open_peers",
+          [](PeerBuffer& self, const std::vector<py::bytes>& handles) {
+            std::vector<std::string> raw(handles.begin(), handles.end());
+            self.open_peers(raw);
+          },
+          py::arg("handles"))
+      .def("destroy", &PeerBuffer::destroy, py::arg("timeout_s"), release_gil)
+      .def_property_readonly("is_open", &PeerBuffer::is_open)
+      .def_property_readonly("num_bytes", &PeerBuffer::num_bytes)
+      .def_property_readonly("region", &PeerBuffer::region)
+      .def_property_readonly("region_bytes", &PeerBuffer::region_bytes)
+      .def("set_timeout", &PeerBuffer::set_timeout, py::arg("seconds"))
+      .def("timeout_report", &PeerBuffer::timeout_report)
+      .def(
+          "notify",
+          [=](PeerBuffer& self, uintptr_t error_flag, const std::vector<int64_t>& fields, uintptr_t send_counts,
+              uintptr_t num_tokens_per_expert, int num_experts, uintptr_t count_matrix, bool host_wait,
+              uintptr_t stream) {
+            cuda::NotifyFields packed{};
+            if (fields.size() != std::size(packed.values))
+              throw std::invalid_argument("eplib: notify takes " + std::to_string(std::size(packed.values)) +
+                                          " format fields, got " + std::to_string(fields.size()));
+            std::copy(fields.begin(), fields.end(), packed.values);
+            self.notify(as_ptr<const int32_t>(error_flag), packed, as_ptr<const int32_t>(send_counts),
+                        as_ptr<const int32_t>(num_tokens_per_expert), num_experts, as_ptr<int32_t>(count_matrix),
+                        host_wait, stream_of(stream));
+          },
+          py::arg("error_flag"), py::arg("fields"), py::arg("send_counts"), py::arg("num_tokens_per_expert"),
+          py::arg("num_experts"), py::arg("count_matrix"), py::arg("host_wait"), py::arg("stream"))
+      .def("wait_notify", &PeerBuffer::wait_notify, py::arg("timeout_s"), release_gil);
 }
 #endif
 
@@ -179,6 +238,23 @@ PYBIND11_MODULE(_C, m) {
   m.attr("ERR_EXPERT_ID") = eplib::kErrorExpertId;
   m.attr("ERR_WEIGHT") = eplib::kErrorWeight;
   m.attr("ERR_OVERFLOW") = eplib::kErrorOverflow;
+  // The peer (CUDA IPC) transport's fixed sizes (cuda/peer.h), known without CUDA for size hints.
+  m.def("peer_header_bytes", [] { return eplib::cuda::kPeerRegionOffset; },
+        "Bytes at the head of every peer buffer before its receive region.");
+  m.attr("PEER_MAX_RANKS") = eplib::cuda::kMaxPeers;
+  m.attr("PEER_MAX_LOCAL_EXPERTS") = eplib::cuda::kMaxPeerLocalExperts;
+  m.attr("PEER_RECORD_FORMAT_FIELDS") = eplib::cuda::kRecordFormatFields;
+  {
+    namespace cuda = eplib::cuda;
+    py::dict phases;
+    phases[py::int_(static_cast<int>(cuda::kPhaseNotify))] = "dispatch (counts exchange)";
+    phases[py::int_(static_cast<int>(cuda::kPhaseDispatchSend))] = "dispatch (send: waiting for a receiver to be ready)";
+    phases[py::int_(static_cast<int>(cuda::kPhaseDispatchReceive))] = "dispatch (receive: waiting for a sender's rows)";
+    phases[py::int_(static_cast<int>(cuda::kPhaseCombineSend))] = "combine (send: waiting for a receiver to be ready)";
+    phases[py::int_(static_cast<int>(cuda::kPhaseCombineReceive))] = "combine (receive: waiting for a sender's rows)";
+    phases[py::int_(static_cast<int>(cuda::kPhaseBarrier))] = "destroy (barrier)";
+    m.attr("PEER_PHASES") = phases;
+  }
   m.def("set_num_threads", &cpu::set_num_threads, py::arg("num_threads"));
   m.def("get_num_threads", &cpu::get_num_threads);
 

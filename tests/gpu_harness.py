@@ -1,13 +1,20 @@
 """Helpers for the GPU tests: run eplib.Buffer on CUDA tensors inside the spawned rank processes
 of dist_harness.RankPool, and compare with CPU implementations on the same inputs.
 
-Backends of the nccl transport:
-- "nccl": a real NCCL group over the pool's ranks, made once per process by ``nccl_group()``
-  (R=1: NCCL before 2.30 refuses two ranks on one GPU);
-- "gloo": the pool's own gloo group; R processes share cuda:0 and the transport stages its
-  collectives through host memory;
-- "emulated": CPU tensors through the transport with the CUDA kernels emulated on the CPU
+Backends (``eplib_buffer``, ``CudaBuffer``):
+- "nccl": the nccl transport over a real NCCL group of the pool's ranks, made once per process by
+  ``nccl_group()`` (R=1: NCCL before 2.30 refuses two ranks on one GPU);
+- "gloo": the nccl transport over the pool's own gloo group; R processes share cuda:0 and the
+  transport stages its collectives through host memory;
+- "ipc": the ipc (CUDA peer memory) transport, ``transport="ipc"`` with ``IPC_NVL_BYTES`` of peer
+  buffer; the pool's gloo group carries only the handle exchange at construction, R processes
+  share cuda:0 and map each other's buffers;
+- "emulated": CPU tensors through the nccl transport with the CUDA kernels emulated on the CPU
   (tests/nccl_emulation.py), so that its logic is tested on machines without a GPU.
+
+Also shared by the GPU test modules: deterministic CUDA inputs (``make_inputs``), a normal-mode
+dispatch with its layout (``dispatch_with_layout``), per-step outcomes (``attempt``) and the CUDA-graph
+check (``cuda_graph_check``).
 """
 
 from __future__ import annotations
@@ -17,9 +24,17 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from dist_harness import _compare_sequence, describe_diff, make_buffer, same
+from dist_harness import (_compare_sequence, describe_diff, make_buffer, make_random_rows, make_topk_idx,
+                          make_topk_weights, same)
 
 DEVICE = torch.device("cuda", 0)
+
+#: num_nvl_bytes of the "ipc" backend's Buffers. The test cases move far less (their largest
+#: exchange, num_worst_tokens slot layouts included, is under 1 MiB per rank); 4 ranks on one GPU
+#: then hold 256 MiB of peer buffers in all.
+IPC_NVL_BYTES = 64 << 20
+
+BACKENDS = ("nccl", "gloo", "ipc", "emulated")
 
 _NCCL_GROUPS: Dict[int, dist.ProcessGroup] = {}
 
@@ -41,19 +56,28 @@ def nccl_group(world_group: dist.ProcessGroup) -> dist.ProcessGroup:
 
 
 def group_for(backend: str, world_group: dist.ProcessGroup) -> dist.ProcessGroup:
-    """backend "nccl": the process's NCCL group; "gloo": the pool's own group (staged transport)."""
+    """backend "nccl": the process's NCCL group; "gloo" (staged nccl transport) and "ipc" (handle
+    exchange): the pool's own gloo group. Makes cuda:0 the current device."""
+    if backend not in BACKENDS or backend == "emulated":
+        raise ValueError(f"backend: expected one of {BACKENDS[:3]}, got {backend!r}")
     torch.cuda.set_device(DEVICE)
     return nccl_group(world_group) if backend == "nccl" else world_group
 
 
 def eplib_buffer(backend: str, world_group: dist.ProcessGroup, **kwargs: Any) -> Tuple[Any, torch.device]:
-    """(an eplib.Buffer whose calls go through the nccl transport over ``backend``, its device)."""
+    """(an eplib.Buffer whose CUDA calls go through ``backend``, its device).
+
+    "nccl" / "gloo": the nccl transport (``transport="auto"`` unless kwargs say otherwise); "ipc":
+    ``transport="ipc"`` with ``num_nvl_bytes=IPC_NVL_BYTES`` unless kwargs give another size (a
+    collective: every rank of the pool must make it); "emulated": CPU tensors, emulated kernels."""
     if backend == "emulated":
         from nccl_emulation import emulated_buffer
 
         return emulated_buffer(world_group, **kwargs), torch.device("cpu")
     import eplib
 
+    if backend == "ipc":
+        kwargs = {"num_nvl_bytes": IPC_NVL_BYTES, **kwargs, "transport": "ipc"}
     return eplib.Buffer(group_for(backend, world_group), **kwargs), DEVICE
 
 
@@ -88,11 +112,12 @@ class HostHandle(tuple):
 
 
 class CudaBuffer:
-    """eplib.Buffer on the nccl transport behind the CPU interface of the dist_harness sequences:
-    inputs are moved to its device, outputs back to the CPU, handles wrapped in HostHandle."""
+    """eplib.Buffer on a CUDA transport (``backend`` as in ``eplib_buffer``) behind the CPU interface
+    of the dist_harness sequences: inputs are moved to its device, outputs back to the CPU, handles
+    wrapped in HostHandle."""
 
-    def __init__(self, backend: str, world_group: dist.ProcessGroup) -> None:
-        self.buffer, self.device = eplib_buffer(backend, world_group)
+    def __init__(self, backend: str, world_group: dist.ProcessGroup, **kwargs: Any) -> None:
+        self.buffer, self.device = eplib_buffer(backend, world_group, **kwargs)
 
     def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int, **kwargs: Any):
         return to_host(self.buffer.get_dispatch_layout(to_device(topk_idx, self.device), num_experts, **kwargs))
@@ -112,10 +137,108 @@ class CudaBuffer:
 
 
 def job_gpu_compare(rank: int, R: int, group, backend: str, case: dict, against: str) -> List[str]:
-    """The dist_harness compare sequence on the nccl transport (over `backend`) and on a CPU
+    """The dist_harness compare sequence on a CUDA transport (`backend`, see eplib_buffer) and on a CPU
     implementation (`against`: "ref" = eplib.reference.ReferenceBuffer, "eplib" = the cpu transport),
     every output torch.equal. Returns mismatch descriptions (empty = pass)."""
     want = _compare_sequence(make_buffer(against, group), rank, R, case)
     got = _compare_sequence(CudaBuffer(backend, group), rank, R, case)
     return [f"rank {rank} cuda/{backend} vs {against}: " + describe_diff(k, got[k], want[k])
             for k in want if not same(got[k], want[k])]
+
+
+# ------------------------------------------------------------------------------------ shared GPU helpers
+
+
+def make_inputs(rank: int, seed: int, T: int, H: int, K: int, E: int, dtype: str = "bf16", skew: str = "uniform",
+                device: torch.device = DEVICE):
+    """(x, topk_idx, topk_weights) on device for `rank`, deterministic in seed (random, non-integer x)."""
+    idx = make_topk_idx(seed, rank, T, K, E, skew)
+    return (make_random_rows(seed, rank, T, H, dtype).to(device), idx.to(device),
+            make_topk_weights(seed, rank, T, K).to(device))
+
+
+def dispatch_with_layout(buf, x, idx, w, E: int, **kwargs: Any):
+    """get_dispatch_layout, then a dispatch with its outputs (normal mode unless kwargs say otherwise)."""
+    lay = buf.get_dispatch_layout(idx, E)
+    return buf.dispatch(x, num_tokens_per_rank=lay[0], is_token_in_rank=lay[3], num_tokens_per_expert=lay[2],
+                        topk_idx=idx, topk_weights=w, **kwargs)
+
+
+def attempt(results: dict, name: str, fn) -> None:
+    """results[name] = "ok" if fn() returns, else "ExceptionType: message" (compared by the tests)."""
+    try:
+        fn()
+        results[name] = "ok"
+    except Exception as error:  # noqa: BLE001 - the test compares the outcome per rank
+        results[name] = f"{type(error).__name__}: {error}"
+
+
+def cuda_graph_check(buf, rank: int, R: int, group: dist.ProcessGroup, *, eager_between_replays: bool = False
+                     ) -> List[str]:
+    """Captures layout + num_worst_tokens dispatch + cached dispatch + combine on `buf` (CUDA) in a
+    CUDA graph, replays it on new inputs and compares every output with eplib.reference on the CPU
+    (over `group`, the pool's gloo group). Returns mismatch descriptions (empty = pass).
+
+    With ``eager_between_replays`` the same sequence also runs uncaptured between two replays (and is
+    checked too): transports that count rounds on the device must keep graph and eager calls in step.
+    Ends with a normal-mode dispatch, whose host sync would raise if the captured work had been flagged.
+    """
+    from eplib.reference import ReferenceBuffer
+
+    T, H, K, E = 48, 256, 4, 8
+    W = T * R  # a rank receives at most T tokens from each rank
+    static_x, static_idx, static_w = make_inputs(rank, 10, T, H, K, E)
+    static_x2 = torch.empty_like(static_x)
+
+    def step(b, x, x2, idx, w):
+        lay = b.get_dispatch_layout(idx, E)
+        recv_x, recv_idx, recv_w, num_list, handle, _ = b.dispatch(
+            x, num_tokens_per_rank=lay[0], is_token_in_rank=lay[3], num_tokens_per_expert=lay[2], topk_idx=idx,
+            topk_weights=w, num_worst_tokens=W)
+        cached = b.dispatch(x2, handle=handle)[0]
+        combined_x, combined_w, _ = b.combine(recv_x, handle, topk_weights=recv_w)
+        return dict(layout=lay[:4], recv_x=recv_x, recv_idx=recv_idx, recv_w=recv_w, num_list=num_list,
+                    rank_prefix_matrix=handle[0], cached=cached, combined_x=combined_x, combined_w=combined_w)
+
+    # Warm up on a side stream (torch's rule before capture); this also creates NCCL communicators.
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step(buf, static_x, static_x2, static_idx, static_w)
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    # thread_local: NCCL's watchdog thread may query events while this thread captures.
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        static_out = step(buf, static_x, static_x2, static_idx, static_w)
+
+    errs: List[str] = []
+    ref = ReferenceBuffer(group)
+
+    def compare(what: str, got_out: dict, want_out: dict) -> None:
+        for key, value in want_out.items():
+            got = to_host(got_out[key])
+            if not same(got, value):
+                errs.append(f"{what}: " + describe_diff(key, got, value))
+
+    def host_inputs(seed: int):
+        x, idx, w = (t.cpu() for t in make_inputs(rank, seed, T, H, K, E,
+                                                  skew="masked" if seed % 2 == 0 else "uniform"))
+        return x, make_random_rows(seed + 100, rank, T, H, "bf16"), idx, w
+
+    for seed in (11, 12):
+        x, x2, idx, w = host_inputs(seed)
+        for static, value in ((static_x, x), (static_x2, x2), (static_idx, idx), (static_w, w)):
+            static.copy_(value)
+        graph.replay()
+        torch.cuda.synchronize()
+        compare(f"replay seed {seed}", static_out, step(ref, x, x2, idx, w))
+        if eager_between_replays and seed == 11:
+            x, x2, idx, w = host_inputs(13)
+            eager = step(buf, *(t.to(DEVICE) for t in (x, x2, idx, w)))
+            torch.cuda.synchronize()
+            compare("eager call between replays", eager, step(ref, x, x2, idx, w))
+    # Nothing in the captured work was flagged: the next normal-mode dispatch goes through.
+    dispatch_with_layout(buf, static_x, static_idx, static_w, E)
+    torch.cuda.synchronize()
+    return errs

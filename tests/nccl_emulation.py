@@ -19,7 +19,8 @@ import torch.distributed as dist
 from eplib import _C
 from eplib._dtypes import KERNEL_DTYPE_CODES
 from eplib.event import EventOverlap
-from eplib.transports.nccl import ERR_EXPERT_ID, ERR_OVERFLOW, ERR_WEIGHT, NcclTransport
+from eplib.transports.cuda import ERR_EXPERT_ID, ERR_OVERFLOW, ERR_WEIGHT
+from eplib.transports.nccl import NcclTransport
 
 Tensor = torch.Tensor
 
@@ -147,7 +148,7 @@ class EmulatedKernels:
 
 
 class _HostCall:
-    """_CallStreams without streams: outputs on the CPU, a completed no-op event."""
+    """CallStreams without streams: outputs on the CPU, a completed no-op event."""
 
     @staticmethod
     def empty(*shape: int, dtype: torch.dtype) -> Tensor:

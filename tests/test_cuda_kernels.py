@@ -178,7 +178,7 @@ def cuda_pack(x, scales, idx, weights, num_experts, send_pos, num_rows, stride, 
     buffer = torch.zeros(num_rows * stride, dtype=torch.uint8, device="cuda")
     _C.cuda_dispatch_pack(x_.data_ptr(), row_bytes(x), ptr(scales_), row_bytes(scales), ptr(idx_), ptr(weights_),
                           idx.shape[1] if idx is not None else 0, num_experts, send_pos_.data_ptr(), x.shape[0],
-                          send_pos.shape[1], buffer.data_ptr(), flag.data_ptr(), stream())
+                          send_pos.shape[1], buffer.data_ptr(), flag.data_ptr(), None, 0, 0, 0, stream())
     return buffer
 
 
@@ -264,7 +264,7 @@ def cuda_unpack(buffer, counts, slot_rows, num_out_rows, x, scales, num_topk, nu
     _C.cuda_dispatch_unpack(buffer.cuda().data_ptr(), counts_.data_ptr(), counts.shape[0], slot_rows, num_out_rows,
                             row_bytes(x), row_bytes(scales), num_topk, num_local_experts, recv_x.data_ptr(),
                             ptr(recv_scales), src.data_ptr(), ptr(idx), ptr(weights), ptr(per_expert),
-                            num_out.data_ptr(), flag.data_ptr(), stream())
+                            num_out.data_ptr(), flag.data_ptr(), None, 0, stream())
     return recv_x, recv_scales, src, idx, weights, per_expert, num_out
 
 
@@ -318,7 +318,7 @@ def test_combine_pack_and_reduce(dtype, hidden, num_topk):
         rows = num_ranks * slots if slots else num_rows
         got = torch.zeros(rows * stride, dtype=torch.uint8, device="cuda")
         _C.cuda_combine_pack(x_.data_ptr(), x_bytes, ptr(weights_) if num_topk else 0, num_topk, counts_.data_ptr(),
-                             num_ranks, slots, num_rows, got.data_ptr(), stream())
+                             num_ranks, slots, num_rows, got.data_ptr(), None, 0, 0, stream())
         if slots:
             starts = [0] + counts.cumsum(0).tolist()
             regions = got.cpu().view(num_ranks, slots * stride)
@@ -338,7 +338,8 @@ def test_combine_pack_and_reduce(dtype, hidden, num_topk):
         got = torch.empty(num_tokens, hidden, dtype=dtype, device="cuda")
         got_w = torch.empty(num_tokens, num_topk, device="cuda") if num_topk else None
         _C.cuda_combine_reduce(KERNEL_DTYPE_CODES[dtype], on[0].data_ptr(), hidden, num_topk, on[1].data_ptr(),
-                               num_tokens, num_ranks, ptr(on[2]), ptr(on[3]), got.data_ptr(), ptr(got_w), stream())
+                               num_tokens, num_ranks, ptr(on[2]), ptr(on[3]), got.data_ptr(), ptr(got_w), None, 0,
+                               stream())
         assert_same(got, out, "combined_x")
         if num_topk:
             assert_same(got_w, out_w, "combined_topk_weights")
@@ -523,12 +524,12 @@ def test_empty_inputs_launch_nothing_invalid(dtype):
     x = torch.empty(0, 16, dtype=dtype, device="cuda")
     buffer = torch.empty(16, dtype=torch.uint8, device="cuda")
     _C.cuda_dispatch_pack(x.data_ptr(), 16 * x.element_size(), 0, 0, 0, 0, 0, 8, send_pos.data_ptr(), 0, 2,
-                          buffer.data_ptr(), flag.data_ptr(), stream())
+                          buffer.data_ptr(), flag.data_ptr(), None, 0, 0, 0, stream())
     out = torch.empty(0, 16, dtype=dtype, device="cuda")
     _C.cuda_combine_reduce(KERNEL_DTYPE_CODES[dtype], buffer.data_ptr(), 16, 0, send_pos.data_ptr(), 0, 2, 0, 0,
-                           out.data_ptr(), 0, stream())
+                           out.data_ptr(), 0, None, 0, stream())
     _C.cuda_combine_pack(x.data_ptr(), 16 * x.element_size(), 0, 0, counts.data_ptr(), 2, 0, 0, buffer.data_ptr(),
-                         stream())
+                         None, 0, 0, stream())
     # No source rows but a fixed-size output: every row is padding and must be zeroed.
     pair_pos = torch.empty(0, 2, dtype=torch.int32, device="cuda")
     offsets = torch.zeros(3, dtype=torch.int64, device="cuda")

@@ -1,13 +1,18 @@
-"""eplib.Buffer on CUDA tensors (the nccl transport), against CPU implementations on the same inputs.
+"""eplib.Buffer on CUDA tensors (the nccl and ipc transports), against CPU implementations on the
+same inputs.
 
 Runs where torch sees a GPU and eplib was built with its CUDA kernels; skipped elsewhere. Every
 multi-rank case runs R processes sharing cuda:0:
-- R=1 over a real NCCL group;
-- R=2 and R=4 over the pool's gloo group, which makes the nccl transport stage its collectives
-  through host memory (NCCL before 2.30 refuses two ranks on one GPU). The kernels and the
-  transport's multi-rank logic are the production ones; only the byte movement differs.
-Stream semantics and CUDA-graph capture need the real NCCL path (the staged path synchronizes the
-host at every collective and cannot be captured), so they run with R=1.
+- nccl transport, R=1 over a real NCCL group;
+- nccl transport, R=2 and R=4 over the pool's gloo group, which makes the transport stage its
+  collectives through host memory (NCCL before 2.30 refuses two ranks on one GPU). The kernels and
+  the transport's multi-rank logic are the production ones; only the byte movement differs.
+- ipc transport (CUDA peer memory), R=1, 2 and 4: the processes map each other's buffers on the one
+  GPU; the gloo group only carries the handle exchange at construction.
+Stream semantics and CUDA-graph capture of the nccl transport need the real NCCL path (the staged
+path synchronizes the host at every collective and cannot be captured), so they run with R=1; the
+ipc transport's stream semantics run here with R=1, its other checks (timeouts, sizes, many rounds,
+CUDA graphs with R=1 and 2) in test_ipc.py.
 """
 
 import re
@@ -15,14 +20,17 @@ import re
 import pytest
 import torch
 
-from dist_harness import base_case, fill_case, make_random_rows, make_topk_idx, make_topk_weights, same
-from gpu_harness import DEVICE, eplib_buffer, gpu_usable, group_for, job_gpu_compare, to_host
+from dist_harness import base_case, fill_case, make_random_rows, same
+from gpu_harness import (DEVICE, IPC_NVL_BYTES, attempt, cuda_graph_check, dispatch_with_layout, eplib_buffer,
+                         gpu_usable, group_for, job_gpu_compare, make_inputs)
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not gpu_usable(), reason="needs a CUDA GPU and eplib built "
                                                                             "with CUDA kernels")]
 
-# (backend, world size): R=1 over NCCL, R=2 and R=4 staged through gloo on one GPU.
-SETUPS = {"R1-nccl": ("nccl", 1), "R2-gloo": ("gloo", 2), "R4-gloo": ("gloo", 4)}
+# (backend, world size): nccl transport R=1 over NCCL, R=2 and R=4 staged through gloo on one GPU;
+# ipc transport (peer memory) R=1, 2 and 4 on one GPU.
+SETUPS = {"R1-nccl": ("nccl", 1), "R2-gloo": ("gloo", 2), "R4-gloo": ("gloo", 4),
+          "R1-ipc": ("ipc", 1), "R2-ipc": ("ipc", 2), "R4-ipc": ("ipc", 4)}
 
 # Buffer vs reference on random (non-integer) data: CUDA dtypes (fp32, bf16, FP8 tuple), every option.
 GPU_CASES = {
@@ -66,23 +74,6 @@ def test_gpu_buffer_bit_exact_vs_cpu_transport(setup, name):
     assert not any(errs), "\n".join(e for rank_errs in errs for e in rank_errs)
 
 
-# ------------------------------------------------------------------------------------ shared inputs
-
-
-def _inputs(rank: int, seed: int, T: int, H: int, K: int, E: int, dtype: str = "bf16", skew: str = "uniform",
-            device: torch.device = DEVICE):
-    """(x, topk_idx, topk_weights) on device for `rank`, deterministic in seed."""
-    idx = make_topk_idx(seed, rank, T, K, E, skew)
-    return (make_random_rows(seed, rank, T, H, dtype).to(device), idx.to(device),
-            make_topk_weights(seed, rank, T, K).to(device))
-
-
-def _dispatch(buf, x, idx, w, E, **kwargs):
-    lay = buf.get_dispatch_layout(idx, E)
-    return buf.dispatch(x, num_tokens_per_rank=lay[0], is_token_in_rank=lay[3], num_tokens_per_expert=lay[2],
-                        topk_idx=idx, topk_weights=w, **kwargs)
-
-
 # ------------------------------------------------------------------------------------ streams
 
 
@@ -90,18 +81,19 @@ def _dispatch(buf, x, idx, w, E, **kwargs):
 SLEEP_CYCLES = 400_000_000
 
 
-def job_streams(rank, R, group):
-    """DeepEP's stream protocol, observed from the outside (R=1, NCCL). Returns {check: bool}.
+def job_streams(rank, R, group, backend="nccl"):
+    """DeepEP's stream protocol, observed from the outside (R=1, `backend` "nccl" or "ipc"). Returns
+    {check: bool}.
 
     The dispatches here use num_worst_tokens (no host sync), so that the host can watch work that
     is still pending on the GPU."""
     import eplib
 
-    buf = eplib.Buffer(group_for("nccl", group))
+    buf, _ = eplib_buffer(backend, group)
     comm = buf.get_comm_stream()
     current = torch.cuda.current_stream()
     T, H, K, E = 64, 128, 2, 4
-    x1, idx, w = _inputs(rank, 1, T, H, K, E)
+    x1, idx, w = make_inputs(rank, 1, T, H, K, E)
     x2 = make_random_rows(2, rank, T, H, "bf16").to(DEVICE)
     x3 = make_random_rows(3, rank, T, H, "bf16").to(DEVICE)
     lay = buf.get_dispatch_layout(idx, E)
@@ -178,20 +170,13 @@ def job_streams(rank, R, group):
     return out
 
 
-def test_gpu_stream_semantics(pool_cache):
-    out = pool_cache(1).run(job_streams, timeout=120)[0]
+@pytest.mark.parametrize("backend", ["nccl", "ipc"])
+def test_gpu_stream_semantics(pool_cache, backend):
+    out = pool_cache(1).run(job_streams, backend, timeout=120)[0]
     assert all(out.values()), {k: v for k, v in out.items() if not v}
 
 
 # ------------------------------------------------------------------------------------ device error flag
-
-
-def _attempt(results: dict, name: str, fn) -> None:
-    try:
-        fn()
-        results[name] = "ok"
-    except Exception as error:  # noqa: BLE001 - the test compares the outcome per rank
-        results[name] = f"{type(error).__name__}: {error}"
 
 
 def job_error_flag(rank, R, group, backend):
@@ -199,34 +184,35 @@ def job_error_flag(rank, R, group, backend):
     them (ValueError), RuntimeError on the others; the flag is cleared after. Returns {step: outcome}."""
     buf, device = eplib_buffer(backend, group)
     T, H, K, E = 16, 32, 2, 2 * R
-    x, idx, w = _inputs(rank, 4, T, H, K, E, dtype="fp32", device=device)
+    x, idx, w = make_inputs(rank, 4, T, H, K, E, dtype="fp32", device=device)
     bad_idx = idx.clone()
     if rank == R - 1:
         bad_idx[3, 1] = E  # one id out of range on the last rank only
     results = {}
-    _attempt(results, "layout of a bad id", lambda: buf.get_dispatch_layout(bad_idx, E))
-    _attempt(results, "normal dispatch of a bad id", lambda: _dispatch(buf, x, bad_idx, w, E))
-    _attempt(results, "normal dispatch after", lambda: _dispatch(buf, x, idx, w, E))
-    _attempt(results, "num_worst dispatch of a bad id",
-             lambda: _dispatch(buf, x, bad_idx, w, E, num_worst_tokens=T * R))
-    _attempt(results, "next normal dispatch", lambda: _dispatch(buf, x, idx, w, E))
-    _attempt(results, "clean again", lambda: _dispatch(buf, x, idx, w, E))
+    attempt(results, "layout of a bad id", lambda: buf.get_dispatch_layout(bad_idx, E))
+    attempt(results, "normal dispatch of a bad id", lambda: dispatch_with_layout(buf, x, bad_idx, w, E))
+    attempt(results, "normal dispatch after", lambda: dispatch_with_layout(buf, x, idx, w, E))
+    attempt(results, "num_worst dispatch of a bad id",
+            lambda: dispatch_with_layout(buf, x, bad_idx, w, E, num_worst_tokens=T * R))
+    attempt(results, "next normal dispatch", lambda: dispatch_with_layout(buf, x, idx, w, E))
+    attempt(results, "clean again", lambda: dispatch_with_layout(buf, x, idx, w, E))
     # Every rank sends more than one token to every rank: all overflow num_worst_tokens=1.
-    _attempt(results, "num_worst_tokens too small", lambda: _dispatch(buf, x, idx, w, E, num_worst_tokens=1))
-    _attempt(results, "after overflow", lambda: _dispatch(buf, x, idx, w, E))
+    attempt(results, "num_worst_tokens too small",
+            lambda: dispatch_with_layout(buf, x, idx, w, E, num_worst_tokens=1))
+    attempt(results, "after overflow", lambda: dispatch_with_layout(buf, x, idx, w, E))
     bad_w = w.clone()
     if rank == 0:
         bad_w[0, 0] = float("nan")
-    _attempt(results, "nan weight", lambda: _dispatch(buf, x, idx, bad_w, E))
+    attempt(results, "nan weight", lambda: dispatch_with_layout(buf, x, idx, bad_w, E))
     lay = buf.get_dispatch_layout(idx, E)
-    _attempt(results, "num_tokens_per_rank off by one", lambda: buf.dispatch(
+    attempt(results, "num_tokens_per_rank off by one", lambda: buf.dispatch(
         x, num_tokens_per_rank=lay[0] + 1, is_token_in_rank=lay[3], num_tokens_per_expert=lay[2], topk_idx=idx,
         topk_weights=w))
-    _attempt(results, "final", lambda: _dispatch(buf, x, idx, w, E))
+    attempt(results, "final", lambda: dispatch_with_layout(buf, x, idx, w, E))
     return results
 
 
-@pytest.mark.parametrize("setup_name", ["R1-nccl", "R2-gloo"])
+@pytest.mark.parametrize("setup_name", ["R1-nccl", "R2-gloo", "R2-ipc"])
 def test_gpu_error_flag(pool_cache, setup_name):
     check_error_flag(pool_cache, *SETUPS[setup_name])
 
@@ -259,59 +245,14 @@ def check_error_flag(pool_cache, backend: str, world_size: int) -> None:
 
 
 def job_cuda_graph(rank, R, group):
-    """Capture layout + num_worst_tokens dispatch + cached dispatch + combine (R=1, NCCL) in a CUDA
-    graph, replay it on new inputs, compare with the reference on the CPU. Returns mismatches.
+    """CUDA-graph capture and replay of layout + num_worst_tokens dispatch + cached dispatch + combine
+    on the nccl transport (R=1, NCCL), compared with the reference (gpu_harness.cuda_graph_check).
 
-    Only the NCCL path is capturable: the gloo staging path copies through host memory."""
+    Only the NCCL path is capturable: the gloo staging path copies through host memory. The ipc
+    transport's graph test (R=1 and R=2) is in test_ipc.py."""
     import eplib
-    from dist_harness import describe_diff
-    from eplib.reference import ReferenceBuffer
 
-    buf = eplib.Buffer(group_for("nccl", group))
-    T, H, K, E = 48, 256, 4, 8
-    W = T * R  # a rank receives at most T tokens from each rank
-    static_x, static_idx, static_w = _inputs(rank, 10, T, H, K, E)
-    static_x2 = torch.empty_like(static_x)
-
-    def step(b, x, x2, idx, w):
-        lay = b.get_dispatch_layout(idx, E)
-        recv_x, recv_idx, recv_w, num_list, handle, _ = b.dispatch(
-            x, num_tokens_per_rank=lay[0], is_token_in_rank=lay[3], num_tokens_per_expert=lay[2], topk_idx=idx,
-            topk_weights=w, num_worst_tokens=W)
-        cached = b.dispatch(x2, handle=handle)[0]
-        combined_x, combined_w, _ = b.combine(recv_x, handle, topk_weights=recv_w)
-        return dict(layout=lay[:4], recv_x=recv_x, recv_idx=recv_idx, recv_w=recv_w, num_list=num_list,
-                    rank_prefix_matrix=handle[0], cached=cached, combined_x=combined_x, combined_w=combined_w)
-
-    # Warm up on a side stream (torch's rule before capture); this also creates the NCCL communicator.
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step(buf, static_x, static_x2, static_idx, static_w)
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    # thread_local: NCCL's watchdog thread may query events while this thread captures.
-    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-        static_out = step(buf, static_x, static_x2, static_idx, static_w)
-
-    errs = []
-    ref = ReferenceBuffer(group)
-    for seed in (11, 12):
-        x, idx, w = (t.cpu() for t in _inputs(rank, seed, T, H, K, E, skew="masked" if seed == 12 else "uniform"))
-        x2 = make_random_rows(seed + 100, rank, T, H, "bf16")
-        for static, value in ((static_x, x), (static_x2, x2), (static_idx, idx), (static_w, w)):
-            static.copy_(value)
-        graph.replay()
-        torch.cuda.synchronize()
-        want = step(ref, x, x2, idx, w)
-        for key, value in want.items():
-            got = to_host(static_out[key])
-            if not same(got, value):
-                errs.append(f"replay seed {seed}: " + describe_diff(key, got, value))
-    # Nothing in the captured work was flagged: the next normal-mode dispatch goes through.
-    _dispatch(buf, static_x, static_idx, static_w, E)
-    return errs
+    return cuda_graph_check(eplib.Buffer(group_for("nccl", group)), rank, R, group)
 
 
 def test_gpu_cuda_graph_num_worst_tokens(pool_cache):
@@ -329,26 +270,32 @@ def job_device_checks(rank, R, group):
     nccl = group_for("nccl", group)
     buf = eplib.Buffer(nccl)
     T, H, K, E = 8, 32, 2, 2
-    x, idx, w = _inputs(rank, 5, T, H, K, E)
+    x, idx, w = make_inputs(rank, 5, T, H, K, E)
     lay = buf.get_dispatch_layout(idx, E)
     kwargs = dict(num_tokens_per_rank=lay[0], is_token_in_rank=lay[3], num_tokens_per_expert=lay[2], topk_idx=idx,
                   topk_weights=w)
     recv = buf.dispatch(x, **kwargs)
     cpu_handle = eplib.Buffer(group).dispatch(x.cpu(), **{k: v.cpu() for k, v in kwargs.items()})[4]
     results = {}
-    _attempt(results, "topk_idx on cpu", lambda: buf.dispatch(x, **{**kwargs, "topk_idx": idx.cpu()}))
-    _attempt(results, "num_tokens_per_rank on cpu",
-             lambda: buf.dispatch(x, **{**kwargs, "num_tokens_per_rank": lay[0].cpu()}))
-    _attempt(results, "fp16 x", lambda: buf.dispatch(x.half(), **kwargs))
-    _attempt(results, "bias on cpu", lambda: buf.combine(recv[0], recv[4], bias=torch.zeros(T, H, dtype=x.dtype)))
-    _attempt(results, "cpu handle", lambda: buf.combine(recv[0], cpu_handle))
-    _attempt(results, "previous_event type", lambda: buf.get_dispatch_layout(idx, E, previous_event=object()))
-    _attempt(results, "transport cpu with cuda", lambda: eplib.Buffer(group, transport="cpu").get_dispatch_layout(
+    attempt(results, "topk_idx on cpu", lambda: buf.dispatch(x, **{**kwargs, "topk_idx": idx.cpu()}))
+    attempt(results, "num_tokens_per_rank on cpu",
+            lambda: buf.dispatch(x, **{**kwargs, "num_tokens_per_rank": lay[0].cpu()}))
+    attempt(results, "fp16 x", lambda: buf.dispatch(x.half(), **kwargs))
+    attempt(results, "bias on cpu", lambda: buf.combine(recv[0], recv[4], bias=torch.zeros(T, H, dtype=x.dtype)))
+    attempt(results, "cpu handle", lambda: buf.combine(recv[0], cpu_handle))
+    attempt(results, "previous_event type", lambda: buf.get_dispatch_layout(idx, E, previous_event=object()))
+    attempt(results, "transport cpu with cuda", lambda: eplib.Buffer(group, transport="cpu").get_dispatch_layout(
         idx, E))
-    _attempt(results, "transport nccl with cpu", lambda: eplib.Buffer(nccl, transport="nccl").get_dispatch_layout(
+    attempt(results, "transport nccl with cpu", lambda: eplib.Buffer(nccl, transport="nccl").get_dispatch_layout(
         idx.cpu(), E))
-    _attempt(results, "transport ipc", lambda: eplib.Buffer(nccl, transport="ipc"))
-    _attempt(results, "explicit nccl works", lambda: eplib.Buffer(nccl, transport="nccl").get_dispatch_layout(idx, E))
+    # The ipc transport needs a peer buffer: num_nvl_bytes=0 (the default) is refused at construction.
+    attempt(results, "transport ipc without num_nvl_bytes", lambda: eplib.Buffer(nccl, transport="ipc"))
+    # With one, the handle exchange also runs over an NCCL group.
+    attempt(results, "transport ipc over an nccl group works", lambda: eplib.Buffer(
+        nccl, num_nvl_bytes=IPC_NVL_BYTES, transport="ipc").get_dispatch_layout(idx, E))
+    attempt(results, "transport ipc with cpu", lambda: eplib.Buffer(
+        nccl, num_nvl_bytes=IPC_NVL_BYTES, transport="ipc").get_dispatch_layout(idx.cpu(), E))
+    attempt(results, "explicit nccl works", lambda: eplib.Buffer(nccl, transport="nccl").get_dispatch_layout(idx, E))
     torch.cuda.synchronize()
     return results
 
@@ -364,7 +311,9 @@ def test_gpu_device_checks(pool_cache):
         "previous_event type": r"TypeError: previous_event",
         "transport cpu with cuda": r"ValueError: topk_idx: .*transport='cpu'",
         "transport nccl with cpu": r"ValueError: topk_idx: .*transport='nccl'",
-        "transport ipc": r"NotImplementedError: transport: 'ipc'",
+        "transport ipc without num_nvl_bytes": r"^ValueError: .*num_nvl_bytes",
+        "transport ipc over an nccl group works": r"^ok$",
+        "transport ipc with cpu": r"ValueError: topk_idx: .*transport='ipc'",
         "explicit nccl works": r"^ok$",
     }
     for step, pattern in expected.items():

@@ -51,7 +51,7 @@ def test_transport_names_and_cuda_errors_without_cuda(pool2):
     no_cuda = r"ValueError: .*(built without CUDA kernels|no usable CUDA device)"
     expected = {
         "unknown transport": r"ValueError: transport: expected one of \('auto', 'cpu', 'nccl', 'ipc'\), got 'rdma'",
-        "ipc transport": r"NotImplementedError: transport: 'ipc' .*not built yet",
+        "ipc transport": r"ValueError: transport='ipc': .*(built without CUDA kernels|no usable CUDA device)",
         "nccl transport": r"ValueError: transport='nccl': .*(built without CUDA kernels|no usable CUDA device)",
         "cuda layout": no_cuda,
         "cuda dispatch": no_cuda,

@@ -6,15 +6,23 @@
 # each run even when an earlier one failed:
 #   build          pip install --no-build-isolation --no-deps -e . (EPLIB_CUDA=1, the device's arch)
 #   env            GPU, driver, CUDA, torch and NCCL versions
-#   pytest_gpu     every test marked gpu (junit XML + log)
-#   memcheck       tools/sanitizer_case.py under compute-sanitizer --tool memcheck
+#   pytest_gpu     every test marked gpu (junit XML + log), the IPC transport's included
+#   bench_ipc      torchrun (python -m torch.distributed.run, 1 process) benchmarks/bench_dispatch.py
+#                  --transport ipc --json: the goal shapes (T=4096 and 128, H=7168, top-8 of 256, bf16),
+#                  checked against eplib.reference, copy efficiency against torch copy_, launch time
+#   bench_ipc_2p   the same with 2 processes on the GPU: the reference check only (processes on one GPU
+#                  time-slice, so it reports no timings)
 #   bench_kernels  benchmarks/bench_kernels.py --json
-#   bench_dispatch torchrun (python -m torch.distributed.run, 1 process) benchmarks/bench_dispatch.py --transport nccl --quick --json
+#   memcheck       tools/sanitizer_case.py under compute-sanitizer --tool memcheck
+#   bench_dispatch torchrun, 1 process, benchmarks/bench_dispatch.py --transport nccl --quick --json
 #   racecheck      tools/sanitizer_case.py under compute-sanitizer --tool racecheck (if time is left)
+# Steps run in order of what the run must not miss; later ones are the first to be cut.
 # The whole run stops starting steps past TOTAL_LIMIT_S (7.5 minutes); each step's limit is cut to
 # the time left. OUTDIR gets one log per step, the JSON and XML outputs, and summary.txt
 # ("step status seconds"). Exit status: 0 when every step passed, 1 otherwise, 2 on bad usage.
 
+# The step functions run through run_step's `bash -c` (exported), which shellcheck cannot see:
+# shellcheck disable=SC2329
 set -uo pipefail
 
 if [[ $# -ne 1 ]]; then
@@ -110,15 +118,19 @@ sanitize() {
 export PYTHON ARCH
 export -f build environment sanitize
 
-run_step build 240 build
-run_step env 30 environment
+run_step build 180 build
+run_step env 20 environment
 # -v: each test's outcome is in the log as it finishes, even if the step is cut off at its limit.
-run_step pytest_gpu 150 "$PYTHON" -m pytest -m gpu -v -ra --durations=15 -p no:cacheprovider \
+run_step pytest_gpu 210 "$PYTHON" -m pytest -m gpu -v -ra --durations=15 -p no:cacheprovider \
     --junitxml="$OUT/pytest_gpu.xml" tests
-run_step memcheck 100 sanitize memcheck
-run_step bench_kernels 90 "$PYTHON" benchmarks/bench_kernels.py --json "$OUT/bench_kernels.json"
 # torch.distributed.run is torchrun, without relying on the venv's bin folder being on PATH.
-run_step bench_dispatch 60 "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node=1 \
+run_step bench_ipc 60 "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node=1 \
+    benchmarks/bench_dispatch.py --transport ipc --json "$OUT/bench_ipc.json"
+run_step bench_ipc_2p 60 "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node=2 \
+    benchmarks/bench_dispatch.py --transport ipc --routing uniform,hot --json "$OUT/bench_ipc_2p.json"
+run_step bench_kernels 60 "$PYTHON" benchmarks/bench_kernels.py --json "$OUT/bench_kernels.json"
+run_step memcheck 90 sanitize memcheck
+run_step bench_dispatch 45 "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node=1 \
     benchmarks/bench_dispatch.py \
     --transport nccl --quick --json "$OUT/bench_dispatch.json"
 run_step racecheck 60 sanitize racecheck

@@ -1,39 +1,68 @@
 #include "common.cuh"
 #include "eplib/layout.h"
 #include "kernels.h"
+#include "peer.cuh"
 #include "rows.cuh"
 
 namespace eplib::cuda {
 
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int kWarpsPerBlock = kThreads / kWarpSize;
+// Peer transport: compacted row i from source s goes back to row i + row_shift[s] of s's receive
+// region, the row s's send_pos gave that token for this rank: rank * slot_rows + (i - compact_start[s])
+// in the slot layout, else after the rows s sent to lower ranks (rank_prefix_matrix as in dispatch).
+__device__ inline void combine_row_shifts(const PeerView& view, const int32_t* rank_prefix_matrix, int64_t slot_rows,
+                                          const int64_t* compact_start, int64_t* row_shift) {
+  const int me = view.rank, num_ranks = view.num_ranks;
+  for (int s = 0; s < num_ranks; ++s) {
+    int64_t start_at_source = static_cast<int64_t>(me) * slot_rows;
+    if (slot_rows == 0)
+      for (int r = 0; r < me; ++r)
+        start_at_source += rank_prefix_matrix[s * num_ranks + r] - (s > 0 ? rank_prefix_matrix[(s - 1) * num_ranks + r] : 0);
+    row_shift[s] = start_at_source - compact_start[s];
+  }
+}
 
-// One warp per compacted row: x then its weights, into the row dispatch_unpack read it from.
+// One warp per compacted row: x then its weights, into the row dispatch_unpack read it from (of
+// send_buffer, or, peer transport, of the source's receive region within the round hand-shake).
 __global__ void
     combine_pack_kernel(const uint8_t* x, const float* topk_weights, const int32_t* recv_counts, int num_ranks,
-                        int64_t slot_rows, int64_t num_rows, CombineRowLayout layout, uint8_t* send_buffer) {
+                        int64_t slot_rows, int64_t num_rows, CombineRowLayout layout, uint8_t* send_buffer,
+                        PeerRound round, const int32_t* rank_prefix_matrix) {
   __shared__ int64_t compact_start[kMaxRanks + 1];
+  __shared__ int64_t row_shift[kMaxPeers];
+  const uint64_t round_number = begin_send_round(round);
+  if (round_number == 0) return;
   load_compact_starts(recv_counts, num_ranks, slot_rows, compact_start);
+  if (round.active && threadIdx.x == 0)
+    combine_row_shifts(round.view, rank_prefix_matrix, slot_rows, compact_start, row_shift);
+  __syncthreads();
   const int64_t total = compact_start[num_ranks] < num_rows ? compact_start[num_ranks] : num_rows;
   const int lane = lane_id();
   for (int64_t i = global_warp_id(); i < total; i += num_global_warps()) {
-    const int64_t send_row = region_row_of(compact_start, num_ranks, slot_rows, i);
-    uint8_t* row = send_buffer + send_row * layout.stride;
+    uint8_t* row;
+    if (round.active) {
+      const int source = source_of_row(compact_start, num_ranks, i);
+      row = region_of(round.view, source) + (i + row_shift[source]) * layout.stride;
+    } else {
+      row = send_buffer + region_row_of(compact_start, num_ranks, slot_rows, i) * layout.stride;
+    }
     warp_copy(row, x + i * layout.x_bytes, layout.x_bytes, lane);
     for (int k = lane; k < layout.num_topk; k += kWarpSize)
       reinterpret_cast<float*>(row + layout.topk_weights_offset)[k] = topk_weights[i * layout.num_topk + k];
   }
+  end_send_round(round, round_number);
 }
 
 // One warp per token; each lane owns kVector consecutive elements at a time. Per element: 0, then
-// bias_0, bias_1, then the rows of ranks 0, 1, ... in that order (cpu::combine_reduce's order).
+// bias_0, bias_1, then the rows of ranks 0, 1, ... in that order (cpu::combine_reduce's order). Peer
+// transport: each block first waits until every rank has written its rows of the round.
 template <typename T, int kVector>
 __global__ void
     combine_reduce_kernel(const uint8_t* recv_buffer, int64_t hidden, const int32_t* send_pos, int64_t num_tokens,
                           int num_ranks, const T* bias_0, const T* bias_1, T* combined_x,
-                          float* combined_topk_weights, CombineRowLayout layout) {
+                          float* combined_topk_weights, CombineRowLayout layout, PeerRound round) {
+  if (!begin_receive_round(round)) return;
   const int lane = lane_id();
   const int64_t num_vectors = hidden / kVector;
   for (int64_t t = global_warp_id(); t < num_tokens; t += num_global_warps()) {
@@ -70,24 +99,31 @@ __global__ void
 
 void combine_pack(const uint8_t* x, int64_t x_bytes, const float* topk_weights, int num_topk,
                   const int32_t* recv_counts, int num_ranks, int64_t slot_rows, int64_t num_rows,
-                  uint8_t* send_buffer, cudaStream_t stream) {
+                  uint8_t* send_buffer, const PeerView* peers, const int32_t* rank_prefix_matrix, int max_blocks,
+                  cudaStream_t stream) {
+  check_peer_launch(peers, num_ranks, "combine_pack");
+  if (peers != nullptr && slot_rows == 0 && rank_prefix_matrix == nullptr)
+    throw std::invalid_argument("eplib: combine_pack to peers needs rank_prefix_matrix or slot_rows > 0");
   if (num_ranks < 0 || num_ranks > kMaxRanks)
     throw std::invalid_argument("eplib: combine_pack supports 0 to " + std::to_string(kMaxRanks) + " ranks, got " +
                                 std::to_string(num_ranks));
   if (num_topk > 0 && topk_weights == nullptr)
     throw std::invalid_argument("eplib: combine_pack got num_topk > 0 but no topk_weights");
-  if (num_topk > 0 && reinterpret_cast<uintptr_t>(send_buffer) % 4 != 0)
+  if (peers == nullptr && num_topk > 0 && reinterpret_cast<uintptr_t>(send_buffer) % 4 != 0)
     throw std::invalid_argument("eplib: combine_pack needs a send buffer aligned to 4 bytes (float weights)");
-  if (num_rows == 0) return;
+  if (num_rows == 0 && peers == nullptr) return;  // peers: the round hand-shake runs without rows too
   const CombineRowLayout layout = make_combine_row_layout(x_bytes, num_topk);
-  combine_pack_kernel<<<grid_for(num_rows, kWarpsPerBlock), kThreads, 0, stream>>>(
-      x, topk_weights, recv_counts, num_ranks, slot_rows, num_rows, layout, send_buffer);
+  const LaunchShape shape = warp_launch_shape(num_rows, max_blocks);
+  combine_pack_kernel<<<shape.blocks, shape.threads, 0, stream>>>(
+      x, topk_weights, recv_counts, num_ranks, slot_rows, num_rows, layout, send_buffer,
+      make_peer_round(peers, kPhaseCombineSend), rank_prefix_matrix);
   check_launch("combine_pack");
 }
 
 void combine_reduce(DType dtype, const uint8_t* recv_buffer, int64_t hidden, int num_topk, const int32_t* send_pos,
                     int64_t num_tokens, int num_ranks, const void* bias_0, const void* bias_1, void* combined_x,
-                    float* combined_topk_weights, cudaStream_t stream) {
+                    float* combined_topk_weights, const PeerView* peers, int max_blocks, cudaStream_t stream) {
+  check_peer_launch(peers, num_ranks, "combine_reduce");
   visit_cuda_dtype(dtype, [&](auto element) {
     using T = decltype(element);
     const CombineRowLayout layout = make_combine_row_layout(hidden * static_cast<int64_t>(sizeof(T)), num_topk);
@@ -95,16 +131,18 @@ void combine_reduce(DType dtype, const uint8_t* recv_buffer, int64_t hidden, int
     if (reinterpret_cast<uintptr_t>(recv_buffer) % (num_topk > 0 ? 4 : sizeof(T)) != 0)
       throw std::invalid_argument("eplib: combine_reduce needs a receive buffer aligned to " +
                                   std::to_string(num_topk > 0 ? 4 : sizeof(T)) + " bytes");
-    if (num_tokens == 0) return;
+    if (num_tokens == 0 && peers == nullptr) return;  // peers: the round hand-shake runs without rows too
     const bool aligned = all_16_byte_aligned({reinterpret_cast<uintptr_t>(recv_buffer),
                                               reinterpret_cast<uintptr_t>(bias_0), reinterpret_cast<uintptr_t>(bias_1),
                                               reinterpret_cast<uintptr_t>(combined_x),
                                               static_cast<uint64_t>(layout.stride),
                                               static_cast<uint64_t>(layout.x_bytes)});
     visit_vector_width<T>(aligned, [&](auto vector) {
-      combine_reduce_kernel<T, decltype(vector)::value><<<grid_for(num_tokens, kWarpsPerBlock), kThreads, 0, stream>>>(
+      const LaunchShape shape = warp_launch_shape(num_tokens, max_blocks);
+      combine_reduce_kernel<T, decltype(vector)::value><<<shape.blocks, shape.threads, 0, stream>>>(
           recv_buffer, hidden, send_pos, num_tokens, num_ranks, static_cast<const T*>(bias_0),
-          static_cast<const T*>(bias_1), static_cast<T*>(combined_x), combined_topk_weights, layout);
+          static_cast<const T*>(bias_1), static_cast<T*>(combined_x), combined_topk_weights, layout,
+          make_peer_round(peers, kPhaseCombineReceive));
     });
     check_launch("combine_reduce");
   });

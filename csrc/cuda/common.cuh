@@ -35,6 +35,21 @@ inline unsigned grid_for(int64_t items, int64_t items_per_block) {
   return static_cast<unsigned>(blocks < 1 ? 1 : (blocks > kMaxBlocks ? kMaxBlocks : blocks));
 }
 
+// Block count and size of a kernel that gives each of `items` work items to one warp. max_blocks == 0:
+// 256-thread blocks, as many as grid_for allows. max_blocks > 0 (the peer transport's Config.num_sms,
+// which bounds the SMs it occupies): at most that many blocks of 512 threads.
+struct LaunchShape {
+  unsigned blocks;
+  unsigned threads;
+};
+
+inline LaunchShape warp_launch_shape(int64_t items, int max_blocks) {
+  constexpr unsigned kDefaultThreads = 256, kBoundedThreads = 512;
+  if (max_blocks <= 0) return {grid_for(items, kDefaultThreads / kWarpSize), kDefaultThreads};
+  const unsigned blocks = grid_for(items, kBoundedThreads / kWarpSize);
+  return {blocks < static_cast<unsigned>(max_blocks) ? blocks : static_cast<unsigned>(max_blocks), kBoundedThreads};
+}
+
 // The one place where a runtime dtype code becomes an element type for the CUDA kernels.
 template <typename Body>
 void visit_cuda_dtype(DType dtype, const Body& body) {

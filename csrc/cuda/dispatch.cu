@@ -3,21 +3,45 @@
 #include "common.cuh"
 #include "eplib/layout.h"
 #include "kernels.h"
+#include "peer.cuh"
 #include "rows.cuh"
 
 namespace eplib::cuda {
 
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int kWarpsPerBlock = kThreads / kWarpSize;
+// Peer transport: a row at send_pos p for rank r lands at row p + row_shift[r] of r's receive region.
+// Slot layout: this rank's rows sit at rank * slot_rows there, and at r * slot_rows in send_pos.
+// Otherwise (rank_prefix_matrix, int32 [R, R], entry [i][j] = rows that ranks 0..i send to j): after
+// the rows of lower ranks there, and after this rank's rows for lower ranks in send_pos.
+__device__ inline void dispatch_row_shifts(const PeerView& view, const int32_t* rank_prefix_matrix,
+                                           int64_t slot_rows, int64_t* row_shift) {
+  const int me = view.rank, num_ranks = view.num_ranks;
+  int64_t send_start = 0;
+  for (int r = 0; r < num_ranks; ++r) {
+    if (slot_rows > 0) {
+      row_shift[r] = static_cast<int64_t>(me - r) * slot_rows;
+      continue;
+    }
+    const int64_t rows_before_me = me > 0 ? rank_prefix_matrix[(me - 1) * num_ranks + r] : 0;
+    row_shift[r] = rows_before_me - send_start;
+    send_start += rank_prefix_matrix[me * num_ranks + r] - rows_before_me;
+  }
+}
 
 // One warp per token: checks its ids and weights once, then writes its row to every destination
-// rank. The repeated reads of x hit L2 after the first, so HBM sees x once.
+// rank: into send_buffer, or (peer transport) straight into the destinations' receive regions within
+// the round hand-shake of peer.cuh. The repeated reads of x hit L2 after the first, so HBM sees x once.
 __global__ void dispatch_pack_kernel(const uint8_t* x, const uint8_t* x_scales, const int64_t* topk_idx,
                                      const float* topk_weights, int num_experts, const int32_t* send_pos,
                                      int64_t num_tokens, int num_ranks, DispatchRowLayout layout,
-                                     uint8_t* send_buffer, int32_t* error_flag) {
+                                     uint8_t* send_buffer, int32_t* error_flag, PeerRound round,
+                                     const int32_t* rank_prefix_matrix, int64_t slot_rows) {
+  __shared__ int64_t row_shift[kMaxPeers];
+  const uint64_t round_number = begin_send_round(round);
+  if (round_number == 0) return;
+  if (round.active && threadIdx.x == 0) dispatch_row_shifts(round.view, rank_prefix_matrix, slot_rows, row_shift);
+  __syncthreads();
   const int lane = lane_id();
   const int experts_per_rank = num_experts / num_ranks;
   const int num_topk = layout.num_topk;
@@ -32,7 +56,8 @@ __global__ void dispatch_pack_kernel(const uint8_t* x, const uint8_t* x_scales, 
     for (int r = 0; r < num_ranks; ++r) {
       const int32_t pos = send_pos[t * num_ranks + r];
       if (pos < 0) continue;
-      uint8_t* row = send_buffer + static_cast<int64_t>(pos) * layout.stride;
+      uint8_t* row = round.active ? region_of(round.view, r) + (pos + row_shift[r]) * layout.stride
+                                  : send_buffer + static_cast<int64_t>(pos) * layout.stride;
       warp_copy(row, x + t * layout.x_bytes, layout.x_bytes, lane);
       if (layout.scales_bytes > 0)
         warp_copy(row + layout.scales_offset, x_scales + t * layout.scales_bytes, layout.scales_bytes, lane);
@@ -47,6 +72,7 @@ __global__ void dispatch_pack_kernel(const uint8_t* x, const uint8_t* x_scales, 
       }
     }
   }
+  end_send_round(round, round_number);
 }
 
 // Per-block expert counters live in shared memory next to the static compact_start table; an sm_80+
@@ -55,14 +81,16 @@ __global__ void dispatch_pack_kernel(const uint8_t* x, const uint8_t* x_scales, 
 constexpr int64_t kMaxSharedCounters =
     (48 * 1024 - static_cast<int64_t>(kMaxRanks + 1) * sizeof(int64_t) - 64) / sizeof(int32_t);
 
-// One warp per output row (grid-stride); every block recomputes the source table.
+// One warp per output row (grid-stride); every block recomputes the source table. Peer transport:
+// each block first waits until every source has written its rows of the round.
 __global__ void
     dispatch_unpack_kernel(const uint8_t* recv_buffer, const int32_t* recv_counts, int num_ranks, int64_t slot_rows,
                            int64_t num_out_rows, DispatchRowLayout layout, int num_local_experts, bool shared_counts,
                            uint8_t* recv_x, uint8_t* recv_x_scales, int32_t* recv_src_idx, int64_t* recv_topk_idx,
                            float* recv_topk_weights, unsigned long long* num_recv_tokens_per_expert,
-                           int32_t* num_recv_out, int32_t* error_flag) {
+                           int32_t* num_recv_out, int32_t* error_flag, PeerRound round) {
   __shared__ int64_t compact_start[kMaxRanks + 1];
+  if (!begin_receive_round(round)) return;
   extern __shared__ int32_t expert_counts[];  // [num_local_experts] for this block's rows (shared_counts)
   if (shared_counts)
     for (int e = threadIdx.x; e < num_local_experts; e += blockDim.x) expert_counts[e] = 0;
@@ -114,18 +142,23 @@ __global__ void
 void dispatch_pack(const uint8_t* x, int64_t x_bytes, const uint8_t* x_scales, int64_t scales_bytes,
                    const int64_t* topk_idx, const float* topk_weights, int num_topk, int num_experts,
                    const int32_t* send_pos, int64_t num_tokens, int num_ranks, uint8_t* send_buffer,
-                   int32_t* error_flag, cudaStream_t stream) {
+                   int32_t* error_flag, const PeerView* peers, const int32_t* rank_prefix_matrix, int64_t slot_rows,
+                   int max_blocks, cudaStream_t stream) {
+  check_peer_launch(peers, num_ranks, "dispatch_pack");
+  if (peers != nullptr && slot_rows == 0 && rank_prefix_matrix == nullptr)
+    throw std::invalid_argument("eplib: dispatch_pack to peers needs rank_prefix_matrix or slot_rows > 0");
   if (num_ranks <= 0 || num_experts < 0 || num_experts % num_ranks != 0)
     throw std::invalid_argument("eplib: dispatch_pack needs num_ranks > 0 dividing num_experts, got E=" +
                                 std::to_string(num_experts) + ", R=" + std::to_string(num_ranks));
-  if (reinterpret_cast<uintptr_t>(send_buffer) % 4 != 0)
+  if (peers == nullptr && reinterpret_cast<uintptr_t>(send_buffer) % 4 != 0)
     throw std::invalid_argument("eplib: dispatch_pack needs a send buffer aligned to 4 bytes (int32 metadata)");
   const bool has_topk = topk_idx != nullptr;
   const DispatchRowLayout layout = make_dispatch_row_layout(x_bytes, scales_bytes, has_topk ? num_topk : 0);
-  if (num_tokens == 0) return;
-  dispatch_pack_kernel<<<grid_for(num_tokens, kWarpsPerBlock), kThreads, 0, stream>>>(
+  if (num_tokens == 0 && peers == nullptr) return;  // peers: the round hand-shake runs without rows too
+  const LaunchShape shape = warp_launch_shape(num_tokens, max_blocks);
+  dispatch_pack_kernel<<<shape.blocks, shape.threads, 0, stream>>>(
       x, x_scales, topk_idx, has_topk ? topk_weights : nullptr, num_experts, send_pos, num_tokens, num_ranks, layout,
-      send_buffer, error_flag);
+      send_buffer, error_flag, make_peer_round(peers, kPhaseDispatchSend), rank_prefix_matrix, slot_rows);
   check_launch("dispatch_pack");
 }
 
@@ -133,7 +166,8 @@ void dispatch_unpack(const uint8_t* recv_buffer, const int32_t* recv_counts, int
                      int64_t num_out_rows, int64_t x_bytes, int64_t scales_bytes, int num_topk, int num_local_experts,
                      uint8_t* recv_x, uint8_t* recv_x_scales, int32_t* recv_src_idx, int64_t* recv_topk_idx,
                      float* recv_topk_weights, int64_t* num_recv_tokens_per_expert, int32_t* num_recv_out,
-                     int32_t* error_flag, cudaStream_t stream) {
+                     int32_t* error_flag, const PeerView* peers, int max_blocks, cudaStream_t stream) {
+  check_peer_launch(peers, num_ranks, "dispatch_unpack");
   if (num_ranks < 0 || num_ranks > kMaxRanks)
     throw std::invalid_argument("eplib: dispatch_unpack supports 0 to " + std::to_string(kMaxRanks) + " ranks, got " +
                                 std::to_string(num_ranks));
@@ -151,10 +185,12 @@ void dispatch_unpack(const uint8_t* recv_buffer, const int32_t* recv_counts, int
   const bool shared_counts = num_counted_experts <= kMaxSharedCounters;
   const size_t shared_bytes = shared_counts ? static_cast<size_t>(num_counted_experts) * sizeof(int32_t) : 0;
   // At least one block runs, so num_recv_out and the overflow check happen even without rows.
-  dispatch_unpack_kernel<<<grid_for(num_out_rows, kWarpsPerBlock), kThreads, shared_bytes, stream>>>(
+  const LaunchShape shape = warp_launch_shape(num_out_rows, max_blocks);
+  dispatch_unpack_kernel<<<shape.blocks, shape.threads, shared_bytes, stream>>>(
       recv_buffer, recv_counts, num_ranks, slot_rows, num_out_rows, layout, num_counted_experts, shared_counts,
       recv_x, recv_x_scales, recv_src_idx, recv_topk_idx, recv_topk_weights,
-      reinterpret_cast<unsigned long long*>(num_recv_tokens_per_expert), num_recv_out, error_flag);
+      reinterpret_cast<unsigned long long*>(num_recv_tokens_per_expert), num_recv_out, error_flag,
+      make_peer_round(peers, kPhaseDispatchReceive));
   check_launch("dispatch_unpack");
 }
 

@@ -1,5 +1,6 @@
 #include <cuda_runtime.h>
 
+#include "common.cuh"
 #include "runtime.h"
 
 namespace eplib::cuda {
@@ -19,5 +20,7 @@ int runtime_version() {
   cudaRuntimeGetVersion(&version);
   return version;
 }
+
+void set_device(int device) { check_cuda(cudaSetDevice(device), "cudaSetDevice"); }
 
 }  // namespace eplib::cuda

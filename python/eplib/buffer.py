@@ -4,6 +4,7 @@ Code written for DeepEP runs on eplib by changing the import. The Buffer checks 
 then hands the call to a transport (``eplib.transports``) that moves the rows between ranks.
 """
 
+import logging
 from typing import Any, List, Optional, Tuple, Union
 
 import torch
@@ -11,10 +12,10 @@ import torch.distributed as dist
 
 from . import _C
 from ._dtypes import CUDA_KERNEL_DTYPES, KERNEL_DTYPE_CODES
-from .config import Config
+from .config import Config, nvl_buffer_size_hint
 from .event import EventOverlap
 from .handle import DispatchHandle
-from .transports import CpuTransport, NcclTransport
+from .transports import CpuTransport, CudaTransport, IpcTransport, NcclTransport, PeerUnavailable
 from .validation import (check_bias, check_int, check_int32_product, check_num_experts, check_tensor,
                          check_topk, check_x)
 
@@ -22,6 +23,10 @@ Tensor = torch.Tensor
 XType = Union[Tensor, Tuple[Tensor, Tensor]]
 
 TRANSPORTS = ("auto", "cpu", "nccl", "ipc")
+Transport = Union[CpuTransport, CudaTransport]
+
+_LOG = logging.getLogger("eplib")
+_fallback_logged = False  # transport="auto" says once per process that it fell back to nccl
 
 # DeepEP's recommended configs by group size: (nvl send, nvl recv, rdma send, rdma recv) chunk
 # tokens. eplib's cpu transport does not use them; they are returned so that code which reads them runs.
@@ -36,19 +41,22 @@ _COMBINE_CHUNKS = {2: (10, 256, 6, 128), 4: (9, 256, 6, 128), 8: (4, 256, 6, 128
 class Buffer:
     """Expert-parallel dispatch and combine across the ranks of a process group.
 
-    Constructor keywords are DeepEP's. On the cpu transport these have no effect and are kept
-    only so that DeepEP code runs unchanged: ``num_nvl_bytes``, ``num_rdma_bytes`` (no peer or
-    RDMA buffer is allocated), ``low_latency_mode``, ``num_qps_per_rank``,
-    ``allow_nvlink_for_low_latency_mode``, ``allow_mnnvl``, ``use_fabric``, ``enable_shrink``.
-    ``explicitly_destroy`` works as in DeepEP: ``destroy()`` must then be called and is allowed
-    only then. ``comm`` (an mpi4py communicator) is not supported: pass a ``group`` (as in DeepEP,
-    ``comm`` is ignored when a group is given).
+    Constructor keywords are DeepEP's. ``num_nvl_bytes`` sizes the peer buffer of the ipc
+    transport (``get_nvl_buffer_size_hint``); these have no effect and are kept only so that DeepEP
+    code runs unchanged: ``num_rdma_bytes`` (no RDMA buffer is allocated), ``low_latency_mode``,
+    ``num_qps_per_rank``, ``allow_nvlink_for_low_latency_mode``, ``allow_mnnvl``, ``use_fabric``,
+    ``enable_shrink``. ``explicitly_destroy`` works as in DeepEP: ``destroy()`` must then be called
+    and is allowed only then. ``comm`` (an mpi4py communicator) is not supported: pass a ``group``
+    (as in DeepEP, ``comm`` is ignored when a group is given).
 
-    ``transport`` (eplib only): ``"auto"`` picks per call by the tensors' device: ``cpu`` for CPU
-    tensors, ``nccl`` for CUDA tensors. ``"cpu"`` runs CPU tensors over the group's gloo backend;
-    ``"nccl"`` runs CUDA tensors over the group's NCCL backend (or, slowly, staged through a gloo
-    group's host memory: the multi-process-on-one-GPU test path); ``"ipc"`` (CUDA peer memory) is
-    not built yet. A Buffer's CUDA calls all run on the device of its first CUDA call.
+    ``transport`` (eplib only) picks how CUDA tensors travel; CPU tensors always take the cpu
+    transport (gloo). ``"ipc"``: through peer GPU memory (CUDA IPC) of the ranks of one node, in a
+    buffer of ``num_nvl_bytes`` per rank on the current CUDA device, made at construction (a
+    collective: every rank constructs together). ``"nccl"``: over the group's NCCL backend (or,
+    slowly, staged through a gloo group's host memory: the multi-process-on-one-GPU test path), on
+    the device of the first CUDA call. ``"auto"``: ipc when ``num_nvl_bytes > 0``, CUDA is usable and
+    the peer buffers open (all ranks on one host, at most 8 ranks), else nccl, saying so once in the
+    log (logger ``"eplib"``). ``"cpu"``: CPU tensors only. ``transport_name()`` tells which is used.
 
     Streams (CUDA, as in DeepEP): each call runs on the Buffer's communication stream
     (``get_comm_stream()``) after ``previous_event`` (else after the current stream). With
@@ -81,13 +89,10 @@ class Buffer:
             raise TypeError(f"group: expected a torch.distributed ProcessGroup, got {type(group).__name__}")
         if transport not in TRANSPORTS:
             raise ValueError(f"transport: expected one of {TRANSPORTS}, got {transport!r}")
-        if transport == "ipc":
-            raise NotImplementedError("transport: 'ipc' (CUDA peer memory) is not built yet; use 'nccl' (or 'auto') "
-                                      "for CUDA tensors")
-        if transport == "nccl":
-            _check_cuda_usable("transport='nccl'")
-        check_int("num_nvl_bytes", num_nvl_bytes, 0)
-        check_int("num_rdma_bytes", num_rdma_bytes, 0)
+        if transport in ("nccl", "ipc"):
+            _check_cuda_usable(f"transport={transport!r}")
+        check_int("num_nvl_bytes", num_nvl_bytes, 0, 2**62)
+        check_int("num_rdma_bytes", num_rdma_bytes, 0, 2**62)
         self.group = group
         self.rank = group.rank()
         self.group_size = group.size()
@@ -99,9 +104,31 @@ class Buffer:
         backend = str(dist.get_backend(group))
         # CPU tensors need a backend with CPU collectives ("gloo", or e.g. "cpu:gloo,cuda:nccl").
         self._cpu = CpuTransport(group) if ("gloo" in backend or "mpi" in backend) else None
-        self._nccl: Optional[NcclTransport] = None  # created by the first CUDA call, on its device
+        # ipc: made now; nccl: made by the first CUDA call, on its device.
+        self._cuda: Optional[CudaTransport] = self._open_ipc() if transport in ("ipc", "auto") else None
         self._backend = backend
         self._destroyed = False
+
+    def _open_ipc(self) -> Optional[IpcTransport]:
+        """The ipc transport on the current device, or None where "auto" falls back to nccl."""
+        global _fallback_logged
+        if self.transport == "auto":
+            if self.num_nvl_bytes == 0 or not (_C.built_with_cuda() and torch.cuda.is_available()
+                                               and _C.cuda_available()):
+                return None  # no peer buffer asked for, or no GPU: nothing to fall back from
+        elif self.num_nvl_bytes == 0:
+            raise ValueError("num_nvl_bytes: transport='ipc' needs a peer buffer; size it with "
+                             "Buffer.get_nvl_buffer_size_hint, got 0")
+        device = torch.device("cuda", torch.cuda.current_device())
+        try:
+            return IpcTransport(self.group, device, self.num_nvl_bytes)
+        except PeerUnavailable as error:
+            if self.transport == "ipc":
+                raise RuntimeError(f"transport='ipc': {error}") from error
+            if not _fallback_logged:
+                _LOG.warning("eplib: transport='auto' is falling back to nccl for CUDA tensors: %s", error)
+                _fallback_logged = True
+            return None
 
     # ----------------------------------------------------------------------------------------
     # Lifetime and compatibility helpers
@@ -114,7 +141,9 @@ class Buffer:
                                "released when it is garbage-collected")
         self._destroyed = True
         self._cpu = None  # frees the staging bytes
-        self._nccl = None  # its communication stream and error flag
+        if isinstance(self._cuda, IpcTransport):
+            self._cuda.destroy()  # a barrier with the other ranks, then the peer memory is freed
+        self._cuda = None  # its communication stream and error flag
 
     def _check_alive(self) -> None:
         if self._destroyed:
@@ -140,11 +169,31 @@ class Buffer:
     def get_comm_stream(self) -> Optional["torch.cuda.Stream"]:
         """The communication stream of CUDA calls (created on the current device if no CUDA call ran
         yet); None without a usable GPU, where all calls run on CPU and finish before returning."""
-        if self._nccl is None:
+        if self._cuda is None:
             if self.transport == "cpu" or not (torch.cuda.is_available() and _C.cuda_available()):
                 return None
             return self._cuda_transport(torch.device("cuda", torch.cuda.current_device())).comm_stream
-        return self._nccl.comm_stream
+        return self._cuda.comm_stream
+
+    def transport_name(self, device_type: str = "cuda") -> str:
+        """The transport that calls on tensors of ``device_type`` ("cuda" or "cpu") use: "ipc",
+        "nccl" or "cpu" ("nccl" for CUDA before the first CUDA call when ipc was not chosen)."""
+        if device_type == "cpu":
+            return "cpu"
+        if device_type != "cuda":
+            raise ValueError(f"device_type: expected 'cuda' or 'cpu', got {device_type!r}")
+        if self.transport == "cpu":
+            raise ValueError("device_type: this Buffer was made with transport='cpu', which moves no CUDA tensors")
+        return self._cuda.name if self._cuda is not None else "nccl"
+
+    @staticmethod
+    def get_nvl_buffer_size_hint(num_max_tokens: int, hidden_bytes: int, num_ranks: int,
+                                 num_topk: int = 32) -> int:
+        """Bytes of ``num_nvl_bytes`` the ipc transport needs for calls of up to ``num_max_tokens``
+        tokens per rank of ``hidden_bytes`` bytes (H times x's element size) with up to ``num_topk``
+        experts per token, FP8 scales included, in the worst case (every token of every rank to every
+        rank). See ``eplib.config.nvl_buffer_size_hint``."""
+        return nvl_buffer_size_hint(num_max_tokens, hidden_bytes, num_ranks, num_topk)
 
     @staticmethod
     def get_dispatch_config(num_ranks: int) -> Config:
@@ -178,12 +227,12 @@ class Buffer:
     # Normal-mode API
     # ----------------------------------------------------------------------------------------
 
-    def _transport_for(self, name: str, x: Tensor) -> Union[CpuTransport, NcclTransport]:
+    def _transport_for(self, name: str, x: Tensor) -> Transport:
         """The transport for tensors on x's device (``name`` is x's argument name, for errors)."""
         if x.device.type == "cpu":
-            if self.transport == "nccl":
-                raise ValueError(f"{name}: this Buffer was made with transport='nccl', which moves CUDA tensors; "
-                                 f"got a CPU tensor")
+            if self.transport in ("nccl", "ipc"):
+                raise ValueError(f"{name}: this Buffer was made with transport={self.transport!r}, which moves CUDA "
+                                 f"tensors; got a CPU tensor")
             if self._cpu is None:
                 raise ValueError(f"{name}: CPU tensors need a process group with a CPU backend such as gloo; this "
                                  f"Buffer's group uses {self._backend!r}")
@@ -196,36 +245,38 @@ class Buffer:
             return self._cuda_transport(x.device)
         raise ValueError(f"{name}: expected a CPU or CUDA tensor, got a tensor on {x.device}")
 
-    def _cuda_transport(self, device: torch.device) -> NcclTransport:
-        if self._nccl is None:
-            self._nccl = NcclTransport(self.group, device)
-        elif self._nccl.device != device:
-            raise ValueError(f"x: this Buffer runs its CUDA calls on {self._nccl.device} (where its first CUDA call "
-                             f"ran), got a tensor on {device}")
-        return self._nccl
+    def _cuda_transport(self, device: torch.device) -> CudaTransport:
+        if self._cuda is None:
+            self._cuda = NcclTransport(self.group, device)
+        elif self._cuda.device != device:
+            where = "its peer buffer" if isinstance(self._cuda, IpcTransport) else "its first CUDA call ran"
+            raise ValueError(f"x: this Buffer runs its CUDA calls on {self._cuda.device} (where {where}), got a "
+                             f"tensor on {device}")
+        return self._cuda
 
     @staticmethod
-    def _check_stream_args(transport: Union[CpuTransport, NcclTransport], previous_event: Optional[EventOverlap],
+    def _check_stream_args(transport: Transport, previous_event: Optional[EventOverlap],
                            async_finish: bool, allocate_on_comm_stream: bool) -> None:
         if previous_event is not None and not isinstance(previous_event, EventOverlap):
             raise TypeError(f"previous_event: expected an eplib.EventOverlap or None, got "
                             f"{type(previous_event).__name__}")
-        if isinstance(transport, NcclTransport) and allocate_on_comm_stream and not (
+        if isinstance(transport, CudaTransport) and allocate_on_comm_stream and not (
                 previous_event is not None and async_finish):
             raise ValueError("allocate_on_comm_stream: needs previous_event and async_finish=True (as in DeepEP), "
                              f"got previous_event={'set' if previous_event is not None else None}, "
                              f"async_finish={async_finish}")
 
     @staticmethod
-    def _run(transport: Union[CpuTransport, NcclTransport], method: str, *args: Any,
-             previous_event: Optional[EventOverlap], async_finish: bool,
-             allocate_on_comm_stream: bool) -> Tuple[Any, EventOverlap]:
+    def _run(transport: Transport, method: str, *args: Any, previous_event: Optional[EventOverlap],
+             async_finish: bool, allocate_on_comm_stream: bool,
+             config: Optional[Config] = None) -> Tuple[Any, EventOverlap]:
         """transport.method(*args) -> (its result, event): CUDA transports follow the stream protocol
         and return the event; CPU calls have finished, so theirs is a completed no-op event."""
         if isinstance(transport, CpuTransport):
             return getattr(transport, method)(*args), EventOverlap()
+        num_sms = config.num_sms if config is not None else Buffer.num_sms
         return getattr(transport, method)(*args, previous_event=previous_event, async_finish=async_finish,
-                                          allocate_on_comm_stream=allocate_on_comm_stream)
+                                          allocate_on_comm_stream=allocate_on_comm_stream, num_sms=num_sms)
 
     def get_dispatch_layout(self, topk_idx: Tensor, num_experts: int, previous_event: Optional[EventOverlap] = None,
                             async_finish: bool = False, allocate_on_comm_stream: bool = False
@@ -279,7 +330,8 @@ class Buffer:
                 rank that receives more: at once on CPU; on CUDA, where this mode never synchronizes,
                 at the next normal-mode dispatch); padding rows are zero with ``recv_topk_idx == -1``.
                 All ranks must pass the same value.
-            config: DeepEP's; no effect (eplib's transports have no chunked ring buffers).
+            config: DeepEP's; only ``num_sms`` has an effect (the ipc kernels' blocks; default
+                ``Buffer.num_sms``): eplib's transports have no chunked ring buffers.
             previous_event, async_finish, allocate_on_comm_stream: DeepEP's stream protocol (see the class
                 docstring); no effect on CPU.
 
@@ -297,7 +349,7 @@ class Buffer:
             self._check_x_dtype(values, transport)
         self._check_stream_args(transport, previous_event, async_finish, allocate_on_comm_stream)
         streams = dict(previous_event=previous_event, async_finish=async_finish,
-                       allocate_on_comm_stream=allocate_on_comm_stream)
+                       allocate_on_comm_stream=allocate_on_comm_stream, config=config)
         num_tokens = values.shape[0]
         check_int32_product("x", "T * R", num_tokens, self.group_size)
         check_int("expert_alignment", expert_alignment, 1)
@@ -368,13 +420,13 @@ class Buffer:
         bias_0, bias_1 = check_bias(bias, handle.num_tokens, values.shape[1], values.dtype, values.device)
         (combined_x, combined_topk_weights), event = self._run(
             transport, "combine", values, handle, topk_weights, bias_0, bias_1, previous_event=previous_event,
-            async_finish=async_finish, allocate_on_comm_stream=allocate_on_comm_stream)
+            async_finish=async_finish, allocate_on_comm_stream=allocate_on_comm_stream, config=config)
         return combined_x, combined_topk_weights, event
 
     @staticmethod
-    def _check_x_dtype(x: Tensor, transport: Union[CpuTransport, NcclTransport]) -> None:
+    def _check_x_dtype(x: Tensor, transport: Transport) -> None:
         """The CUDA kernels move bf16 and fp32 (and FP8 tuples); the CPU ones fp16 and fp64 too."""
-        allowed = CUDA_KERNEL_DTYPES if isinstance(transport, NcclTransport) else tuple(KERNEL_DTYPE_CODES)
+        allowed = CUDA_KERNEL_DTYPES if isinstance(transport, CudaTransport) else tuple(KERNEL_DTYPE_CODES)
         if x.dtype not in allowed:
             raise TypeError(f"x: expected {' or '.join(str(d) for d in allowed)} on {x.device}, got {x.dtype}")
 

@@ -24,11 +24,15 @@ class DispatchHandle(NamedTuple):
             rank, then token index), or -1. Combine receives the rows back in the same places.
         num_recv_tokens: rows that really arrived (``<= N``).
         hidden: H of the dispatched x; cached dispatches and combines must use the same.
-        slot_rows: 0, or (nccl transport, ``num_worst_tokens`` dispatch) the rows per peer of the
+        slot_rows: 0, or (CUDA transports, ``num_worst_tokens`` dispatch) the rows per peer of the
             padded exchange: rows for rank ``r`` sit at ``[r * slot_rows, (r + 1) * slot_rows)`` of
             the send region, and ``send_pos`` holds those places.
-        device_recv_counts: nccl transport only: int32 ``[R]`` tokens received from each rank, on
+        device_recv_counts: CUDA transports only: int32 ``[R]`` tokens received from each rank, on
             the device (the kernels of cached dispatch and combine read it).
+        region_rows: CUDA transports: the most rows any rank receives in this layout, in either
+            direction (dispatch rows in, combine rows back); every rank knows the same value, so the
+            ipc transport checks that a cached dispatch or combine fits its receive region alike on
+            all ranks. ``R * slot_rows`` in padded mode; 0 on the cpu transport.
 
     Device values in padded mode: when ``slot_rows > 0`` the host never learns the counts, so
     ``send_counts``, ``recv_counts`` (int32 ``[R]``) and ``num_recv_tokens`` (int32 ``[1]``) are
@@ -45,6 +49,7 @@ class DispatchHandle(NamedTuple):
     hidden: int
     slot_rows: int = 0
     device_recv_counts: Optional[torch.Tensor] = None
+    region_rows: int = 0
 
     @property
     def num_tokens(self) -> int:

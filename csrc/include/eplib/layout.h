@@ -12,7 +12,7 @@ namespace eplib {
 // int4 loads and stores.
 constexpr int64_t kRowAlignment = 16;
 
-EPLIB_HOST_DEVICE int64_t align_up(int64_t value, int64_t alignment) {
+EPLIB_HOST_DEVICE constexpr int64_t align_up(int64_t value, int64_t alignment) {
   return (value + alignment - 1) / alignment * alignment;
 }
 
@@ -88,16 +88,22 @@ EPLIB_HOST_DEVICE int64_t region_rows(int32_t count, int64_t slot_rows) {
   return (slot_rows > 0 && rows > slot_rows) ? slot_rows : rows;
 }
 
-// Row of the receive region that holds compacted row i (< compact_start[R]).
-EPLIB_HOST_DEVICE int64_t region_row_of(const int64_t* compact_start, int num_ranks, int64_t slot_rows, int64_t i) {
-  if (slot_rows == 0) return i;
-  int low = 0, high = num_ranks;  // compact_start[low] <= i < compact_start[high]; empty sources skipped
+// Source rank of compacted row i (< compact_start[R]); sources without rows are skipped.
+EPLIB_HOST_DEVICE int source_of_row(const int64_t* compact_start, int num_ranks, int64_t i) {
+  int low = 0, high = num_ranks;  // compact_start[low] <= i < compact_start[high]
   while (high - low > 1) {
     const int middle = (low + high) / 2;
     if (compact_start[middle] <= i) low = middle;
     else high = middle;
   }
-  return low * slot_rows + (i - compact_start[low]);
+  return low;
+}
+
+// Row of the receive region that holds compacted row i (< compact_start[R]).
+EPLIB_HOST_DEVICE int64_t region_row_of(const int64_t* compact_start, int num_ranks, int64_t slot_rows, int64_t i) {
+  if (slot_rows == 0) return i;
+  const int source = source_of_row(compact_start, num_ranks, i);
+  return source * slot_rows + (i - compact_start[source]);
 }
 
 }  // namespace eplib

@@ -1,9 +1,12 @@
 """Transports move the packed rows between ranks; the Buffer picks one per call.
 
 ``cpu``: CPU tensors over gloo. ``nccl``: CUDA tensors over NCCL (or gloo, staged through host memory).
+``ipc``: CUDA tensors of one node through peer GPU memory (CUDA IPC).
 """
 
 from .cpu import CpuTransport
+from .cuda import CudaTransport
+from .ipc import IpcTransport, PeerUnavailable
 from .nccl import NcclTransport
 
-__all__ = ["CpuTransport", "NcclTransport"]
+__all__ = ["CpuTransport", "CudaTransport", "IpcTransport", "NcclTransport", "PeerUnavailable"]

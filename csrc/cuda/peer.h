@@ -1,0 +1,78 @@
+// The peer-memory (CUDA IPC) transport's shared memory layout: what every rank's buffer holds, what
+// the host-mapped status holds, and the view of all ranks' buffers that kernels receive by value.
+//
+// Protocol (one exchange of rows is a "round"; round numbers only grow and live on the device, so
+// captured CUDA graphs keep counting on replay):
+//   send kernel     every block stores ready[me] = n in every rank's header (release, .sys): "I have
+//                   finished reading round n-1 from my region"; waits until ready[s] >= n for every s;
+//                   writes its rows straight into the destinations' regions; the last block to finish
+//                   (fence + counter) stores done[me] = n in every rank's header.
+//   receive kernel  every block waits until done[s] >= n for every s (acquire, .sys), then reads its
+//                   own region.
+//   notify kernel   (normal-mode dispatch, one block) writes this rank's record into every rank's table
+//                   of notify round k (tables double-buffered by k's parity), stores notified[me] = k,
+//                   waits for every rank's, then copies its table to host-mapped memory for the host.
+//   barrier kernel  stores barrier[me] = k everywhere and waits for every rank's (destroy()).
+// Every wait gives up after timeout_ns (%globaltimer): it reports (phase, peer) to the host-mapped
+// status, marks the buffer aborted (later waits return at once) and the kernel exits.
+#pragma once
+
+#include <cstdint>
+
+#include "eplib/layout.h"
+
+namespace eplib::cuda {
+
+// Ranks of one node that share peer buffers (DeepEP's NVL peer limit).
+constexpr int kMaxPeers = 8;
+// A notify record: [error flag | 5 format fields | send counts [R] | counts of the receiver's experts].
+constexpr int kRecordFormatFields = 6;
+constexpr int kMaxPeerLocalExperts = 1024;
+constexpr int kRecordCapacity = kRecordFormatFields + kMaxPeers + kMaxPeerLocalExperts;
+
+// Where each wait happens, reported with the peer rank that did not arrive.
+enum PeerPhase : int32_t {
+  kPhaseNone = 0,
+  kPhaseNotify = 1,           // dispatch: exchange of counts
+  kPhaseDispatchSend = 2,     // dispatch: a destination still reading its previous round
+  kPhaseDispatchReceive = 3,  // dispatch: a source's rows not all written
+  kPhaseCombineSend = 4,
+  kPhaseCombineReceive = 5,
+  kPhaseBarrier = 6,          // destroy()
+};
+
+// Head of every rank's buffer; the receive region follows at kPeerRegionOffset. Flag arrays are
+// indexed by the rank that writes them; the "local" fields are touched by the owner only.
+struct PeerHeader {
+  uint64_t ready[kMaxPeers];
+  uint64_t done[kMaxPeers];
+  uint64_t notified[kMaxPeers];
+  uint64_t barrier[kMaxPeers];
+  uint64_t round_sent;       // local: round of the last send kernel that finished
+  uint64_t notify_round;     // local
+  uint64_t barrier_round;    // local
+  uint32_t blocks_finished;  // local: blocks of the running send kernel that are done
+  uint32_t aborted;          // local: a wait timed out; every later wait returns at once
+  int64_t records[2][kMaxPeers][kRecordCapacity];
+};
+
+constexpr int64_t kPeerRegionOffset = align_up(static_cast<int64_t>(sizeof(PeerHeader)), 4096);
+
+// Host memory mapped into the device (cudaHostAllocMapped), written by kernels, read by the host.
+struct PeerHostStatus {
+  int64_t notify_round;   // -1 (set by the host) until the notify kernel has filled `table`
+  int32_t timeout_phase;  // PeerPhase of the first wait that timed out, 0 if none
+  int32_t timeout_peer;   // the rank it waited for
+  int64_t table[kMaxPeers * kRecordCapacity];  // [source][field], record_length fields per source
+};
+
+// All ranks' buffers as this process maps them; passed to kernels by value.
+struct PeerView {
+  uint8_t* bases[kMaxPeers];  // bases[rank] is the local allocation, the others are IPC mappings
+  PeerHostStatus* status;     // device address of the mapped status
+  int rank;
+  int num_ranks;
+  int64_t timeout_ns;
+};
+
+}  // namespace eplib::cuda

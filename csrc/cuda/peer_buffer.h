@@ -1,0 +1,80 @@
+// One rank's peer buffer of the CUDA IPC transport: allocation, IPC export and import, the
+// host-mapped status, the notify exchange and the teardown. Layout and protocol: peer.h.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "peer.h"
+
+namespace eplib::cuda {
+
+// The format fields of a notify record after the error flag (kRecordFormatFields - 1 of them).
+struct NotifyFields {
+  int64_t values[kRecordFormatFields - 1];
+};
+
+class PeerBuffer {
+ public:
+  // cudaMallocs num_bytes on `device` (header zeroed) and host-mapped status memory. Collective use
+  // starts with ipc_handle() on every rank, an all-gather of the handles, then open_peers().
+  PeerBuffer(int rank, int num_ranks, int64_t num_bytes, int device);
+  ~PeerBuffer();  // destroy(0): without the barrier; errors ignored
+  PeerBuffer(const PeerBuffer&) = delete;
+  PeerBuffer& operator=(const PeerBuffer&) = delete;
+
+  // CUDA IPC handle of the allocation's base (CUDA_IPC_HANDLE_SIZE bytes).
+  std::string ipc_handle() const;
+  // Opens every other rank's handle (handles[r] from rank r; this rank's own entry is not opened: a
+  // process cannot open its own handle). On failure closes what it opened and throws.
+  void open_peers(const std::vector<std::string>& handles);
+  // Synchronizes the device, meets the other ranks at a peer-memory barrier (gives up after
+  // timeout_s), closes the peer mappings and frees everything. Returns false when the barrier timed
+  // out or the buffer had aborted. timeout_s <= 0: no barrier (ranks that never opened their peers).
+  // Idempotent; afterwards the buffer is unusable.
+  bool destroy(double timeout_s);
+
+  bool is_open() const { return open_; }
+  int64_t num_bytes() const { return num_bytes_; }
+  int64_t region_bytes() const { return num_bytes_ - kPeerRegionOffset; }
+  uintptr_t region() const { return reinterpret_cast<uintptr_t>(base_) + kPeerRegionOffset; }
+  // The view kernels get; throws unless open.
+  const PeerView* view() const;
+  // Limit of every device-side wait from the next launch on.
+  void set_timeout(double seconds);
+  // (PeerPhase, peer rank) of the first wait that timed out; (0, -1) if none did.
+  std::pair<int, int> timeout_report() const;
+
+  // Normal-mode counts exchange: writes this rank's record (error flag, fields, send counts int32 [R],
+  // the per-expert counts int32 [E] of each receiver's E/R experts) into every rank's table, waits for
+  // every rank's, writes count_matrix (device int32 [R, R], [source][destination]) and hands the table
+  // to the host. With host_wait, wait_notify() then returns it: R records of kRecordFormatFields + R +
+  // E/R int64 each, source-major. Without, nothing on the host changes (capturable in a CUDA graph).
+  void notify(const int32_t* error_flag, const NotifyFields& fields, const int32_t* send_counts,
+              const int32_t* num_tokens_per_expert, int num_experts, int32_t* count_matrix, bool host_wait,
+              cudaStream_t stream);
+  // Polls the host-mapped status. Returns the table, or an empty vector when a device wait timed out
+  // (timeout_report() says where). Throws when neither happened within timeout_s or CUDA failed.
+  std::vector<int64_t> wait_notify(double timeout_s);
+
+ private:
+  void close_peers();
+
+  int rank_;
+  int num_ranks_;
+  int device_;
+  int64_t num_bytes_;
+  uint8_t* base_ = nullptr;
+  PeerHostStatus* status_ = nullptr;  // host address; view_.status is its device address
+  cudaEvent_t notify_done_ = nullptr;
+  int notify_record_length_ = 0;
+  PeerView view_{};
+  bool open_ = false;
+  bool destroyed_ = false;
+};
+
+}  // namespace eplib::cuda

@@ -1,0 +1,289 @@
+"""The ipc transport: CUDA tensors of the ranks of one node, moved through peer GPU memory (CUDA IPC),
+with no NCCL on the data path.
+
+Each rank cudaMallocs ``num_nvl_bytes`` once: a header of flags and count tables
+(``_C.peer_header_bytes()``), then one receive region. At construction the ranks all-gather their
+IPC handles through the Buffer's process group (gloo or NCCL: the handles travel as bytes) and open
+each other's buffers. From then on the process group is not used again: kernels write rows straight
+into the destinations' regions and hand-shake through flags in peer memory (csrc/cuda/peer.h).
+
+Per call (all on the Buffer's communication stream):
+    dispatch, normal      notify kernel: each rank writes its record [error flag | format | R send
+                          counts | counts of the receiver's experts] into every rank's table and
+                          waits for every rank's; the host reads the table from mapped memory (the
+                          one host sync: the receive counts size the outputs). Then one send kernel
+                          writes every row into its destination's region, at rows known from the
+                          counts, and one receive kernel unpacks the own region into the outputs.
+    dispatch, padded      (num_worst_tokens = W) the same without the host read: source s's rows
+                          sit at rows [s*W, (s+1)*W) of each region, so R*W rows must fit; no host
+                          sync, capturable in a CUDA graph.
+    cached dispatch       send + receive kernels along the handle's layout; no host sync.
+    combine               send (rows back to their sources' regions, where each source's send_pos
+                          put them) + receive (the fp32 reduction in ascending rank order); no sync.
+
+Memory: direct writes into one region sized by the real counts (no ring buffer), so the region must
+hold a whole call: at most ``R * T`` rows of the larger of the dispatch and combine rows
+(``Buffer.get_nvl_buffer_size_hint``). A call that does not fit raises ValueError on every rank,
+before any row moves (normal dispatch: after the counts exchange, which tells every rank every
+rank's counts).
+
+Waits: every device-side wait gives up after ``EPLIB_TIMEOUT_S`` (read at each call), reports the
+phase and the rank it waited for through host-mapped memory and exits; the host raises
+RuntimeError naming both: at once in a normal-mode dispatch, else at the start of the next call.
+After that the Buffer refuses further calls (the ranks' flags are out of step).
+"""
+
+import logging
+import socket
+import struct
+from typing import List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+from .. import _C
+from ..collectives import all_gather, timeout_seconds
+from ..event import EventOverlap
+from ..handle import DispatchHandle
+from .cuda import CallStreams, CudaTransport, NormalCounts, handle_tensors, row_bytes
+
+Tensor = torch.Tensor
+
+_LOG = logging.getLogger("eplib")
+
+# Seconds the host waits for the notify kernel beyond the device's own limit: the device reports
+# a missing peer first, the host limit only catches a device that never ran the kernel.
+_HOST_WAIT_MARGIN_S = 10.0
+_HOST_NAME_BYTES = 128
+_IPC_HANDLE_BYTES = 64
+
+
+class PeerUnavailable(RuntimeError):
+    """The ranks of the group cannot share peer buffers here (several hosts, too many ranks, an
+    allocation or an IPC open failed). Raised on every rank alike."""
+
+
+def _all_gather_bytes(group: dist.ProcessGroup, payload: bytes, device: torch.device, phase: str) -> List[bytes]:
+    """Every rank's ``payload`` (all of the same length), in rank order, through the group's backend."""
+    on = torch.device("cpu") if any(b in str(dist.get_backend(group)) for b in ("gloo", "mpi")) else device
+    local = torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(on)
+    gathered = torch.empty(group.size() * len(payload), dtype=torch.uint8, device=on)
+    all_gather(gathered, local, group, phase)
+    raw = gathered.cpu().numpy().tobytes()
+    return [raw[r * len(payload):(r + 1) * len(payload)] for r in range(group.size())]
+
+
+def open_peer_buffer(group: dist.ProcessGroup, device: torch.device, num_nvl_bytes: int) -> "_C.PeerBuffer":
+    """Collective: allocates this rank's peer buffer, exchanges the IPC handles, opens the peers'.
+
+    Raises ValueError (every rank alike) for a ``num_nvl_bytes`` too small or not the same on all
+    ranks, PeerUnavailable when the ranks cannot share peer memory here.
+    """
+    num_ranks, rank = group.size(), group.rank()
+    if num_ranks > _C.PEER_MAX_RANKS:
+        raise PeerUnavailable(f"the group has {num_ranks} ranks; peer buffers serve at most {_C.PEER_MAX_RANKS} "
+                              f"(one node)")
+    minimum = _C.peer_header_bytes() + 16
+    if num_nvl_bytes < minimum:
+        raise ValueError(f"num_nvl_bytes: the ipc transport needs at least {minimum} bytes (size it with "
+                         f"Buffer.get_nvl_buffer_size_hint), got {num_nvl_bytes}")
+    peer, problem = None, ""
+    try:
+        peer = _C.PeerBuffer(rank, num_ranks, num_nvl_bytes, device.index)
+        handle = peer.ipc_handle()
+    except RuntimeError as error:  # out of memory, or IPC unsupported here: the others must hear of it
+        peer, handle, problem = None, bytes(_IPC_HANDLE_BYTES), str(error)
+    host = socket.gethostname().encode()[:_HOST_NAME_BYTES].ljust(_HOST_NAME_BYTES, b"\0")
+    record = host + struct.pack("<qB", num_nvl_bytes, 0 if problem else 1) + handle
+    records = _all_gather_bytes(group, record, device, "ipc buffer (handle exchange)")
+    sizes = [struct.unpack_from("<q", r, _HOST_NAME_BYTES)[0] for r in records]
+    allocated = [r[_HOST_NAME_BYTES + 8] == 1 for r in records]
+    reason = None
+    if len(set(sizes)) > 1:
+        reason = ValueError(f"num_nvl_bytes: all ranks must pass the same, ranks 0..{num_ranks - 1} passed {sizes}")
+    elif len({r[:_HOST_NAME_BYTES] for r in records}) > 1:
+        reason = PeerUnavailable("the ranks are on several hosts")
+    elif not all(allocated):
+        reason = PeerUnavailable(f"rank(s) {[r for r, ok in enumerate(allocated) if not ok]} could not allocate or "
+                                 f"export a peer buffer{f' ({problem})' if problem else ''}")
+    if reason is None:
+        try:
+            peer.open_peers([r[_HOST_NAME_BYTES + 9:] for r in records])
+        except RuntimeError as error:
+            problem = str(error)
+        opened = _all_gather_bytes(group, bytes([0 if problem else 1]), device, "ipc buffer (open)")
+        failed = [r for r, flag in enumerate(opened) if flag != bytes([1])]
+        if not failed:
+            return peer
+        reason = PeerUnavailable(f"rank(s) {failed} could not open the peer buffers"
+                                 f"{f' ({problem})' if problem else ''}")
+    if peer is not None:
+        peer.destroy(0.0)  # 0: no barrier, some ranks never opened their peers
+    raise reason
+
+
+class IpcTransport(CudaTransport):
+    """Dispatch and combine for CUDA tensors through the peer buffers of the group's ranks (one node)."""
+
+    name = "ipc"
+
+    def __init__(self, group: dist.ProcessGroup, device: torch.device, num_nvl_bytes: int) -> None:
+        super().__init__(group, device)
+        self.peer: Optional["_C.PeerBuffer"] = open_peer_buffer(group, device, num_nvl_bytes)
+
+    def destroy(self) -> bool:
+        """Synchronizes, meets the other ranks at a barrier in peer memory, closes and frees the peer
+        buffers. Returns False when the barrier timed out (the memory is released anyway)."""
+        if self.peer is None:
+            return True
+        peer, self.peer = self.peer, None
+        clean = peer.destroy(timeout_seconds())
+        if not clean:
+            _LOG.warning("eplib: rank %d: the ipc Buffer's teardown barrier timed out or the buffer had failed; "
+                         "released its memory anyway", self.rank)
+        return clean
+
+    # ------------------------------------------------------------------------------------------
+    # Plumbing
+    # ------------------------------------------------------------------------------------------
+
+    def _check_usable(self) -> None:
+        """Also raises when a device-side wait timed out (then for good) or the buffer was destroyed;
+        sets the device waits' limit for this call."""
+        super()._check_usable()
+        if self.peer is None:
+            raise RuntimeError("eplib: this Buffer was destroyed; create a new one")
+        phase, peer_rank = self.peer.timeout_report()
+        if phase:
+            self._out_of_step = (f"rank {self.rank}: {_C.PEER_PHASES.get(phase, phase)} timed out waiting for rank "
+                                 f"{peer_rank}, which raised, exited or never reached the same call")
+            super()._check_usable()
+        self.peer.set_timeout(timeout_seconds())
+
+    def _peer_args(self, num_sms: int) -> dict:
+        return dict(peers=self.peer, max_blocks=num_sms)
+
+    def _check_fit(self, rows: int, stride: int, what: str) -> None:
+        """ValueError unless ``rows`` rows of ``stride`` bytes fit the receive region. Every rank
+        passes the same rows and stride, so every rank raises alike."""
+        needed = _C.peer_header_bytes() + rows * stride
+        if needed > self.peer.num_bytes:
+            raise ValueError(f"num_nvl_bytes: this {what} needs {needed} bytes of peer buffer ({rows} rows of "
+                             f"{stride} bytes after the {_C.peer_header_bytes()}-byte header), the Buffer has "
+                             f"{self.peer.num_bytes}; size it with Buffer.get_nvl_buffer_size_hint")
+
+    def _before_dispatch(self, x: Tensor, x_scales: Optional[Tensor], topk_idx: Optional[Tensor],
+                         num_experts: int, num_worst_tokens: int) -> None:
+        num_local = num_experts // self.num_ranks
+        if num_local > _C.PEER_MAX_LOCAL_EXPERTS:
+            raise ValueError(f"num_tokens_per_expert: the ipc transport takes at most {_C.PEER_MAX_LOCAL_EXPERTS} "
+                             f"experts per rank, got {num_experts} experts on {self.num_ranks} ranks")
+        if num_worst_tokens > 0:
+            num_topk = topk_idx.shape[1] if topk_idx is not None else 0
+            stride = _C.dispatch_row_stride(row_bytes(x), row_bytes(x_scales), num_topk)
+            self._check_fit(self.num_ranks * num_worst_tokens, stride, "num_worst_tokens dispatch")
+
+    def _notify(self, x: Tensor, x_scales: Optional[Tensor], num_tokens_per_expert: Tensor, num_topk: int,
+                send_counts: Tensor, host_wait: bool) -> Tensor:
+        """Launches the counts exchange (for the host to read with wait_notify when host_wait); returns
+        the device counts int32 [R, R], [source, destination]."""
+        num_experts = num_tokens_per_expert.shape[0]
+        count_matrix = torch.empty(self.num_ranks, self.num_ranks, dtype=torch.int32, device=self.device)
+        self.peer.notify(self.error_flag.data_ptr(), self._record_fields(x, x_scales, num_experts, num_topk),
+                         send_counts.data_ptr(), num_tokens_per_expert.data_ptr(), num_experts,
+                         count_matrix.data_ptr(), host_wait, torch.cuda.current_stream().cuda_stream)
+        return count_matrix
+
+    # ------------------------------------------------------------------------------------------
+    # Dispatch
+    # ------------------------------------------------------------------------------------------
+
+    def _dispatch_normal(self, call: CallStreams, x: Tensor, x_scales: Optional[Tensor], is_token_in_rank: Tensor,
+                         num_tokens_per_expert: Tensor, topk_idx: Optional[Tensor], topk_weights: Optional[Tensor],
+                         expert_alignment: int, send_pos: Tensor, send_counts: Tensor, num_sms: int):
+        num_topk = topk_idx.shape[1] if topk_idx is not None else 0
+        num_experts = num_tokens_per_expert.shape[0]
+        count_matrix = self._notify(x, x_scales, num_tokens_per_expert, num_topk, send_counts, host_wait=True)
+        try:
+            table = self.peer.wait_notify(timeout_seconds() + _HOST_WAIT_MARGIN_S)
+        except RuntimeError as error:  # the device never answered: the ranks' rounds are out of step
+            self._out_of_step = str(error)
+            raise
+        if not table:  # a peer never wrote its record: the device reported where
+            self._check_usable()
+        records = torch.tensor(table, dtype=torch.int64).view(self.num_ranks, -1)
+        self._check_records(records)
+        counts = NormalCounts(records, self.rank, expert_alignment)
+        stride = _C.dispatch_row_stride(row_bytes(x), row_bytes(x_scales), num_topk)
+        self._check_fit(max(counts.recv_totals), stride, "dispatch")
+        rank_prefix_matrix = self._prefix_matrix(call, count_matrix)
+        recv_counts = call.empty(self.num_ranks, dtype=torch.int32)
+        recv_counts.copy_(count_matrix[:, self.rank])
+        peer_args = self._peer_args(num_sms)
+        self.kernels.dispatch_pack(x, x_scales, topk_idx, topk_weights, num_experts, send_pos, None,
+                                   rank_prefix_matrix=rank_prefix_matrix, **peer_args)
+        outputs = self._unpack(call, self.peer.region, recv_counts, 0, counts.num_recv, x, x_scales, num_topk,
+                               num_experts // self.num_ranks, None, **peer_args)
+        recv_x, recv_x_scales, recv_src_idx, recv_topk_idx, recv_topk_weights = outputs
+        handle = self._normal_handle(counts, rank_prefix_matrix, recv_counts, recv_src_idx, is_token_in_rank,
+                                     send_pos, x.shape[1])
+        return recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, counts.num_recv_tokens_per_expert_list, handle
+
+    def _dispatch_padded(self, call: CallStreams, x: Tensor, x_scales: Optional[Tensor], is_token_in_rank: Tensor,
+                         num_tokens_per_expert: Tensor, topk_idx: Optional[Tensor], topk_weights: Optional[Tensor],
+                         num_worst_tokens: int, send_pos: Tensor, send_counts: Tensor, num_sms: int):
+        """The fixed-size exchange: the counts exchange runs too (it gives handle[0]), but the host
+        never reads it, so nothing synchronizes."""
+        num_topk = topk_idx.shape[1] if topk_idx is not None else 0
+        num_experts = num_tokens_per_expert.shape[0]
+        count_matrix = self._notify(x, x_scales, num_tokens_per_expert, num_topk, send_counts, host_wait=False)
+        peer_args = self._peer_args(num_sms)
+        self.kernels.dispatch_pack(x, x_scales, topk_idx, topk_weights, num_experts, send_pos, None,
+                                   slot_rows=num_worst_tokens, **peer_args)
+        return self._finish_padded(call, self.peer.region, count_matrix, x, x_scales, is_token_in_rank, num_topk,
+                                   num_experts, num_worst_tokens, send_pos, send_counts, peer_args)
+
+    # ------------------------------------------------------------------------------------------
+    # Cached dispatch and combine
+    # ------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _placement(handle: DispatchHandle) -> dict:
+        """Where a handle's rows go in the regions: its prefix matrix, or its slots."""
+        if handle.slot_rows > 0:
+            return dict(slot_rows=handle.slot_rows)
+        return dict(rank_prefix_matrix=handle.rank_prefix_matrix)
+
+    def cached_dispatch(self, x: Tensor, x_scales: Optional[Tensor], handle: DispatchHandle, *,
+                        previous_event: Optional[EventOverlap], async_finish: bool, allocate_on_comm_stream: bool,
+                        num_sms: int = 0) -> Tuple[Tuple[Tensor, Optional[Tensor]], EventOverlap]:
+        """Dispatch x (and FP8 scales) along the layout of an earlier dispatch; no host sync."""
+        with self._call(previous_event, allocate_on_comm_stream) as call:
+            stride = _C.dispatch_row_stride(row_bytes(x), row_bytes(x_scales), 0)
+            self._check_fit(handle.region_rows, stride, "cached dispatch")
+            peer_args = self._peer_args(num_sms)
+            self.kernels.dispatch_pack(x, x_scales, None, None, 0, handle.send_pos, None, **self._placement(handle),
+                                       **peer_args)
+            recv_x, recv_x_scales, *_ = self._unpack(call, self.peer.region, handle.device_recv_counts,
+                                                     handle.slot_rows, handle.num_output_rows, x, x_scales, 0, 0,
+                                                     None, **peer_args)
+            in_flight = (x, x_scales, recv_x, recv_x_scales) + handle_tensors(handle)
+            return (recv_x, recv_x_scales), call.finish(async_finish, in_flight)
+
+    def combine(self, x: Tensor, handle: DispatchHandle, topk_weights: Optional[Tensor], bias_0: Optional[Tensor],
+                bias_1: Optional[Tensor], *, previous_event: Optional[EventOverlap], async_finish: bool,
+                allocate_on_comm_stream: bool, num_sms: int = 0) -> Tuple[Tuple[Tensor, Optional[Tensor]], EventOverlap]:
+        """Send expert outputs back into their sources' regions and reduce them there; no host sync."""
+        with self._call(previous_event, allocate_on_comm_stream) as call:
+            num_topk = topk_weights.shape[1] if topk_weights is not None else 0
+            self._check_fit(handle.region_rows, _C.combine_row_stride(row_bytes(x), num_topk), "combine")
+            peer_args = self._peer_args(num_sms)
+            self.kernels.combine_pack(x, topk_weights, handle.device_recv_counts, handle.slot_rows, None,
+                                      rank_prefix_matrix=handle.rank_prefix_matrix, **peer_args)
+            combined_x = call.empty(handle.num_tokens, x.shape[1], dtype=x.dtype)
+            combined_topk_weights = call.empty(handle.num_tokens, num_topk, dtype=torch.float32) if num_topk else None
+            self.kernels.combine_reduce(self.peer.region, handle.send_pos, bias_0, bias_1, combined_x,
+                                        combined_topk_weights, **peer_args)
+            in_flight = (x, topk_weights, bias_0, bias_1, combined_x, combined_topk_weights) + handle_tensors(handle)
+            return (combined_x, combined_topk_weights), call.finish(async_finish, in_flight)
+
