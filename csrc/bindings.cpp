@@ -360,6 +360,22 @@ PYBIND11_MODULE(_C, m) {
       "Back a fresh, untouched host allocation with transparent huge pages (advisory).");
 
   m.def(
+      "peer_dispatch_row_shifts",
+      [](uintptr_t rank_prefix_matrix, int rank, int num_ranks, int64_t slot_rows, uintptr_t row_shift) {
+        eplib::dispatch_row_shifts(as_ptr<const int32_t>(rank_prefix_matrix), rank, num_ranks, slot_rows,
+                                   as_ptr<int64_t>(row_shift));
+      },
+      "Peer transport: int64 [R] row shifts of this rank's dispatch rows in each receiver's region "
+      "(eplib/layout.h), the arithmetic the CUDA send kernel runs; host pointers.");
+  m.def(
+      "peer_combine_row_shifts",
+      [](uintptr_t rank_prefix_matrix, int rank, int num_ranks, int64_t slot_rows, uintptr_t compact_start,
+         uintptr_t row_shift) {
+        eplib::combine_row_shifts(as_ptr<const int32_t>(rank_prefix_matrix), rank, num_ranks, slot_rows,
+                                  as_ptr<const int64_t>(compact_start), as_ptr<int64_t>(row_shift));
+      },
+      "Peer transport: int64 [R] row shifts of the combine rows this rank sends back to each source.");
+  m.def(
       "dispatch_row_stride",
       [](int64_t x_bytes, int64_t scales_bytes, int num_topk) {
         return eplib::make_dispatch_row_layout(x_bytes, scales_bytes, num_topk).stride;

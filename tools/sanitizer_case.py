@@ -6,8 +6,9 @@ permutation and its inverse, and bad input (expert ids out of range, too small n
 that the kernels must flag without touching memory out of bounds. Results are compared with the
 CPU implementations (eplib.reference, eplib.permute on CPU tensors).
 
-The one-rank group is gloo, so the nccl transport stages its collectives through host memory and
-no NCCL kernel runs under the sanitizer. Run it with PYTORCH_NO_CUDA_MEMORY_CACHING=1: torch's
+All of it runs on the nccl transport and on the ipc transport. The one-rank group is gloo, so the
+nccl transport stages its collectives through host memory and no NCCL kernel runs under the
+sanitizer; the ipc transport's one rank sends every row through its own peer buffer. Run it with PYTORCH_NO_CUDA_MEMORY_CACHING=1: torch's
 caching allocator otherwise packs tensors into shared segments, where an out-of-bounds access
 lands in a neighbour and memcheck cannot see it.
 
@@ -95,28 +96,36 @@ def main() -> int:
 
 def run_cases(group) -> List[str]:
     failures: List[str] = []
-    buf, ref = eplib.Buffer(group), ReferenceBuffer(group)
-    for dtype, hidden in (("float32", 40), ("bfloat16", 37), ("fp8", 128)):
-        for num_worst in (0, T):
-            x, idx, w = _inputs(1, dtype, hidden)
-            got = {key: _cpu(value) for key, value in _pipeline(buf, _cuda(x), _cuda(idx), _cuda(w), num_worst).items()}
-            want = _pipeline(ref, x, idx, w, num_worst)
-            failures += [f"{dtype} num_worst={num_worst} {key}" for key in want if not _same(got[key], want[key])]
+    ref = ReferenceBuffer(group)
+    # The nccl transport (staged through gloo) and the ipc one (one rank: every row goes through its
+    # own peer buffer, inside the round hand-shake), sized for the largest row below.
+    nvl_bytes = eplib.Buffer.get_nvl_buffer_size_hint(T, 128 * 4, 1, num_topk=K)
+    buffers = {"nccl": eplib.Buffer(group),
+               "ipc": eplib.Buffer(group, num_nvl_bytes=nvl_bytes, transport="ipc")}
+    for name, buf in buffers.items():
+        for dtype, hidden in (("float32", 40), ("bfloat16", 37), ("fp8", 128)):
+            for num_worst in (0, T):
+                x, idx, w = _inputs(1, dtype, hidden)
+                outputs = _pipeline(buf, _cuda(x), _cuda(idx), _cuda(w), num_worst)
+                got = {key: _cpu(value) for key, value in outputs.items()}
+                want = _pipeline(ref, x, idx, w, num_worst)
+                failures += [f"{name} {dtype} num_worst={num_worst} {key}" for key in want
+                             if not _same(got[key], want[key])]
 
-    # Bad input: flagged by the kernels (never out of bounds), raised at the next normal-mode dispatch.
-    x, idx, w = (_cuda(t) for t in _inputs(2, "bfloat16", 64))
-    bad = idx.clone()
-    bad[0, 0], bad[1, 1] = E, -7
-    for num_worst in (T, 1):  # ids out of range; then more rows than num_worst_tokens
-        lay = buf.get_dispatch_layout(bad if num_worst == T else idx, E)
-        buf.dispatch(x, num_tokens_per_rank=lay[0], is_token_in_rank=lay[3], num_tokens_per_expert=lay[2],
-                     topk_idx=bad if num_worst == T else idx, topk_weights=w, num_worst_tokens=num_worst)
-        try:
-            _pipeline(buf, x, idx, w, 0)
-            failures.append(f"bad input (num_worst={num_worst}) was not reported")
-        except ValueError as error:
-            print(f"bad input reported as expected: {error}")
-    _pipeline(buf, x, idx, w, 0)  # the flag is clear again
+        # Bad input: flagged by the kernels (never out of bounds), raised at the next normal-mode dispatch.
+        x, idx, w = (_cuda(t) for t in _inputs(2, "bfloat16", 64))
+        bad = idx.clone()
+        bad[0, 0], bad[1, 1] = E, -7
+        for num_worst in (T, 1):  # ids out of range; then more rows than num_worst_tokens
+            lay = buf.get_dispatch_layout(bad if num_worst == T else idx, E)
+            buf.dispatch(x, num_tokens_per_rank=lay[0], is_token_in_rank=lay[3], num_tokens_per_expert=lay[2],
+                         topk_idx=bad if num_worst == T else idx, topk_weights=w, num_worst_tokens=num_worst)
+            try:
+                _pipeline(buf, x, idx, w, 0)
+                failures.append(f"{name}: bad input (num_worst={num_worst}) was not reported")
+            except ValueError as error:
+                print(f"{name}: bad input reported as expected: {error}")
+        _pipeline(buf, x, idx, w, 0)  # the flag is clear again
 
     # Expert permutation and its weighted inverse, CUDA against CPU.
     for dtype in ("float32", "bfloat16"):

@@ -8,21 +8,6 @@ namespace eplib::cuda {
 
 namespace {
 
-// Peer transport: compacted row i from source s goes back to row i + row_shift[s] of s's receive
-// region, the row s's send_pos gave that token for this rank: rank * slot_rows + (i - compact_start[s])
-// in the slot layout, else after the rows s sent to lower ranks (rank_prefix_matrix as in dispatch).
-__device__ inline void combine_row_shifts(const PeerView& view, const int32_t* rank_prefix_matrix, int64_t slot_rows,
-                                          const int64_t* compact_start, int64_t* row_shift) {
-  const int me = view.rank, num_ranks = view.num_ranks;
-  for (int s = 0; s < num_ranks; ++s) {
-    int64_t start_at_source = static_cast<int64_t>(me) * slot_rows;
-    if (slot_rows == 0)
-      for (int r = 0; r < me; ++r)
-        start_at_source += rank_prefix_matrix[s * num_ranks + r] - (s > 0 ? rank_prefix_matrix[(s - 1) * num_ranks + r] : 0);
-    row_shift[s] = start_at_source - compact_start[s];
-  }
-}
-
 // One warp per compacted row: x then its weights, into the row dispatch_unpack read it from (of
 // send_buffer, or, peer transport, of the source's receive region within the round hand-shake).
 __global__ void
@@ -35,7 +20,8 @@ __global__ void
   if (round_number == 0) return;
   load_compact_starts(recv_counts, num_ranks, slot_rows, compact_start);
   if (round.active && threadIdx.x == 0)
-    combine_row_shifts(round.view, rank_prefix_matrix, slot_rows, compact_start, row_shift);
+    combine_row_shifts(rank_prefix_matrix, round.view.rank, round.view.num_ranks, slot_rows, compact_start,
+                       row_shift);
   __syncthreads();
   const int64_t total = compact_start[num_ranks] < num_rows ? compact_start[num_ranks] : num_rows;
   const int lane = lane_id();

@@ -10,25 +10,6 @@ namespace eplib::cuda {
 
 namespace {
 
-// Peer transport: a row at send_pos p for rank r lands at row p + row_shift[r] of r's receive region.
-// Slot layout: this rank's rows sit at rank * slot_rows there, and at r * slot_rows in send_pos.
-// Otherwise (rank_prefix_matrix, int32 [R, R], entry [i][j] = rows that ranks 0..i send to j): after
-// the rows of lower ranks there, and after this rank's rows for lower ranks in send_pos.
-__device__ inline void dispatch_row_shifts(const PeerView& view, const int32_t* rank_prefix_matrix,
-                                           int64_t slot_rows, int64_t* row_shift) {
-  const int me = view.rank, num_ranks = view.num_ranks;
-  int64_t send_start = 0;
-  for (int r = 0; r < num_ranks; ++r) {
-    if (slot_rows > 0) {
-      row_shift[r] = static_cast<int64_t>(me - r) * slot_rows;
-      continue;
-    }
-    const int64_t rows_before_me = me > 0 ? rank_prefix_matrix[(me - 1) * num_ranks + r] : 0;
-    row_shift[r] = rows_before_me - send_start;
-    send_start += rank_prefix_matrix[me * num_ranks + r] - rows_before_me;
-  }
-}
-
 // One warp per token: checks its ids and weights once, then writes its row to every destination
 // rank: into send_buffer, or (peer transport) straight into the destinations' receive regions within
 // the round hand-shake of peer.cuh. The repeated reads of x hit L2 after the first, so HBM sees x once.
@@ -40,7 +21,8 @@ __global__ void dispatch_pack_kernel(const uint8_t* x, const uint8_t* x_scales, 
   __shared__ int64_t row_shift[kMaxPeers];
   const uint64_t round_number = begin_send_round(round);
   if (round_number == 0) return;
-  if (round.active && threadIdx.x == 0) dispatch_row_shifts(round.view, rank_prefix_matrix, slot_rows, row_shift);
+  if (round.active && threadIdx.x == 0)
+    dispatch_row_shifts(rank_prefix_matrix, round.view.rank, round.view.num_ranks, slot_rows, row_shift);
   __syncthreads();
   const int lane = lane_id();
   const int experts_per_rank = num_experts / num_ranks;

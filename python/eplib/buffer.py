@@ -46,7 +46,8 @@ class Buffer:
     code runs unchanged: ``num_rdma_bytes`` (no RDMA buffer is allocated), ``low_latency_mode``,
     ``num_qps_per_rank``, ``allow_nvlink_for_low_latency_mode``, ``allow_mnnvl``, ``use_fabric``,
     ``enable_shrink``. ``explicitly_destroy`` works as in DeepEP: ``destroy()`` must then be called
-    and is allowed only then. ``comm`` (an mpi4py communicator) is not supported: pass a ``group``
+    and is allowed only then (ipc: it meets the other ranks at a barrier before freeing the peer
+    buffer; garbage collection frees it without one). ``comm`` (an mpi4py communicator) is not supported: pass a ``group``
     (as in DeepEP, ``comm`` is ignored when a group is given).
 
     ``transport`` (eplib only) picks how CUDA tensors travel; CPU tensors always take the cpu
@@ -192,7 +193,9 @@ class Buffer:
         """Bytes of ``num_nvl_bytes`` the ipc transport needs for calls of up to ``num_max_tokens``
         tokens per rank of ``hidden_bytes`` bytes (H times x's element size) with up to ``num_topk``
         experts per token, FP8 scales included, in the worst case (every token of every rank to every
-        rank). See ``eplib.config.nvl_buffer_size_hint``."""
+        rank). A ``num_worst_tokens = W`` dispatch keeps R * W slot rows: pass W as num_max_tokens.
+        ``hidden_bytes`` is the widest row the Buffer moves (bf16 combine after FP8 dispatch: bf16).
+        See ``eplib.config.nvl_buffer_size_hint``."""
         return nvl_buffer_size_hint(num_max_tokens, hidden_bytes, num_ranks, num_topk)
 
     @staticmethod

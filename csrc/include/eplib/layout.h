@@ -106,4 +106,38 @@ EPLIB_HOST_DEVICE int64_t region_row_of(const int64_t* compact_start, int num_ra
   return source * slot_rows + (i - compact_start[source]);
 }
 
+// Peer transport (rows written straight into the receivers' regions). rank_prefix_matrix is int32
+// [R, R] as in the dispatch handle: [i][j] = rows that ranks 0..i send to rank j.
+
+// Rows rank -> r: the row at send_pos p (send_positions' numbering, slot_rows as there) lands at row
+// p + row_shift[r] of rank r's receive region, where dispatch_unpack reads source `rank`'s rows: at
+// rank * slot_rows (slot layout), else after the rows of lower ranks (prefix order).
+EPLIB_HOST_DEVICE void dispatch_row_shifts(const int32_t* rank_prefix_matrix, int rank, int num_ranks,
+                                           int64_t slot_rows, int64_t* row_shift) {
+  int64_t send_start = 0;  // this rank's send_pos of its first row for r (prefix order)
+  for (int r = 0; r < num_ranks; ++r) {
+    if (slot_rows > 0) {
+      row_shift[r] = static_cast<int64_t>(rank - r) * slot_rows;
+      continue;
+    }
+    const int64_t rows_before_rank = rank > 0 ? rank_prefix_matrix[(rank - 1) * num_ranks + r] : 0;
+    row_shift[r] = rows_before_rank - send_start;
+    send_start += rank_prefix_matrix[rank * num_ranks + r] - rows_before_rank;
+  }
+}
+
+// Combine, rank -> s: compacted row i received from source s (compact_start as in dispatch_unpack)
+// goes back to row i + row_shift[s] of s's receive region, the row s's send_pos gave that token for
+// `rank`, where s's combine_reduce reads it.
+EPLIB_HOST_DEVICE void combine_row_shifts(const int32_t* rank_prefix_matrix, int rank, int num_ranks,
+                                          int64_t slot_rows, const int64_t* compact_start, int64_t* row_shift) {
+  for (int s = 0; s < num_ranks; ++s) {
+    int64_t start_at_source = static_cast<int64_t>(rank) * slot_rows;
+    if (slot_rows == 0)
+      for (int r = 0; r < rank; ++r)
+        start_at_source += rank_prefix_matrix[s * num_ranks + r] - (s > 0 ? rank_prefix_matrix[(s - 1) * num_ranks + r] : 0);
+    row_shift[s] = start_at_source - compact_start[s];
+  }
+}
+
 }  // namespace eplib
