@@ -10,7 +10,7 @@ namespace {
 
 // One warp per compacted row: x then its weights, into the row dispatch_unpack read it from (of
 // send_buffer, or, peer transport, of the source's receive region within the round hand-shake).
-__global__ void
+__global__ void __launch_bounds__(kMaxThreadsPerBlock)
     combine_pack_kernel(const uint8_t* x, const float* topk_weights, const int32_t* recv_counts, int num_ranks,
                         int64_t slot_rows, int64_t num_rows, CombineRowLayout layout, uint8_t* send_buffer,
                         PeerRound round, const int32_t* rank_prefix_matrix) {
@@ -29,7 +29,9 @@ __global__ void
     uint8_t* row;
     if (round.active) {
       const int source = source_of_row(compact_start, num_ranks, i);
-      row = region_of(round.view, source) + (i + row_shift[source]) * layout.stride;
+      const int64_t region_row = i + row_shift[source];
+      if (!row_in_region(round.view, region_row, layout.stride)) continue;  // ranks disagree on the handle
+      row = region_of(round.view, source) + region_row * layout.stride;
     } else {
       row = send_buffer + region_row_of(compact_start, num_ranks, slot_rows, i) * layout.stride;
     }
@@ -44,7 +46,7 @@ __global__ void
 // bias_0, bias_1, then the rows of ranks 0, 1, ... in that order (cpu::combine_reduce's order). Peer
 // transport: each block first waits until every rank has written its rows of the round.
 template <typename T, int kVector>
-__global__ void
+__global__ void __launch_bounds__(kMaxThreadsPerBlock)
     combine_reduce_kernel(const uint8_t* recv_buffer, int64_t hidden, const int32_t* send_pos, int64_t num_tokens,
                           int num_ranks, const T* bias_0, const T* bias_1, T* combined_x,
                           float* combined_topk_weights, CombineRowLayout layout, PeerRound round) {

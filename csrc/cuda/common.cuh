@@ -43,8 +43,12 @@ struct LaunchShape {
   unsigned threads;
 };
 
+// The largest block warp_launch_shape makes: the row kernels declare it in __launch_bounds__, which
+// keeps their registers within what a block that size may use.
+constexpr int kMaxThreadsPerBlock = 512;
+
 inline LaunchShape warp_launch_shape(int64_t items, int max_blocks) {
-  constexpr unsigned kDefaultThreads = 256, kBoundedThreads = 512;
+  constexpr unsigned kDefaultThreads = 256, kBoundedThreads = kMaxThreadsPerBlock;
   if (max_blocks <= 0) return {grid_for(items, kDefaultThreads / kWarpSize), kDefaultThreads};
   const unsigned blocks = grid_for(items, kBoundedThreads / kWarpSize);
   return {blocks < static_cast<unsigned>(max_blocks) ? blocks : static_cast<unsigned>(max_blocks), kBoundedThreads};

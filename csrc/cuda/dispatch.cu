@@ -13,7 +13,7 @@ namespace {
 // One warp per token: checks its ids and weights once, then writes its row to every destination
 // rank: into send_buffer, or (peer transport) straight into the destinations' receive regions within
 // the round hand-shake of peer.cuh. The repeated reads of x hit L2 after the first, so HBM sees x once.
-__global__ void dispatch_pack_kernel(const uint8_t* x, const uint8_t* x_scales, const int64_t* topk_idx,
+__global__ void __launch_bounds__(kMaxThreadsPerBlock) dispatch_pack_kernel(const uint8_t* x, const uint8_t* x_scales, const int64_t* topk_idx,
                                      const float* topk_weights, int num_experts, const int32_t* send_pos,
                                      int64_t num_tokens, int num_ranks, DispatchRowLayout layout,
                                      uint8_t* send_buffer, int32_t* error_flag, PeerRound round,
@@ -38,8 +38,15 @@ __global__ void dispatch_pack_kernel(const uint8_t* x, const uint8_t* x_scales, 
     for (int r = 0; r < num_ranks; ++r) {
       const int32_t pos = send_pos[t * num_ranks + r];
       if (pos < 0) continue;
-      uint8_t* row = round.active ? region_of(round.view, r) + (pos + row_shift[r]) * layout.stride
-                                  : send_buffer + static_cast<int64_t>(pos) * layout.stride;
+      uint8_t* row = send_buffer + static_cast<int64_t>(pos) * layout.stride;
+      if (round.active) {
+        const int64_t region_row = pos + row_shift[r];
+        if (!row_in_region(round.view, region_row, layout.stride)) {  // ranks disagree on the layout
+          if (lane == 0) set_error(error_flag, kErrorOverflow);
+          continue;
+        }
+        row = region_of(round.view, r) + region_row * layout.stride;
+      }
       warp_copy(row, x + t * layout.x_bytes, layout.x_bytes, lane);
       if (layout.scales_bytes > 0)
         warp_copy(row + layout.scales_offset, x_scales + t * layout.scales_bytes, layout.scales_bytes, lane);
@@ -65,7 +72,7 @@ constexpr int64_t kMaxSharedCounters =
 
 // One warp per output row (grid-stride); every block recomputes the source table. Peer transport:
 // each block first waits until every source has written its rows of the round.
-__global__ void
+__global__ void __launch_bounds__(kMaxThreadsPerBlock)
     dispatch_unpack_kernel(const uint8_t* recv_buffer, const int32_t* recv_counts, int num_ranks, int64_t slot_rows,
                            int64_t num_out_rows, DispatchRowLayout layout, int num_local_experts, bool shared_counts,
                            uint8_t* recv_x, uint8_t* recv_x_scales, int32_t* recv_src_idx, int64_t* recv_topk_idx,

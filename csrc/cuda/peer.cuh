@@ -27,6 +27,12 @@ inline PeerRound make_peer_round(const PeerView* peers, PeerPhase phase) {
   return round;
 }
 
+// Row `row` of `stride` bytes fits a receive region (rows past it, or before it, come only from
+// ranks that disagree on a call's layout: they are dropped, never written out of bounds).
+__device__ __forceinline__ bool row_in_region(const PeerView& view, int64_t row, int64_t stride) {
+  return row >= 0 && (row + 1) * stride <= view.region_bytes;
+}
+
 // A launch to peers must cover exactly the ranks of the view.
 inline void check_peer_launch(const PeerView* peers, int num_ranks, const char* kernel) {
   if (peers != nullptr && peers->num_ranks != num_ranks)
@@ -77,6 +83,8 @@ __device__ __forceinline__ void publish_to_all(const PeerView& view, size_t fiel
 __device__ inline bool wait_for_all(const PeerView& view, size_t field, uint64_t target, int32_t phase) {
   PeerHeader* own = own_header(view);
   volatile uint32_t* aborted = &own->aborted;
+  // Checked first: after a timeout every later kernel (graph replays included) does nothing.
+  if (*aborted != 0) return false;
   const auto* flags = reinterpret_cast<const uint64_t*>(view.bases[view.rank] + field);
   const uint64_t start = globaltimer_ns();
   for (int r = 0; r < view.num_ranks; ++r) {
@@ -84,9 +92,10 @@ __device__ inline bool wait_for_all(const PeerView& view, size_t field, uint64_t
       if (*aborted != 0) return false;
       if (globaltimer_ns() - start > static_cast<uint64_t>(view.timeout_ns)) {
         volatile PeerHostStatus* status = view.status;
-        status->timeout_peer = r;
-        status->timeout_phase = phase;
         *aborted = 1;
+        status->timeout_peer = r;
+        __threadfence_system();  // the host reads the phase first, then the peer
+        status->timeout_phase = phase;
         __threadfence_system();
         return false;
       }
@@ -129,7 +138,8 @@ __device__ inline void end_send_round(const PeerRound& round, uint64_t n) {
 }
 
 // Start of a receive kernel (every thread of every block): waits until every rank has written its
-// rows of the round this rank last sent in. Returns false when the wait failed (the block must return).
+// rows of the round this rank last sent in. Returns false when the wait failed or the buffer had
+// aborted (then round_sent may be stale and the region half written): the block must return.
 __device__ inline bool begin_receive_round(const PeerRound& round) {
   if (!round.active) return true;
   __shared__ bool arrived;

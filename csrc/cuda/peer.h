@@ -9,9 +9,10 @@
 //                   (fence + counter) stores done[me] = n in every rank's header.
 //   receive kernel  every block waits until done[s] >= n for every s (acquire, .sys), then reads its
 //                   own region.
-//   notify kernel   (normal-mode dispatch, one block) writes this rank's record into every rank's table
-//                   of notify round k (tables double-buffered by k's parity), stores notified[me] = k,
-//                   waits for every rank's, then copies its table to host-mapped memory for the host.
+//   notify kernel   (dispatch, one block) writes this rank's record into every rank's table of notify
+//                   round k (tables double-buffered by k's parity), stores notified[me] = k, waits for
+//                   every rank's; then, when the host waits for it (normal mode), copies its table to
+//                   host-mapped memory and stores the host's ticket after it.
 //   barrier kernel  stores barrier[me] = k everywhere and waits for every rank's (destroy()).
 // Every wait gives up after timeout_ns (%globaltimer): it reports (phase, peer) to the host-mapped
 // status, marks the buffer aborted (later waits return at once) and the kernel exits.
@@ -60,8 +61,8 @@ constexpr int64_t kPeerRegionOffset = align_up(static_cast<int64_t>(sizeof(PeerH
 
 // Host memory mapped into the device (cudaHostAllocMapped), written by kernels, read by the host.
 struct PeerHostStatus {
-  int64_t notify_round;   // -1 (set by the host) until the notify kernel has filled `table`
-  int32_t timeout_phase;  // PeerPhase of the first wait that timed out, 0 if none
+  int64_t notify_ticket;  // the ticket of the last notify the host waits for, once `table` holds its table
+  int32_t timeout_phase;  // PeerPhase of the first wait that timed out, 0 if none (written after the peer)
   int32_t timeout_peer;   // the rank it waited for
   int64_t table[kMaxPeers * kRecordCapacity];  // [source][field], record_length fields per source
 };
@@ -70,6 +71,7 @@ struct PeerHostStatus {
 struct PeerView {
   uint8_t* bases[kMaxPeers];  // bases[rank] is the local allocation, the others are IPC mappings
   PeerHostStatus* status;     // device address of the mapped status
+  int64_t region_bytes;       // of every rank's receive region: send kernels never write past it
   int rank;
   int num_ranks;
   int64_t timeout_ns;

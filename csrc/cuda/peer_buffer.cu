@@ -1,5 +1,6 @@
 #include "peer_buffer.h"
 
+#include <atomic>
 #include <chrono>
 #include <cstring>
 #include <stdexcept>
@@ -15,10 +16,12 @@ namespace {
 constexpr int kNotifyThreads = 256;
 
 // One block. Record of this rank -> row `rank` of every rank's table of notify round k; then the
-// hand-shake; then this rank's table -> host-mapped status (the host polls notify_round).
+// hand-shake; then this rank's table -> count_matrix and, when host_ticket > 0, the host-mapped
+// status (the host polls for its ticket). Without a ticket the host status is not touched: an
+// earlier notify that finishes late must not pass its table off as a later one's.
 __global__ void notify_kernel(PeerView view, const int32_t* error_flag, NotifyFields fields,
                               const int32_t* send_counts, const int32_t* num_tokens_per_expert,
-                              int num_local_experts, int32_t* count_matrix) {
+                              int num_local_experts, int32_t* count_matrix, int64_t host_ticket) {
   __shared__ uint64_t notify_round;
   __shared__ bool arrived;
   PeerHeader* own = own_header(view);
@@ -51,15 +54,17 @@ __global__ void notify_kernel(PeerView view, const int32_t* error_flag, NotifyFi
     const int source = i / record_length, field = i % record_length;
     // Volatile: written by other GPUs or processes (never a non-coherent load).
     const int64_t value = *reinterpret_cast<volatile const int64_t*>(&own->records[parity][source][field]);
-    view.status->table[i] = value;
+    if (host_ticket > 0) view.status->table[i] = value;
     if (field >= kRecordFormatFields && field < kRecordFormatFields + num_ranks)
       count_matrix[source * num_ranks + field - kRecordFormatFields] = static_cast<int32_t>(value);
   }
   __syncthreads();
   if (threadIdx.x == 0) {
     own->notify_round = notify_round;
-    __threadfence_system();  // the table reaches host memory before the round number does
-    *reinterpret_cast<volatile int64_t*>(&view.status->notify_round) = static_cast<int64_t>(notify_round);
+    if (host_ticket > 0) {
+      __threadfence_system();  // the table reaches host memory before the ticket does
+      *reinterpret_cast<volatile int64_t*>(&view.status->notify_ticket) = host_ticket;
+    }
   }
 }
 
@@ -90,7 +95,6 @@ PeerBuffer::PeerBuffer(int rank, int num_ranks, int64_t num_bytes, int device)
     check_cuda(cudaHostAlloc(reinterpret_cast<void**>(&status_), sizeof(PeerHostStatus), cudaHostAllocMapped),
                "cudaHostAlloc (peer status)");
     std::memset(status_, 0, sizeof(PeerHostStatus));
-    status_->notify_round = -1;
     status_->timeout_peer = -1;
     PeerHostStatus* device_status = nullptr;
     check_cuda(cudaHostGetDevicePointer(reinterpret_cast<void**>(&device_status), status_, 0),
@@ -100,6 +104,7 @@ PeerBuffer::PeerBuffer(int rank, int num_ranks, int64_t num_bytes, int device)
     check_cuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize (peer buffer)");
     view_.bases[rank] = base_;
     view_.status = device_status;
+    view_.region_bytes = region_bytes();
     view_.rank = rank;
     view_.num_ranks = num_ranks;
     set_timeout(100.0);
@@ -205,6 +210,7 @@ std::pair<int, int> PeerBuffer::timeout_report() const {
   if (status_ == nullptr) return {kPhaseNone, -1};
   const volatile PeerHostStatus* status = status_;
   const int phase = status->timeout_phase;
+  std::atomic_thread_fence(std::memory_order_acquire);  // the kernel stores the peer before the phase
   return {phase, phase != kPhaseNone ? status->timeout_peer : -1};
 }
 
@@ -217,10 +223,9 @@ void PeerBuffer::notify(const int32_t* error_flag, const NotifyFields& fields, c
                                 std::to_string(num_ranks_) + " ranks with at most " +
                                 std::to_string(kMaxPeerLocalExperts) + " per rank, got " + std::to_string(num_experts));
   notify_record_length_ = kRecordFormatFields + num_ranks_ + num_experts / num_ranks_;
-  // Armed before the launch: the kernel overwrites it once the table is in place.
-  reinterpret_cast<volatile PeerHostStatus*>(status_)->notify_round = -1;
+  const int64_t ticket = host_wait ? ++notify_ticket_ : 0;
   notify_kernel<<<1, kNotifyThreads, 0, stream>>>(*peers, error_flag, fields, send_counts, num_tokens_per_expert,
-                                                   num_experts / num_ranks_, count_matrix);
+                                                   num_experts / num_ranks_, count_matrix, ticket);
   check_launch("notify");
   // Only where the host will poll: an event recorded during graph capture must not be queried.
   if (host_wait) check_cuda(cudaEventRecord(notify_done_, stream), "cudaEventRecord (notify)");
@@ -230,7 +235,9 @@ std::vector<int64_t> PeerBuffer::wait_notify(double timeout_s) {
   const volatile PeerHostStatus* status = status_;
   const auto start = std::chrono::steady_clock::now();
   for (int polls = 0;; ++polls) {
-    if (status->notify_round != -1) {
+    if (status->notify_ticket == notify_ticket_) {
+      // Reads of the table after the ticket's (on x86 loads keep their order anyway; not on Arm).
+      std::atomic_thread_fence(std::memory_order_acquire);
       std::vector<int64_t> table(static_cast<size_t>(num_ranks_) * notify_record_length_);
       for (size_t i = 0; i < table.size(); ++i) table[i] = status->table[i];
       return table;
@@ -238,7 +245,8 @@ std::vector<int64_t> PeerBuffer::wait_notify(double timeout_s) {
     if (status->timeout_phase != kPhaseNone) return {};
     // The kernel has ended without publishing (an earlier abort) or CUDA failed: nothing will come.
     const cudaError_t event = cudaEventQuery(notify_done_);
-    if (event != cudaErrorNotReady && status->notify_round == -1 && status->timeout_phase == kPhaseNone) {
+    if (event != cudaErrorNotReady && status->notify_ticket != notify_ticket_ &&
+        status->timeout_phase == kPhaseNone) {
       if (event != cudaSuccess) check_cuda(event, "the notify kernel");
       throw std::runtime_error("eplib: the notify kernel ended without a table (the peer buffer had aborted)");
     }

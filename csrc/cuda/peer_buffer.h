@@ -71,6 +71,7 @@ class PeerBuffer {
   uint8_t* base_ = nullptr;
   PeerHostStatus* status_ = nullptr;  // host address; view_.status is its device address
   cudaEvent_t notify_done_ = nullptr;
+  int64_t notify_ticket_ = 0;  // of the last notify launched with host_wait
   int notify_record_length_ = 0;
   PeerView view_{};
   bool open_ = false;

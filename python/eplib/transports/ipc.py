@@ -33,10 +33,11 @@ RuntimeError naming both: at once in a normal-mode dispatch, else at the start o
 After that the Buffer refuses further calls (the ranks' flags are out of step).
 """
 
+import contextlib
 import logging
 import socket
 import struct
-from typing import List, Optional, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -160,6 +161,18 @@ class IpcTransport(CudaTransport):
             super()._check_usable()
         self.peer.set_timeout(timeout_seconds())
 
+    @contextlib.contextmanager
+    def _launching(self) -> Iterator[None]:
+        """Around launches of peer kernels. Checks that fail on every rank alike come before it; a
+        failure inside it (out of memory, a failed launch) happens on this rank alone, whose round
+        counters then lag its peers': the transport refuses further calls."""
+        try:
+            yield
+        except BaseException as error:
+            if self._out_of_step is None:
+                self._out_of_step = f"rank {self.rank}: {type(error).__name__} between peer kernels ({error})"
+            raise
+
     def _peer_args(self, num_sms: int) -> dict:
         return dict(peers=self.peer, max_blocks=num_sms)
 
@@ -203,27 +216,26 @@ class IpcTransport(CudaTransport):
                          expert_alignment: int, send_pos: Tensor, send_counts: Tensor, num_sms: int):
         num_topk = topk_idx.shape[1] if topk_idx is not None else 0
         num_experts = num_tokens_per_expert.shape[0]
-        count_matrix = self._notify(x, x_scales, num_tokens_per_expert, num_topk, send_counts, host_wait=True)
-        try:
+        with self._launching():
+            count_matrix = self._notify(x, x_scales, num_tokens_per_expert, num_topk, send_counts, host_wait=True)
             table = self.peer.wait_notify(timeout_seconds() + _HOST_WAIT_MARGIN_S)
-        except RuntimeError as error:  # the device never answered: the ranks' rounds are out of step
-            self._out_of_step = str(error)
-            raise
         if not table:  # a peer never wrote its record: the device reported where
             self._check_usable()
+        # Every rank reads the same records, so these raise on every rank alike (rounds stay in step).
         records = torch.tensor(table, dtype=torch.int64).view(self.num_ranks, -1)
         self._check_records(records)
         counts = NormalCounts(records, self.rank, expert_alignment)
         stride = _C.dispatch_row_stride(row_bytes(x), row_bytes(x_scales), num_topk)
         self._check_fit(max(counts.recv_totals), stride, "dispatch")
-        rank_prefix_matrix = self._prefix_matrix(call, count_matrix)
-        recv_counts = call.empty(self.num_ranks, dtype=torch.int32)
-        recv_counts.copy_(count_matrix[:, self.rank])
-        peer_args = self._peer_args(num_sms)
-        self.kernels.dispatch_pack(x, x_scales, topk_idx, topk_weights, num_experts, send_pos, None,
-                                   rank_prefix_matrix=rank_prefix_matrix, **peer_args)
-        outputs = self._unpack(call, self.peer.region, recv_counts, 0, counts.num_recv, x, x_scales, num_topk,
-                               num_experts // self.num_ranks, None, **peer_args)
+        with self._launching():
+            rank_prefix_matrix = self._prefix_matrix(call, count_matrix)
+            recv_counts = call.empty(self.num_ranks, dtype=torch.int32)
+            recv_counts.copy_(count_matrix[:, self.rank])
+            peer_args = self._peer_args(num_sms)
+            self.kernels.dispatch_pack(x, x_scales, topk_idx, topk_weights, num_experts, send_pos, None,
+                                       rank_prefix_matrix=rank_prefix_matrix, **peer_args)
+            outputs = self._unpack(call, self.peer.region, recv_counts, 0, counts.num_recv, x, x_scales, num_topk,
+                                   num_experts // self.num_ranks, None, **peer_args)
         recv_x, recv_x_scales, recv_src_idx, recv_topk_idx, recv_topk_weights = outputs
         handle = self._normal_handle(counts, rank_prefix_matrix, recv_counts, recv_src_idx, is_token_in_rank,
                                      send_pos, x.shape[1])
@@ -236,12 +248,13 @@ class IpcTransport(CudaTransport):
         never reads it, so nothing synchronizes."""
         num_topk = topk_idx.shape[1] if topk_idx is not None else 0
         num_experts = num_tokens_per_expert.shape[0]
-        count_matrix = self._notify(x, x_scales, num_tokens_per_expert, num_topk, send_counts, host_wait=False)
-        peer_args = self._peer_args(num_sms)
-        self.kernels.dispatch_pack(x, x_scales, topk_idx, topk_weights, num_experts, send_pos, None,
-                                   slot_rows=num_worst_tokens, **peer_args)
-        return self._finish_padded(call, self.peer.region, count_matrix, x, x_scales, is_token_in_rank, num_topk,
-                                   num_experts, num_worst_tokens, send_pos, send_counts, peer_args)
+        with self._launching():
+            count_matrix = self._notify(x, x_scales, num_tokens_per_expert, num_topk, send_counts, host_wait=False)
+            peer_args = self._peer_args(num_sms)
+            self.kernels.dispatch_pack(x, x_scales, topk_idx, topk_weights, num_experts, send_pos, None,
+                                       slot_rows=num_worst_tokens, **peer_args)
+            return self._finish_padded(call, self.peer.region, count_matrix, x, x_scales, is_token_in_rank, num_topk,
+                                       num_experts, num_worst_tokens, send_pos, send_counts, peer_args)
 
     # ------------------------------------------------------------------------------------------
     # Cached dispatch and combine
@@ -262,11 +275,12 @@ class IpcTransport(CudaTransport):
             stride = _C.dispatch_row_stride(row_bytes(x), row_bytes(x_scales), 0)
             self._check_fit(handle.region_rows, stride, "cached dispatch")
             peer_args = self._peer_args(num_sms)
-            self.kernels.dispatch_pack(x, x_scales, None, None, 0, handle.send_pos, None, **self._placement(handle),
-                                       **peer_args)
-            recv_x, recv_x_scales, *_ = self._unpack(call, self.peer.region, handle.device_recv_counts,
-                                                     handle.slot_rows, handle.num_output_rows, x, x_scales, 0, 0,
-                                                     None, **peer_args)
+            with self._launching():
+                self.kernels.dispatch_pack(x, x_scales, None, None, 0, handle.send_pos, None,
+                                           **self._placement(handle), **peer_args)
+                recv_x, recv_x_scales, *_ = self._unpack(call, self.peer.region, handle.device_recv_counts,
+                                                         handle.slot_rows, handle.num_output_rows, x, x_scales, 0,
+                                                         0, None, **peer_args)
             in_flight = (x, x_scales, recv_x, recv_x_scales) + handle_tensors(handle)
             return (recv_x, recv_x_scales), call.finish(async_finish, in_flight)
 
@@ -278,12 +292,14 @@ class IpcTransport(CudaTransport):
             num_topk = topk_weights.shape[1] if topk_weights is not None else 0
             self._check_fit(handle.region_rows, _C.combine_row_stride(row_bytes(x), num_topk), "combine")
             peer_args = self._peer_args(num_sms)
-            self.kernels.combine_pack(x, topk_weights, handle.device_recv_counts, handle.slot_rows, None,
-                                      rank_prefix_matrix=handle.rank_prefix_matrix, **peer_args)
-            combined_x = call.empty(handle.num_tokens, x.shape[1], dtype=x.dtype)
-            combined_topk_weights = call.empty(handle.num_tokens, num_topk, dtype=torch.float32) if num_topk else None
-            self.kernels.combine_reduce(self.peer.region, handle.send_pos, bias_0, bias_1, combined_x,
-                                        combined_topk_weights, **peer_args)
+            with self._launching():
+                self.kernels.combine_pack(x, topk_weights, handle.device_recv_counts, handle.slot_rows, None,
+                                          rank_prefix_matrix=handle.rank_prefix_matrix, **peer_args)
+                combined_x = call.empty(handle.num_tokens, x.shape[1], dtype=x.dtype)
+                combined_topk_weights = (call.empty(handle.num_tokens, num_topk, dtype=torch.float32) if num_topk
+                                         else None)
+                self.kernels.combine_reduce(self.peer.region, handle.send_pos, bias_0, bias_1, combined_x,
+                                            combined_topk_weights, **peer_args)
             in_flight = (x, topk_weights, bias_0, bias_1, combined_x, combined_topk_weights) + handle_tensors(handle)
             return (combined_x, combined_topk_weights), call.finish(async_finish, in_flight)
 
