@@ -374,6 +374,52 @@ def test_ipc_many_rounds(pool_cache):
         print(f"rank {rank}: {NUM_ROUNDS} rounds in {seconds:.1f} s")
 
 
+# ------------------------------------------------------------------------------------ back to back, no sync
+
+
+def job_padded_then_normal(rank, R, group):
+    """A num_worst_tokens dispatch, then at once (no host sync) a normal round with other counts, while
+    rank 1 arrives late: rank 0's host launches the normal dispatch while its padded counts exchange
+    still waits for rank 1. The normal dispatch must size its outputs from its own counts, not from
+    the padded exchange's (which used to reach the host late and pass for them). Returns mismatches."""
+    buf = ipc_buffer(group)
+    H, El = 64, 2
+    E, W = El * R, 64
+    errs = []
+    for it in range(6):
+        sizes1 = [8 + it + 3 * s for s in range(R)]  # padded round
+        sizes2 = [2 + 2 * it + s for s in range(R)]  # normal round: other counts
+        xs1 = [coded_rows(2 * it, s, sizes1[s], H) for s in range(R)]
+        idxs1 = [all_ranks_idx(sizes1[s], R, El) for s in range(R)]
+        ws1 = [make_topk_weights(30 + it, s, sizes1[s], R) for s in range(R)]
+        xs2 = [coded_rows(2 * it + 1, s, sizes2[s], H) for s in range(R)]
+        idxs2 = [make_topk_idx(40 + it, s, sizes2[s], 2, E, "uniform") for s in range(R)]
+        ws2 = [make_topk_weights(40 + it, s, sizes2[s], 2) for s in range(R)]
+        torch.cuda.synchronize()
+        dist.barrier(group)
+        if rank == 1:
+            time.sleep(0.05)
+        padded = dispatch_with_layout(buf, xs1[rank].to(DEVICE), idxs1[rank].to(DEVICE), ws1[rank].to(DEVICE), E,
+                                      num_worst_tokens=W)
+        round_errs, _ = exchange_and_check(buf, rank, R, E, xs2, idxs2, ws2)
+        errs += [f"iteration {it}, normal round: {e}" for e in round_errs]
+        exp_x, exp_idx, exp_w, _, exp_rpm = expected_dispatch(rank, R, E, xs1, idxs1, ws1)
+        for name, got, want in (("recv_x", padded[0], pad_rows(exp_x, W, 0)),
+                                ("recv_topk_idx", padded[1], pad_rows(exp_idx, W, -1)),
+                                ("recv_topk_weights", padded[2], pad_rows(exp_w, W, 0)),
+                                ("rank_prefix_matrix", padded[4][0], exp_rpm)):
+            got = to_host(got)
+            if not same(got, want):
+                errs.append(f"iteration {it}, padded dispatch: " + describe_diff(name, got, want))
+    return errs
+
+
+@gpu_test
+def test_ipc_padded_then_normal_without_sync(pool_cache):
+    results = pool_cache(2).run(job_padded_then_normal, timeout=120)
+    assert not any(results), "\n".join(e for rank_errs in results for e in rank_errs)
+
+
 # ------------------------------------------------------------------------------------ CUDA graph
 
 

@@ -21,6 +21,12 @@ int runtime_version() {
   return version;
 }
 
-void set_device(int device) { check_cuda(cudaSetDevice(device), "cudaSetDevice"); }
+void set_device(int device) {
+  // cudaSetDevice also makes that device's primary context current for the thread, which torch's
+  // runtime sees too: only switch when eplib's runtime is on another device.
+  int current = -1;
+  if (cudaGetDevice(&current) == cudaSuccess && current == device) return;
+  check_cuda(cudaSetDevice(device), "cudaSetDevice");
+}
 
 }  // namespace eplib::cuda
