@@ -195,6 +195,7 @@ void def_cuda_kernels(py::module_& m) {
           },
           py::arg("handles"))
       .def("destroy", &PeerBuffer::destroy, py::arg("timeout_s"), release_gil)
+      .def("close_peers", &PeerBuffer::close_peers)
       .def_property_readonly("is_open", &PeerBuffer::is_open)
       .def_property_readonly("num_bytes", &PeerBuffer::num_bytes)
       .def_property_readonly("region", &PeerBuffer::region)

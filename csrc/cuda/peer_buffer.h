@@ -37,6 +37,9 @@ class PeerBuffer {
   // out or the buffer had aborted. timeout_s <= 0: no barrier (ranks that never opened their peers).
   // Idempotent; afterwards the buffer is unusable.
   bool destroy(double timeout_s);
+  // Closes the peer mappings only (the buffer is then not open): for teardowns that meet the other
+  // ranks at a host barrier between every rank's close and any rank's free.
+  void close_peers();
 
   bool is_open() const { return open_; }
   int64_t num_bytes() const { return num_bytes_; }
@@ -62,8 +65,6 @@ class PeerBuffer {
   std::vector<int64_t> wait_notify(double timeout_s);
 
  private:
-  void close_peers();
-
   int rank_;
   int num_ranks_;
   int device_;

@@ -118,8 +118,11 @@ def open_peer_buffer(group: dist.ProcessGroup, device: torch.device, num_nvl_byt
             return peer
         reason = PeerUnavailable(f"rank(s) {failed} could not open the peer buffers"
                                  f"{f' ({problem})' if problem else ''}")
+        # Some ranks map the others' buffers: every rank closes its mappings before any rank frees.
+        peer.close_peers()
+        _all_gather_bytes(group, bytes([1]), device, "ipc buffer (close)")
     if peer is not None:
-        peer.destroy(0.0)  # 0: no barrier, some ranks never opened their peers
+        peer.destroy(0.0)  # 0: no barrier kernel (not every rank has its peers open)
     raise reason
 
 
