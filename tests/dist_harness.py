@@ -449,6 +449,22 @@ def describe_diff(name: str, a, b) -> str:
     return f"{name}: got {d(a)} want {d(b)}{detail}"
 
 
+def outcome(fn: Callable[[], Any]) -> str:
+    """"ok" if fn() returns, else "ExceptionType: message" (tests compare it per rank)."""
+    try:
+        fn()
+        return "ok"
+    except Exception as error:  # noqa: BLE001 - compared by the tests
+        return f"{type(error).__name__}: {error}"
+
+
+def timed_outcome(fn: Callable[[], Any]):
+    """(outcome(fn), seconds it took)."""
+    t0 = time.monotonic()
+    result = outcome(fn)
+    return result, time.monotonic() - t0
+
+
 def make_buffer(impl: str, group, **kwargs):
     """impl "ref": eplib.reference.ReferenceBuffer; "eplib": eplib.Buffer(group, **kwargs)."""
     if impl == "ref":

@@ -10,7 +10,9 @@ Backends (``eplib_buffer``, ``CudaBuffer``):
   buffer; the pool's gloo group carries only the handle exchange at construction, R processes
   share cuda:0 and map each other's buffers;
 - "emulated": CPU tensors through the nccl transport with the CUDA kernels emulated on the CPU
-  (tests/nccl_emulation.py), so that its logic is tested on machines without a GPU.
+  (tests/nccl_emulation.py), so that its logic is tested on machines without a GPU;
+- "emulated-ipc": CPU tensors through the ipc transport with its peer buffers and kernels emulated
+  on the CPU (tests/ipc_emulation.py), ``EMULATED_IPC_NVL_BYTES`` of peer buffer.
 
 Also shared by the GPU test modules: deterministic CUDA inputs (``make_inputs``), a normal-mode
 dispatch with its layout (``dispatch_with_layout``), per-step outcomes (``attempt``) and the CUDA-graph
@@ -25,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from dist_harness import (_compare_sequence, describe_diff, make_buffer, make_random_rows, make_topk_idx,
-                          make_topk_weights, same)
+                          make_topk_weights, outcome, same)
 
 DEVICE = torch.device("cuda", 0)
 
@@ -34,7 +36,10 @@ DEVICE = torch.device("cuda", 0)
 #: then hold 256 MiB of peer buffers in all.
 IPC_NVL_BYTES = 64 << 20
 
-BACKENDS = ("nccl", "gloo", "ipc", "emulated")
+#: num_nvl_bytes of the "emulated-ipc" backend's Buffers (files in /dev/shm, only touched pages count).
+EMULATED_IPC_NVL_BYTES = 4 << 20
+
+BACKENDS = ("nccl", "gloo", "ipc", "emulated", "emulated-ipc")
 
 _NCCL_GROUPS: Dict[int, dist.ProcessGroup] = {}
 
@@ -58,7 +63,7 @@ def nccl_group(world_group: dist.ProcessGroup) -> dist.ProcessGroup:
 def group_for(backend: str, world_group: dist.ProcessGroup) -> dist.ProcessGroup:
     """backend "nccl": the process's NCCL group; "gloo" (staged nccl transport) and "ipc" (handle
     exchange): the pool's own gloo group. Makes cuda:0 the current device."""
-    if backend not in BACKENDS or backend == "emulated":
+    if backend not in BACKENDS or backend.startswith("emulated"):
         raise ValueError(f"backend: expected one of {BACKENDS[:3]}, got {backend!r}")
     torch.cuda.set_device(DEVICE)
     return nccl_group(world_group) if backend == "nccl" else world_group
@@ -69,11 +74,17 @@ def eplib_buffer(backend: str, world_group: dist.ProcessGroup, **kwargs: Any) ->
 
     "nccl" / "gloo": the nccl transport (``transport="auto"`` unless kwargs say otherwise); "ipc":
     ``transport="ipc"`` with ``num_nvl_bytes=IPC_NVL_BYTES`` unless kwargs give another size (a
-    collective: every rank of the pool must make it); "emulated": CPU tensors, emulated kernels."""
+    collective: every rank of the pool must make it); "emulated": CPU tensors, emulated kernels;
+    "emulated-ipc": CPU tensors, emulated peer buffers and kernels (a collective too)."""
     if backend == "emulated":
         from nccl_emulation import emulated_buffer
 
         return emulated_buffer(world_group, **kwargs), torch.device("cpu")
+    if backend == "emulated-ipc":
+        from ipc_emulation import emulated_ipc_buffer
+
+        kwargs = {"num_nvl_bytes": EMULATED_IPC_NVL_BYTES, **kwargs}
+        return emulated_ipc_buffer(world_group, **kwargs), torch.device("cpu")
     import eplib
 
     if backend == "ipc":
@@ -165,12 +176,8 @@ def dispatch_with_layout(buf, x, idx, w, E: int, **kwargs: Any):
 
 
 def attempt(results: dict, name: str, fn) -> None:
-    """results[name] = "ok" if fn() returns, else "ExceptionType: message" (compared by the tests)."""
-    try:
-        fn()
-        results[name] = "ok"
-    except Exception as error:  # noqa: BLE001 - the test compares the outcome per rank
-        results[name] = f"{type(error).__name__}: {error}"
+    """results[name] = dist_harness.outcome(fn): "ok" or "ExceptionType: message"."""
+    results[name] = outcome(fn)
 
 
 def cuda_graph_check(buf, rank: int, R: int, group: dist.ProcessGroup, *, eager_between_replays: bool = False

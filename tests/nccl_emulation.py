@@ -159,19 +159,25 @@ class _HostCall:
         return EventOverlap()
 
 
+def init_host_transport(transport, group: dist.ProcessGroup, kernels_class: type) -> None:
+    """What CudaTransport.__init__ sets, for CPU tensors and without a CUDA stream: the emulated
+    transports skip that __init__, which makes one."""
+    transport.group = group
+    transport.rank = group.rank()
+    transport.num_ranks = group.size()
+    transport.device = torch.device("cpu")
+    transport.comm_stream = None
+    transport.error_flag = torch.zeros(1, dtype=torch.int32)
+    transport.kernels = kernels_class(transport.error_flag)
+    transport._out_of_step = None
+
+
 class EmulatedNcclTransport(NcclTransport):
     """NcclTransport on CPU tensors over a gloo group (its staging path), with EmulatedKernels."""
 
     def __init__(self, group: dist.ProcessGroup) -> None:  # noqa: no super().__init__: it makes a CUDA stream
         self.staged = True
-        self.group = group
-        self.rank = group.rank()
-        self.num_ranks = group.size()
-        self.device = torch.device("cpu")
-        self.comm_stream = None
-        self.error_flag = torch.zeros(1, dtype=torch.int32)
-        self.kernels = EmulatedKernels(self.error_flag)
-        self._out_of_step = None
+        init_host_transport(self, group, EmulatedKernels)
 
     @contextlib.contextmanager
     def _call(self, previous_event, allocate_on_comm_stream) -> Iterator[_HostCall]:

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import eplib
+from dist_harness import outcome
 
 CUDA_USABLE = torch.cuda.is_available() and eplib._C.built_with_cuda() and eplib._C.cuda_available()
 
@@ -19,28 +20,20 @@ class _FakeCudaTensor(torch.Tensor):
         return torch.device("cuda", 0)
 
 
-def _outcome(fn) -> str:
-    try:
-        fn()
-        return "ok"
-    except Exception as error:  # noqa: BLE001 - compared by the test
-        return f"{type(error).__name__}: {error}"
-
-
 def job_selection(rank, R, group):
     fake_idx = torch.zeros(4, 2, dtype=torch.int64).as_subclass(_FakeCudaTensor)
     fake_x = torch.zeros(4, 8).as_subclass(_FakeCudaTensor)
     return {
-        "unknown transport": _outcome(lambda: eplib.Buffer(group, transport="rdma")),
-        "ipc transport": _outcome(lambda: eplib.Buffer(group, transport="ipc")),
-        "nccl transport": _outcome(lambda: eplib.Buffer(group, transport="nccl")),
-        "cuda layout": _outcome(lambda: eplib.Buffer(group).get_dispatch_layout(fake_idx, 2 * R)),
-        "cuda dispatch": _outcome(lambda: eplib.Buffer(group).dispatch(fake_x, handle=None)),
-        "cuda on transport cpu": _outcome(lambda: eplib.Buffer(group, transport="cpu").get_dispatch_layout(
+        "unknown transport": outcome(lambda: eplib.Buffer(group, transport="rdma")),
+        "ipc transport": outcome(lambda: eplib.Buffer(group, transport="ipc")),
+        "nccl transport": outcome(lambda: eplib.Buffer(group, transport="nccl")),
+        "cuda layout": outcome(lambda: eplib.Buffer(group).get_dispatch_layout(fake_idx, 2 * R)),
+        "cuda dispatch": outcome(lambda: eplib.Buffer(group).dispatch(fake_x, handle=None)),
+        "cuda on transport cpu": outcome(lambda: eplib.Buffer(group, transport="cpu").get_dispatch_layout(
             fake_idx, 2 * R)),
-        "meta tensor": _outcome(lambda: eplib.Buffer(group).get_dispatch_layout(
+        "meta tensor": outcome(lambda: eplib.Buffer(group).get_dispatch_layout(
             torch.zeros(4, 2, dtype=torch.int64, device="meta"), 2 * R)),
-        "previous_event type": _outcome(lambda: eplib.Buffer(group).get_dispatch_layout(
+        "previous_event type": outcome(lambda: eplib.Buffer(group).get_dispatch_layout(
             torch.zeros(4, 2, dtype=torch.int64), 2 * R, previous_event="event")),
         "comm stream": repr(eplib.Buffer(group).get_comm_stream()),
     }

@@ -31,7 +31,8 @@ import torch.distributed as dist
 
 import eplib
 from dist_harness import (RankPool, base_case, describe_diff, expected_dispatch, fill_case, job_closed_form,
-                          make_payload, make_topk_idx, make_topk_weights, num_destinations, pad_rows, same)
+                          make_payload, make_topk_idx, make_topk_weights, num_destinations, outcome, pad_rows, same,
+                          timed_outcome)
 from gpu_harness import (DEVICE, IPC_NVL_BYTES, cuda_graph_check, dispatch_with_layout, eplib_buffer, gpu_usable,
                          group_for, job_gpu_compare, to_host)
 from test_gpu_buffer import GPU_CASES
@@ -133,21 +134,6 @@ def ipc_buffer(group, num_nvl_bytes: int = IPC_NVL_BYTES, **kwargs):
     """eplib.Buffer(group, transport="ipc") on cuda:0 (a collective: every rank of group makes it)."""
     torch.cuda.set_device(DEVICE)
     return eplib.Buffer(group, num_nvl_bytes=num_nvl_bytes, transport="ipc", **kwargs)
-
-
-def outcome(fn) -> str:
-    try:
-        fn()
-        return "ok"
-    except Exception as error:  # noqa: BLE001 - compared by the tests
-        return f"{type(error).__name__}: {error}"
-
-
-def timed_outcome(fn):
-    """(outcome(fn), seconds it took)."""
-    t0 = time.monotonic()
-    result = outcome(fn)
-    return result, time.monotonic() - t0
 
 
 # ------------------------------------------------------------------------------------ peer never arrives

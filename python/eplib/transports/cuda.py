@@ -211,8 +211,9 @@ class NormalCounts:
         self.num_recv = sum(self.recv_counts)
         self.recv_totals = counts.sum(0).tolist()
         check_receive_totals(self.recv_totals)
-        # The most rows a rank's receive region holds: dispatch receives, combine gets its sends back.
-        self.region_rows = max(self.recv_totals + counts.sum(1).tolist())
+        # The most rows a rank's receive region holds: a dispatch receives, a combine gets its sends back.
+        self.max_recv_rows = max(self.recv_totals)
+        self.max_send_rows = max(counts.sum(1).tolist())
         per_expert = records[:, first_count + num_ranks:].sum(0).tolist()
         self.num_recv_tokens_per_expert_list = [-(-n // expert_alignment) * expert_alignment for n in per_expert]
 
@@ -340,7 +341,8 @@ class CudaTransport:
             hidden=hidden,
             slot_rows=0,
             device_recv_counts=recv_counts,
-            region_rows=counts.region_rows,
+            max_recv_rows=counts.max_recv_rows,
+            max_send_rows=counts.max_send_rows,
         )
 
     def _finish_padded(self, call: CallStreams, recv_buffer: Rows, counts: Tensor, x: Tensor,
@@ -365,7 +367,8 @@ class CudaTransport:
             hidden=x.shape[1],
             slot_rows=num_worst_tokens,
             device_recv_counts=recv_counts,
-            region_rows=self.num_ranks * num_worst_tokens,
+            max_recv_rows=self.num_ranks * num_worst_tokens,
+            max_send_rows=self.num_ranks * num_worst_tokens,
         )
         return recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, [], handle
 

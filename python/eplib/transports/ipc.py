@@ -229,7 +229,7 @@ class IpcTransport(CudaTransport):
         self._check_records(records)
         counts = NormalCounts(records, self.rank, expert_alignment)
         stride = _C.dispatch_row_stride(row_bytes(x), row_bytes(x_scales), num_topk)
-        self._check_fit(max(counts.recv_totals), stride, "dispatch")
+        self._check_fit(counts.max_recv_rows, stride, "dispatch")
         with self._launching():
             rank_prefix_matrix = self._prefix_matrix(call, count_matrix)
             recv_counts = call.empty(self.num_ranks, dtype=torch.int32)
@@ -276,7 +276,7 @@ class IpcTransport(CudaTransport):
         """Dispatch x (and FP8 scales) along the layout of an earlier dispatch; no host sync."""
         with self._call(previous_event, allocate_on_comm_stream) as call:
             stride = _C.dispatch_row_stride(row_bytes(x), row_bytes(x_scales), 0)
-            self._check_fit(handle.region_rows, stride, "cached dispatch")
+            self._check_fit(handle.max_recv_rows, stride, "cached dispatch")
             peer_args = self._peer_args(num_sms)
             with self._launching():
                 self.kernels.dispatch_pack(x, x_scales, None, None, 0, handle.send_pos, None,
@@ -293,7 +293,7 @@ class IpcTransport(CudaTransport):
         """Send expert outputs back into their sources' regions and reduce them there; no host sync."""
         with self._call(previous_event, allocate_on_comm_stream) as call:
             num_topk = topk_weights.shape[1] if topk_weights is not None else 0
-            self._check_fit(handle.region_rows, _C.combine_row_stride(row_bytes(x), num_topk), "combine")
+            self._check_fit(handle.max_send_rows, _C.combine_row_stride(row_bytes(x), num_topk), "combine")
             peer_args = self._peer_args(num_sms)
             with self._launching():
                 self.kernels.combine_pack(x, topk_weights, handle.device_recv_counts, handle.slot_rows, None,
