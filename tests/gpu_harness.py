@@ -218,8 +218,16 @@ def cuda_graph_check(buf, rank: int, R: int, group: dist.ProcessGroup, *, eager_
     # thread_local: NCCL's watchdog thread may query events while this thread captures.
     with torch.cuda.graph(graph, capture_error_mode="thread_local"):
         static_out = step(buf, static_x, static_x2, static_idx, static_w)
+        # A normal-mode dispatch reads counts on the host: refused before it touches the capture.
+        lay = static_out["layout"]
+        refused = outcome(lambda: buf.dispatch(static_x, num_tokens_per_rank=lay[0], is_token_in_rank=lay[3],
+                                               num_tokens_per_expert=lay[2], topk_idx=static_idx,
+                                               topk_weights=static_w))
 
     errs: List[str] = []
+    if not refused.startswith("ValueError: num_worst_tokens"):
+        errs.append(f"a normal-mode dispatch during capture: expected ValueError naming num_worst_tokens, "
+                    f"got {refused!r}")
     ref = ReferenceBuffer(group)
 
     def compare(what: str, got_out: dict, want_out: dict) -> None:

@@ -332,7 +332,8 @@ class Buffer:
             num_worst_tokens: if > 0, outputs have exactly this many rows (ValueError on the
                 rank that receives more: at once on CPU; on CUDA, where this mode never synchronizes,
                 at the next normal-mode dispatch); padding rows are zero with ``recv_topk_idx == -1``.
-                All ranks must pass the same value.
+                All ranks must pass the same value. The mode to capture in a CUDA graph: a normal-mode
+                dispatch during a capture raises ValueError (its host read of the counts cannot be captured).
             config: DeepEP's; only ``num_sms`` has an effect (the ipc kernels' blocks; default
                 ``Buffer.num_sms``): eplib's transports have no chunked ring buffers.
             previous_event, async_finish, allocate_on_comm_stream: DeepEP's stream protocol (see the class
@@ -376,6 +377,9 @@ class Buffer:
                             ("num_tokens_per_expert", num_tokens_per_expert)):
             if value is None:
                 raise ValueError(f"{name}: required when no handle is given (compute it with get_dispatch_layout)")
+        if num_worst_tokens == 0 and values.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise ValueError("num_worst_tokens: a normal-mode dispatch (num_worst_tokens=0) reads the receive counts "
+                             "on the host, which a CUDA graph capture cannot do; pass num_worst_tokens > 0")
         device = values.device
         check_tensor("num_tokens_per_rank", num_tokens_per_rank, [torch.int32], [self.group_size], device)
         check_tensor("is_token_in_rank", is_token_in_rank, [torch.bool], [num_tokens, self.group_size], device)
