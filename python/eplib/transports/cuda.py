@@ -223,6 +223,8 @@ class CudaTransport:
     ``_dispatch_normal``, ``_dispatch_padded``, ``cached_dispatch`` and ``combine``."""
 
     name = "cuda"
+    # What a user does once the ranks are out of step (the collectives of the group are, for nccl).
+    recovery = "create a new process group and Buffer"
 
     def __init__(self, group: dist.ProcessGroup, device: torch.device) -> None:
         self.group = group
@@ -243,8 +245,8 @@ class CudaTransport:
     def _check_usable(self) -> None:
         """Raises RuntimeError when an earlier failure left the ranks out of step."""
         if self._out_of_step is not None:
-            raise RuntimeError(f"eplib: this Buffer's group is out of step since an earlier exchange failed "
-                               f"({self._out_of_step}); create a new process group and Buffer")
+            raise RuntimeError(f"eplib: this Buffer's ranks are out of step since an earlier exchange failed "
+                               f"({self._out_of_step}); {self.recovery}")
 
     @contextlib.contextmanager
     def _call(self, previous_event: Optional[EventOverlap], allocate_on_comm_stream: bool) -> Iterator[CallStreams]:

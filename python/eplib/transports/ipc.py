@@ -130,6 +130,7 @@ class IpcTransport(CudaTransport):
     """Dispatch and combine for CUDA tensors through the peer buffers of the group's ranks (one node)."""
 
     name = "ipc"
+    recovery = "create a new Buffer (the process group is not used after construction and is fine)"
 
     def __init__(self, group: dist.ProcessGroup, device: torch.device, num_nvl_bytes: int) -> None:
         super().__init__(group, device)
