@@ -38,7 +38,7 @@ __global__ void __launch_bounds__(kMaxThreadsPerBlock) dispatch_pack_kernel(cons
     for (int r = 0; r < num_ranks; ++r) {
       const int32_t pos = send_pos[t * num_ranks + r];
       if (pos < 0) continue;
-      uint8_t* row = send_buffer + static_cast<int64_t>(pos) * layout.stride;
+      uint8_t* row;
       if (round.active) {
         const int64_t region_row = pos + row_shift[r];
         if (!row_in_region(round.view, region_row, layout.stride)) {  // ranks disagree on the layout
@@ -46,6 +46,8 @@ __global__ void __launch_bounds__(kMaxThreadsPerBlock) dispatch_pack_kernel(cons
           continue;
         }
         row = region_of(round.view, r) + region_row * layout.stride;
+      } else {
+        row = send_buffer + static_cast<int64_t>(pos) * layout.stride;  // send_buffer is null with peers
       }
       warp_copy(row, x + t * layout.x_bytes, layout.x_bytes, lane);
       if (layout.scales_bytes > 0)

@@ -374,6 +374,27 @@ class CudaTransport:
         )
         return recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, [], handle
 
+    def _receive_cached(self, call: CallStreams, recv_buffer: Rows, x: Tensor, x_scales: Optional[Tensor],
+                        handle: DispatchHandle, **peer_args):
+        """The receiving end of a cached dispatch: recv_buffer unpacked along the handle. Returns
+        ((recv_x, recv_x_scales), the tensors in flight for call.finish)."""
+        recv_x, recv_x_scales, *_ = self._unpack(call, recv_buffer, handle.device_recv_counts, handle.slot_rows,
+                                                 handle.num_output_rows, x, x_scales, 0, 0, None, **peer_args)
+        return (recv_x, recv_x_scales), (x, x_scales, recv_x, recv_x_scales) + handle_tensors(handle)
+
+    def _receive_combine(self, call: CallStreams, recv_buffer: Rows, x: Tensor, handle: DispatchHandle,
+                         topk_weights: Optional[Tensor], bias_0: Optional[Tensor], bias_1: Optional[Tensor],
+                         **peer_args):
+        """The receiving end of a combine: the per-token reduction of recv_buffer. Returns
+        ((combined_x, combined_topk_weights), the tensors in flight for call.finish)."""
+        num_topk = topk_weights.shape[1] if topk_weights is not None else 0
+        combined_x = call.empty(handle.num_tokens, x.shape[1], dtype=x.dtype)
+        combined_topk_weights = call.empty(handle.num_tokens, num_topk, dtype=torch.float32) if num_topk else None
+        self.kernels.combine_reduce(recv_buffer, handle.send_pos, bias_0, bias_1, combined_x, combined_topk_weights,
+                                    **peer_args)
+        in_flight = (x, topk_weights, bias_0, bias_1, combined_x, combined_topk_weights) + handle_tensors(handle)
+        return (combined_x, combined_topk_weights), in_flight
+
     # ------------------------------------------------------------------------------------------
     # Calls
     # ------------------------------------------------------------------------------------------

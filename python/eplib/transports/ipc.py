@@ -46,7 +46,7 @@ from .. import _C
 from ..collectives import all_gather, timeout_seconds
 from ..event import EventOverlap
 from ..handle import DispatchHandle
-from .cuda import CallStreams, CudaTransport, NormalCounts, handle_tensors, row_bytes
+from .cuda import CallStreams, CudaTransport, NormalCounts, row_bytes
 
 Tensor = torch.Tensor
 
@@ -282,11 +282,8 @@ class IpcTransport(CudaTransport):
             with self._launching():
                 self.kernels.dispatch_pack(x, x_scales, None, None, 0, handle.send_pos, None,
                                            **self._placement(handle), **peer_args)
-                recv_x, recv_x_scales, *_ = self._unpack(call, self.peer.region, handle.device_recv_counts,
-                                                         handle.slot_rows, handle.num_output_rows, x, x_scales, 0,
-                                                         0, None, **peer_args)
-            in_flight = (x, x_scales, recv_x, recv_x_scales) + handle_tensors(handle)
-            return (recv_x, recv_x_scales), call.finish(async_finish, in_flight)
+                outputs, in_flight = self._receive_cached(call, self.peer.region, x, x_scales, handle, **peer_args)
+            return outputs, call.finish(async_finish, in_flight)
 
     def combine(self, x: Tensor, handle: DispatchHandle, topk_weights: Optional[Tensor], bias_0: Optional[Tensor],
                 bias_1: Optional[Tensor], *, previous_event: Optional[EventOverlap], async_finish: bool,
@@ -299,11 +296,7 @@ class IpcTransport(CudaTransport):
             with self._launching():
                 self.kernels.combine_pack(x, topk_weights, handle.device_recv_counts, handle.slot_rows, None,
                                           rank_prefix_matrix=handle.rank_prefix_matrix, **peer_args)
-                combined_x = call.empty(handle.num_tokens, x.shape[1], dtype=x.dtype)
-                combined_topk_weights = (call.empty(handle.num_tokens, num_topk, dtype=torch.float32) if num_topk
-                                         else None)
-                self.kernels.combine_reduce(self.peer.region, handle.send_pos, bias_0, bias_1, combined_x,
-                                            combined_topk_weights, **peer_args)
-            in_flight = (x, topk_weights, bias_0, bias_1, combined_x, combined_topk_weights) + handle_tensors(handle)
-            return (combined_x, combined_topk_weights), call.finish(async_finish, in_flight)
+                outputs, in_flight = self._receive_combine(call, self.peer.region, x, handle, topk_weights, bias_0,
+                                                           bias_1, **peer_args)
+            return outputs, call.finish(async_finish, in_flight)
 

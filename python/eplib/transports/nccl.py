@@ -50,8 +50,7 @@ from .. import _C
 from ..collectives import CollectiveError, all_gather, all_to_all
 from ..event import EventOverlap
 from ..handle import DispatchHandle
-from .cuda import (RECORD_FIELDS, CallStreams, CudaTransport, NormalCounts, handle_tensors,
-                   normal_records_for_rank, row_bytes)
+from .cuda import RECORD_FIELDS, CallStreams, CudaTransport, NormalCounts, normal_records_for_rank, row_bytes
 
 Tensor = torch.Tensor
 
@@ -207,10 +206,8 @@ class NcclTransport(CudaTransport):
             send_buffer = torch.empty(send_rows * stride, dtype=torch.uint8, device=self.device)
             self.kernels.dispatch_pack(x, x_scales, None, None, 0, handle.send_pos, send_buffer)
             recv_buffer = self._exchange_rows(send_buffer, stride, handle, False, "cached dispatch (payload)")
-            recv_x, recv_x_scales, *_ = self._unpack(call, recv_buffer, handle.device_recv_counts, handle.slot_rows,
-                                                     handle.num_output_rows, x, x_scales, 0, 0, None)
-            in_flight = (x, x_scales, recv_x, recv_x_scales) + handle_tensors(handle)
-            return (recv_x, recv_x_scales), call.finish(async_finish, in_flight)
+            outputs, in_flight = self._receive_cached(call, recv_buffer, x, x_scales, handle)
+            return outputs, call.finish(async_finish, in_flight)
 
     def combine(self, x: Tensor, handle: DispatchHandle, topk_weights: Optional[Tensor], bias_0: Optional[Tensor],
                 bias_1: Optional[Tensor], *, previous_event: Optional[EventOverlap], async_finish: bool,
@@ -226,9 +223,5 @@ class NcclTransport(CudaTransport):
                 send_buffer = torch.empty(send_rows * stride, dtype=torch.uint8, device=self.device)
                 self.kernels.combine_pack(x, topk_weights, handle.device_recv_counts, handle.slot_rows, send_buffer)
             recv_buffer = self._exchange_rows(send_buffer, stride, handle, True, "combine (payload)")
-            combined_x = call.empty(handle.num_tokens, x.shape[1], dtype=x.dtype)
-            combined_topk_weights = call.empty(handle.num_tokens, num_topk, dtype=torch.float32) if num_topk else None
-            self.kernels.combine_reduce(recv_buffer, handle.send_pos, bias_0, bias_1, combined_x,
-                                        combined_topk_weights)
-            in_flight = (x, topk_weights, bias_0, bias_1, combined_x, combined_topk_weights) + handle_tensors(handle)
-            return (combined_x, combined_topk_weights), call.finish(async_finish, in_flight)
+            outputs, in_flight = self._receive_combine(call, recv_buffer, x, handle, topk_weights, bias_0, bias_1)
+            return outputs, call.finish(async_finish, in_flight)
