@@ -18,6 +18,7 @@ import torch
 
 from . import _C
 from ._dtypes import CUDA_KERNEL_DTYPES, INT32_LIMIT, KERNEL_DTYPE_CODES
+from .transports.tensors import ptr
 from .validation import check_int, check_tensor
 
 Tensor = torch.Tensor
@@ -109,7 +110,7 @@ def _permute_rows(x: Tensor, pair_pos: Tensor, topk_weights: Optional[Tensor], e
     num_rows, hidden = x.shape
     out = torch.empty(num_out_rows, hidden, dtype=x.dtype, device=x.device)
     args = (KERNEL_DTYPE_CODES[x.dtype], x.data_ptr(), num_rows, hidden, pair_pos.shape[1], pair_pos.data_ptr(),
-            0 if topk_weights is None else topk_weights.data_ptr(), expert_offsets.data_ptr(),
+            ptr(topk_weights), expert_offsets.data_ptr(),
             num_tokens_per_expert.data_ptr(), num_tokens_per_expert.shape[0], num_out_rows, out.data_ptr())
     if x.is_cuda:
         with _on_device(x.device):
@@ -124,7 +125,7 @@ def _unpermute_rows(y: Tensor, pair_pos: Tensor, topk_weights: Optional[Tensor])
     num_rows, num_topk = pair_pos.shape
     out = torch.empty(num_rows, y.shape[1], dtype=y.dtype, device=y.device)
     args = (KERNEL_DTYPE_CODES[y.dtype], y.data_ptr(), y.shape[0], y.shape[1], num_topk, pair_pos.data_ptr(),
-            0 if topk_weights is None else topk_weights.data_ptr(), num_rows, out.data_ptr())
+            ptr(topk_weights), num_rows, out.data_ptr())
     if y.is_cuda:
         with _on_device(y.device):
             _C.cuda_unpermute_rows(*args, _stream(y))

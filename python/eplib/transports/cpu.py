@@ -22,28 +22,17 @@ import torch
 import torch.distributed as dist
 
 from .. import _C
-from .._dtypes import KERNEL_DTYPE_CODES, WIRE_DTYPE_IDS
+from .._dtypes import KERNEL_DTYPE_CODES
 from ..collectives import CollectiveError, all_gather, all_to_all
 from ..handle import DispatchHandle
-from .records import check_format_agreement, check_receive_totals
+from .records import FORMAT_FIELDS, check_format_agreement, check_receive_totals, format_values
+from .tensors import as_bytes, ptr, row_bytes
 
 Tensor = torch.Tensor
 
 # Fields after the R send counts in each rank's record; the format fields (records.FORMAT_FIELDS)
 # must agree on all ranks.
-_RECORD_FIELDS = ("rejected", "num_worst_tokens", "num_experts", "num_topk", "x_dtype", "hidden", "scales_per_token")
-
-
-def _ptr(tensor: Optional[Tensor]) -> int:
-    return 0 if tensor is None else tensor.data_ptr()
-
-
-def _row_bytes(tensor: Optional[Tensor]) -> int:
-    return 0 if tensor is None else tensor.shape[1] * tensor.element_size()
-
-
-def _as_bytes(tensor: Tensor) -> Tensor:
-    return tensor.reshape(-1).view(torch.uint8)
+_RECORD_FIELDS = ("rejected", "num_worst_tokens", *FORMAT_FIELDS)
 
 
 # Fresh allocations at least this large get huge pages before their first write: on the test VM a
@@ -125,10 +114,10 @@ class CpuTransport:
     def _pack(self, x: Tensor, x_scales: Optional[Tensor], topk_idx: Optional[Tensor], topk_weights: Optional[Tensor],
               num_experts: int, send_pos: Tensor, num_send_rows: int) -> Tuple[Tensor, int]:
         num_topk = topk_idx.shape[1] if topk_idx is not None else 0
-        stride = _C.dispatch_row_stride(_row_bytes(x), _row_bytes(x_scales), num_topk)
+        stride = _C.dispatch_row_stride(row_bytes(x), row_bytes(x_scales), num_topk)
         send_buffer = self._staging_bytes("send", num_send_rows * stride)
-        _C.dispatch_pack(_ptr(x), _row_bytes(x), _ptr(x_scales), _row_bytes(x_scales), _ptr(topk_idx),
-                         _ptr(topk_weights), num_topk, num_experts, send_pos.data_ptr(), x.shape[0], self.num_ranks,
+        _C.dispatch_pack(ptr(x), row_bytes(x), ptr(x_scales), row_bytes(x_scales), ptr(topk_idx),
+                         ptr(topk_weights), num_topk, num_experts, send_pos.data_ptr(), x.shape[0], self.num_ranks,
                          send_buffer.data_ptr())
         return send_buffer, stride
 
@@ -150,9 +139,9 @@ class CpuTransport:
         recv_topk_idx = torch.empty(num_rows, num_topk, dtype=torch.int64) if num_topk else None
         recv_topk_weights = torch.empty(num_rows, num_topk, dtype=torch.float32) if num_topk else None
         per_expert = torch.empty(num_local_experts, dtype=torch.int64) if num_topk else None
-        _C.dispatch_unpack(recv_buffer.data_ptr(), num_recv, _row_bytes(x), _row_bytes(x_scales), num_topk,
-                           num_local_experts, recv_x.data_ptr(), _ptr(recv_x_scales), recv_src_idx.data_ptr(),
-                           _ptr(recv_topk_idx), _ptr(recv_topk_weights), _ptr(per_expert))
+        _C.dispatch_unpack(recv_buffer.data_ptr(), num_recv, row_bytes(x), row_bytes(x_scales), num_topk,
+                           num_local_experts, recv_x.data_ptr(), ptr(recv_x_scales), recv_src_idx.data_ptr(),
+                           ptr(recv_topk_idx), ptr(recv_topk_weights), ptr(per_expert))
         if num_rows > num_recv:
             for tensor in (recv_x, recv_x_scales, recv_topk_weights):
                 if tensor is not None:
@@ -228,10 +217,8 @@ class CpuTransport:
             # Tell the peers, so that they raise now instead of waiting for this rank to time out.
             self._exchange_records(None, rejected=1)
             raise
-        records = self._exchange_records(
-            send_counts, num_worst_tokens=num_worst_tokens, num_experts=num_experts, num_topk=num_topk,
-            x_dtype=WIRE_DTYPE_IDS[x.dtype], hidden=x.shape[1],
-            scales_per_token=x_scales.shape[1] if x_scales is not None else 0)
+        records = self._exchange_records(send_counts, num_worst_tokens=num_worst_tokens,
+                                         **format_values(x, x_scales, num_experts, num_topk))
         recv_totals = self._check_records(records)
         counts_matrix = records[:, :self.num_ranks]  # [source, destination]
         recv_counts = tuple(counts_matrix[:, self.rank].tolist())
@@ -306,10 +293,10 @@ class CpuTransport:
         self._start_call()
         num_recv = handle.num_recv_tokens
         num_topk = topk_weights.shape[1] if topk_weights is not None else 0
-        x_bytes = _row_bytes(x)
+        x_bytes = row_bytes(x)
         stride = _C.combine_row_stride(x_bytes, num_topk)
         if topk_weights is None:
-            send_buffer = _as_bytes(x[:num_recv])  # rows are already in the order they go back
+            send_buffer = as_bytes(x[:num_recv])  # rows are already in the order they go back
         else:
             send_buffer = self._staging_bytes("send", num_recv * stride)
             _C.combine_pack(x.data_ptr(), x_bytes, topk_weights.data_ptr(), num_topk, num_recv,
@@ -321,6 +308,6 @@ class CpuTransport:
         combined_x = _empty(num_tokens, hidden, dtype=x.dtype)
         combined_topk_weights = torch.empty(num_tokens, num_topk, dtype=torch.float32) if num_topk else None
         _C.combine_reduce(KERNEL_DTYPE_CODES[x.dtype], recv_buffer.data_ptr(), hidden, num_topk,
-                          handle.send_pos.data_ptr(), num_tokens, self.num_ranks, _ptr(bias_0), _ptr(bias_1),
-                          combined_x.data_ptr(), _ptr(combined_topk_weights))
+                          handle.send_pos.data_ptr(), num_tokens, self.num_ranks, ptr(bias_0), ptr(bias_1),
+                          combined_x.data_ptr(), ptr(combined_topk_weights))
         return combined_x, combined_topk_weights

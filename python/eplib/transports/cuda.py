@@ -20,10 +20,11 @@ import torch
 import torch.distributed as dist
 
 from .. import _C
-from .._dtypes import KERNEL_DTYPE_CODES, WIRE_DTYPE_IDS
+from .._dtypes import KERNEL_DTYPE_CODES
 from ..event import EventOverlap
 from ..handle import DispatchHandle
-from .records import check_format_agreement, check_receive_totals
+from .records import FORMAT_FIELDS, check_format_agreement, check_receive_totals
+from .tensors import ptr, row_bytes
 
 Tensor = torch.Tensor
 # A receive buffer: a tensor (nccl transport) or the address of the peer transport's region.
@@ -49,7 +50,7 @@ _ERROR_MESSAGES = {
 
 # Fields at the head of each rank's normal-mode record: each rank's own error flag, then the format
 # fields that must agree on all ranks (records.FORMAT_FIELDS). Then R send counts, then per-expert counts.
-RECORD_FIELDS = ("error_flag", "num_experts", "num_topk", "x_dtype", "hidden", "scales_per_token")
+RECORD_FIELDS = ("error_flag", *FORMAT_FIELDS)
 
 
 def describe_error_flag(flag: int) -> str:
@@ -59,14 +60,6 @@ def describe_error_flag(flag: int) -> str:
     if unknown:
         known.append(f"unknown error bits {unknown:#x}")
     return "; ".join(known)
-
-
-def ptr(tensor: Optional[Tensor]) -> int:
-    return 0 if tensor is None else tensor.data_ptr()
-
-
-def row_bytes(tensor: Optional[Tensor]) -> int:
-    return 0 if tensor is None else tensor.shape[1] * tensor.element_size()
 
 
 def _address(rows: Optional[Rows]) -> int:
@@ -205,14 +198,13 @@ class NormalCounts:
         num_ranks = records.shape[0]
         first_count = len(RECORD_FIELDS)
         counts = records[:, first_count:first_count + num_ranks]  # [source, destination]
-        self.matrix = counts
         self.send_counts = tuple(counts[rank].tolist())
         self.recv_counts = tuple(counts[:, rank].tolist())
         self.num_recv = sum(self.recv_counts)
-        self.recv_totals = counts.sum(0).tolist()
-        check_receive_totals(self.recv_totals)
+        recv_totals = counts.sum(0).tolist()
+        check_receive_totals(recv_totals)
         # The most rows a rank's receive region holds: a dispatch receives, a combine gets its sends back.
-        self.max_recv_rows = max(self.recv_totals)
+        self.max_recv_rows = max(recv_totals)
         self.max_send_rows = max(counts.sum(1).tolist())
         per_expert = records[:, first_count + num_ranks:].sum(0).tolist()
         self.num_recv_tokens_per_expert_list = [-(-n // expert_alignment) * expert_alignment for n in per_expert]
@@ -285,11 +277,6 @@ class CudaTransport:
         self._flag_if((per_expert != num_tokens_per_expert).any(), ERR_EXPERT_COUNTS)
         self._flag_if(~torch.isfinite(topk_weights).all(), ERR_WEIGHT)
 
-    def _record_fields(self, x: Tensor, x_scales: Optional[Tensor], num_experts: int, num_topk: int) -> List[int]:
-        """The format fields of RECORD_FIELDS (all but the error flag), host values."""
-        return [num_experts, num_topk, WIRE_DTYPE_IDS[x.dtype], x.shape[1],
-                x_scales.shape[1] if x_scales is not None else 0]
-
     def _check_records(self, records: Tensor) -> None:
         """Raises on every rank alike when a rank's error flag is set or the ranks' formats differ.
         records: host int64 [R, L] starting with RECORD_FIELDS."""
@@ -307,11 +294,14 @@ class CudaTransport:
                                f"on the device (their ValueError says what)")
         check_format_agreement(column, self.num_ranks)
 
-    def _prefix_matrix(self, call: CallStreams, counts: Tensor) -> Tensor:
-        """rank_prefix_matrix int32 [R, R] from the device counts [source, destination]."""
-        matrix = call.empty(self.num_ranks, self.num_ranks, dtype=torch.int32)
-        matrix.copy_(counts.cumsum(0))
-        return matrix
+    def _device_counts(self, call: CallStreams, counts: Tensor) -> Tuple[Tensor, Tensor]:
+        """From the device counts [source, destination] of every rank: (rank_prefix_matrix int32 [R, R],
+        this rank's receive counts int32 [R]), both on the device."""
+        rank_prefix_matrix = call.empty(self.num_ranks, self.num_ranks, dtype=torch.int32)
+        rank_prefix_matrix.copy_(counts.cumsum(0))
+        recv_counts = call.empty(self.num_ranks, dtype=torch.int32)
+        recv_counts.copy_(counts[:, self.rank])
+        return rank_prefix_matrix, recv_counts
 
     def _unpack(self, call: CallStreams, recv_buffer: Rows, recv_counts: Tensor, slot_rows: int, num_rows: int,
                 x: Tensor, x_scales: Optional[Tensor], num_topk: int, num_local_experts: int,
@@ -352,14 +342,13 @@ class CudaTransport:
                        num_worst_tokens: int, send_pos: Tensor, send_counts: Tensor, peer_args: dict):
         """Unpacks a num_worst_tokens exchange (slot layout) and makes its handle, on the device only.
         counts: device int32 [R, R], [source, destination]."""
-        recv_counts = call.empty(self.num_ranks, dtype=torch.int32)
-        recv_counts.copy_(counts[:, self.rank])
+        rank_prefix_matrix, recv_counts = self._device_counts(call, counts)
         num_recv = call.empty(1, dtype=torch.int32)
         outputs = self._unpack(call, recv_buffer, recv_counts, num_worst_tokens, num_worst_tokens, x, x_scales,
                                num_topk, num_experts // self.num_ranks, num_recv, **peer_args)
         recv_x, recv_x_scales, recv_src_idx, recv_topk_idx, recv_topk_weights = outputs
         handle = DispatchHandle(
-            rank_prefix_matrix=self._prefix_matrix(call, counts),
+            rank_prefix_matrix=rank_prefix_matrix,
             send_counts=send_counts,
             recv_counts=recv_counts,
             recv_src_idx=recv_src_idx,

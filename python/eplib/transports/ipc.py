@@ -46,7 +46,9 @@ from .. import _C
 from ..collectives import all_gather, timeout_seconds
 from ..event import EventOverlap
 from ..handle import DispatchHandle
-from .cuda import CallStreams, CudaTransport, NormalCounts, row_bytes
+from .cuda import CallStreams, CudaTransport, NormalCounts
+from .records import format_values
+from .tensors import row_bytes
 
 Tensor = torch.Tensor
 
@@ -206,7 +208,7 @@ class IpcTransport(CudaTransport):
         the device counts int32 [R, R], [source, destination]."""
         num_experts = num_tokens_per_expert.shape[0]
         count_matrix = torch.empty(self.num_ranks, self.num_ranks, dtype=torch.int32, device=self.device)
-        self.peer.notify(self.error_flag.data_ptr(), self._record_fields(x, x_scales, num_experts, num_topk),
+        self.peer.notify(self.error_flag.data_ptr(), list(format_values(x, x_scales, num_experts, num_topk).values()),
                          send_counts.data_ptr(), num_tokens_per_expert.data_ptr(), num_experts,
                          count_matrix.data_ptr(), host_wait, torch.cuda.current_stream().cuda_stream)
         return count_matrix
@@ -232,9 +234,7 @@ class IpcTransport(CudaTransport):
         stride = _C.dispatch_row_stride(row_bytes(x), row_bytes(x_scales), num_topk)
         self._check_fit(counts.max_recv_rows, stride, "dispatch")
         with self._launching():
-            rank_prefix_matrix = self._prefix_matrix(call, count_matrix)
-            recv_counts = call.empty(self.num_ranks, dtype=torch.int32)
-            recv_counts.copy_(count_matrix[:, self.rank])
+            rank_prefix_matrix, recv_counts = self._device_counts(call, count_matrix)
             peer_args = self._peer_args(num_sms)
             self.kernels.dispatch_pack(x, x_scales, topk_idx, topk_weights, num_experts, send_pos, None,
                                        rank_prefix_matrix=rank_prefix_matrix, **peer_args)

@@ -50,7 +50,9 @@ from .. import _C
 from ..collectives import CollectiveError, all_gather, all_to_all
 from ..event import EventOverlap
 from ..handle import DispatchHandle
-from .cuda import RECORD_FIELDS, CallStreams, CudaTransport, NormalCounts, normal_records_for_rank, row_bytes
+from .cuda import RECORD_FIELDS, CallStreams, CudaTransport, NormalCounts, normal_records_for_rank
+from .records import format_values
+from .tensors import as_bytes, row_bytes
 
 Tensor = torch.Tensor
 
@@ -121,7 +123,7 @@ class NcclTransport(CudaTransport):
         record = torch.empty(num_fields + self.num_ranks + num_experts, dtype=torch.int64, device=self.device)
         record[:1].copy_(self.error_flag)  # every flag bit of this and earlier calls, in stream order
         # fill_ writes host values without a host-to-device copy (a pageable one would sync the stream).
-        for index, value in enumerate(self._record_fields(x, x_scales, num_experts, num_topk), start=1):
+        for index, value in enumerate(format_values(x, x_scales, num_experts, num_topk).values(), start=1):
             record[index].fill_(value)
         record[num_fields:num_fields + self.num_ranks].copy_(send_counts)
         record[num_fields + self.num_ranks:].copy_(num_tokens_per_expert)
@@ -149,13 +151,12 @@ class NcclTransport(CudaTransport):
         recv_buffer = torch.empty(counts.num_recv * stride, dtype=torch.uint8, device=self.device)
         self._all_to_all(recv_buffer, send_buffer, [n * stride for n in counts.recv_counts],
                          [n * stride for n in counts.send_counts], "dispatch (payload)")
-        recv_counts = call.empty(self.num_ranks, dtype=torch.int32)
-        recv_counts.copy_(device_counts[:, self.rank])
+        rank_prefix_matrix, recv_counts = self._device_counts(call, device_counts)
         outputs = self._unpack(call, recv_buffer, recv_counts, 0, counts.num_recv, x, x_scales, num_topk, num_local,
                                None)
         recv_x, recv_x_scales, recv_src_idx, recv_topk_idx, recv_topk_weights = outputs
-        handle = self._normal_handle(counts, self._prefix_matrix(call, device_counts), recv_counts, recv_src_idx,
-                                     is_token_in_rank, send_pos, x.shape[1])
+        handle = self._normal_handle(counts, rank_prefix_matrix, recv_counts, recv_src_idx, is_token_in_rank,
+                                     send_pos, x.shape[1])
         return recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, counts.num_recv_tokens_per_expert_list, handle
 
     def _dispatch_padded(self, call: CallStreams, x: Tensor, x_scales: Optional[Tensor], is_token_in_rank: Tensor,
@@ -217,7 +218,7 @@ class NcclTransport(CudaTransport):
             num_topk = topk_weights.shape[1] if topk_weights is not None else 0
             stride = _C.combine_row_stride(row_bytes(x), num_topk)
             if handle.slot_rows == 0 and num_topk == 0:
-                send_buffer = x.reshape(-1).view(torch.uint8)  # rows are already in the order they go back
+                send_buffer = as_bytes(x)  # rows are already in the order they go back
             else:
                 send_rows = self.num_ranks * handle.slot_rows if handle.slot_rows > 0 else x.shape[0]
                 send_buffer = torch.empty(send_rows * stride, dtype=torch.uint8, device=self.device)

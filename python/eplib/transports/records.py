@@ -1,13 +1,22 @@
 """What every transport checks in the per-rank records of a dispatch: the row format all ranks
 must share, and receive totals that int32 positions can index."""
 
-from typing import Callable, List
+from typing import Callable, Dict, List, Optional
 
-from .._dtypes import INT32_LIMIT
+import torch
+
+from .._dtypes import INT32_LIMIT, WIRE_DTYPE_IDS
 
 # Format fields of a dispatch record, and the argument to blame when the ranks disagree on one.
 FORMAT_FIELDS = {"num_experts": "num_tokens_per_expert", "num_topk": "topk_idx", "x_dtype": "x", "hidden": "x",
                  "scales_per_token": "x[1]"}
+
+
+def format_values(x: torch.Tensor, x_scales: Optional[torch.Tensor], num_experts: int,
+                  num_topk: int) -> Dict[str, int]:
+    """This rank's values of the FORMAT_FIELDS, in their order."""
+    return {"num_experts": num_experts, "num_topk": num_topk, "x_dtype": WIRE_DTYPE_IDS[x.dtype], "hidden": x.shape[1],
+            "scales_per_token": x_scales.shape[1] if x_scales is not None else 0}
 
 
 def check_format_agreement(column: Callable[[str], List[int]], num_ranks: int) -> None:
