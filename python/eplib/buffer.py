@@ -114,8 +114,7 @@ class Buffer:
         """The ipc transport on the current device, or None where "auto" falls back to nccl."""
         global _fallback_logged
         if self.transport == "auto":
-            if self.num_nvl_bytes == 0 or not (_C.built_with_cuda() and torch.cuda.is_available()
-                                               and _C.cuda_available()):
+            if self.num_nvl_bytes == 0 or not _cuda_usable():
                 return None  # no peer buffer asked for, or no GPU: nothing to fall back from
         elif self.num_nvl_bytes == 0:
             raise ValueError("num_nvl_bytes: transport='ipc' needs a peer buffer; size it with "
@@ -171,7 +170,7 @@ class Buffer:
         """The communication stream of CUDA calls (created on the current device if no CUDA call ran
         yet); None without a usable GPU, where all calls run on CPU and finish before returning."""
         if self._cuda is None:
-            if self.transport == "cpu" or not (torch.cuda.is_available() and _C.cuda_available()):
+            if self.transport == "cpu" or not _cuda_usable():
                 return None
             return self._cuda_transport(torch.device("cuda", torch.cuda.current_device())).comm_stream
         return self._cuda.comm_stream
@@ -244,7 +243,8 @@ class Buffer:
             if self.transport == "cpu":
                 raise ValueError(f"{name}: this Buffer was made with transport='cpu', which moves CPU tensors; got "
                                  f"a tensor on {x.device}")
-            _check_cuda_usable(f"{name} on {x.device}")
+            if self._cuda is None:  # an existing transport proved CUDA usable
+                _check_cuda_usable(f"{name} on {x.device}")
             return self._cuda_transport(x.device)
         raise ValueError(f"{name}: expected a CPU or CUDA tensor, got a tensor on {x.device}")
 
@@ -457,11 +457,16 @@ class Buffer:
             raise ValueError(f"handle: its tensors are on {handle.send_pos.device}, x is on {x.device}")
 
 
+def _cuda_usable() -> bool:
+    """Whether eplib's CUDA kernels can run here."""
+    return _C.built_with_cuda() and torch.cuda.is_available() and _C.cuda_available()
+
+
 def _check_cuda_usable(what: str) -> None:
     """Raises ValueError unless eplib's CUDA kernels can run here."""
     if not _C.built_with_cuda():
         raise ValueError(f"{what}: this eplib was built without CUDA kernels (rebuild with EPLIB_CUDA=1 where nvcc is "
                          f"installed)")
-    if not (torch.cuda.is_available() and _C.cuda_available()):
+    if not _cuda_usable():
         raise ValueError(f"{what}: no usable CUDA device (torch.cuda.is_available()={torch.cuda.is_available()}, "
                          f"eplib._C.cuda_available()={_C.cuda_available()})")

@@ -11,7 +11,7 @@ import torch.nn as nn
 from .. import ops
 from ..buffer import Buffer
 from ..collectives import all_reduce
-from ..validation import check_int
+from ..validation import check_int, check_num_experts
 from .experts import Experts, SharedExperts, gather_expert_weights, run_experts
 from .router import Router, max_violation
 
@@ -85,9 +85,7 @@ class MoE(nn.Module):
             group = dist.group.WORLD
         num_ranks = dist.get_world_size(group) if group is not None else 1
         rank = dist.get_rank(group) if group is not None else 0
-        check_int("num_experts", num_experts, 1)
-        if num_experts % num_ranks != 0:
-            raise ValueError(f"num_experts: expected a multiple of the group size {num_ranks}, got {num_experts}")
+        check_num_experts(num_experts, num_ranks)
         self.group, self.num_ranks, self.rank = group, num_ranks, rank
         self.hidden_size, self.num_experts, self.top_k = hidden_size, num_experts, top_k
         self.parallel = parallel
