@@ -7,7 +7,7 @@ its token: a cached dispatch along the same handle. Both backwards are collectiv
 of the group must run backward through the same ops in the same order (as a training step does).
 """
 
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -21,10 +21,11 @@ Tensor = torch.Tensor
 class _Dispatch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, topk_weights: Tensor, topk_idx: Tensor, buffer: Buffer, num_experts: int,
-                expert_alignment: int):
+                expert_alignment: int, layout: Optional[tuple]):
         with phase("dispatch", x.device):
-            num_tokens_per_rank, _, num_tokens_per_expert, is_token_in_rank, _ = buffer.get_dispatch_layout(
-                topk_idx, num_experts)
+            if layout is None:
+                layout = buffer.get_dispatch_layout(topk_idx, num_experts)
+            num_tokens_per_rank, _, num_tokens_per_expert, is_token_in_rank, _ = layout
             recv_x, recv_topk_idx, recv_topk_weights, tokens_per_expert, handle, _ = buffer.dispatch(
                 x, num_tokens_per_rank=num_tokens_per_rank, is_token_in_rank=is_token_in_rank,
                 num_tokens_per_expert=num_tokens_per_expert, topk_idx=topk_idx, topk_weights=topk_weights,
@@ -44,7 +45,7 @@ class _Dispatch(torch.autograd.Function):
         with phase("combine", grad_recv_x.device):
             grad_x, grad_topk_weights, _ = ctx.buffer.combine(grad_recv_x.contiguous(), ctx.handle,
                                                               topk_weights=grad_recv_topk_weights)
-        return grad_x, grad_topk_weights, None, None, None, None
+        return grad_x, grad_topk_weights, None, None, None, None, None
 
 
 class _Combine(torch.autograd.Function):
@@ -63,7 +64,8 @@ class _Combine(torch.autograd.Function):
 
 
 def dispatch(buffer: Buffer, x: Tensor, topk_idx: Tensor, topk_weights: Tensor, num_experts: int,
-             expert_alignment: int = 1) -> Tuple[Tensor, Tensor, Tensor, List[int], DispatchHandle]:
+             expert_alignment: int = 1, layout: Optional[tuple] = None
+             ) -> Tuple[Tensor, Tensor, Tensor, List[int], DispatchHandle]:
     """Layout plus dispatch, differentiable in ``x`` and ``topk_weights``.
 
     Args:
@@ -74,6 +76,8 @@ def dispatch(buffer: Buffer, x: Tensor, topk_idx: Tensor, topk_weights: Tensor, 
             in DeepEP, and come back in their own dtype.
         num_experts: E, a multiple of the group size.
         expert_alignment: each entry of the per-expert list is rounded up to a multiple of this.
+        layout: what ``buffer.get_dispatch_layout(topk_idx, num_experts)`` returned, when the caller
+            already has it; None computes it.
 
     Returns:
         ``recv_x [N, H]`` (x's dtype), ``recv_topk_idx`` int64 ``[N, K]`` (local ids, -1 elsewhere),
@@ -81,7 +85,7 @@ def dispatch(buffer: Buffer, x: Tensor, topk_idx: Tensor, topk_weights: Tensor, 
         received (row, slot) pairs per local expert, and the handle for ``combine``.
     """
     recv_x, recv_topk_idx, recv_topk_weights, tokens_per_expert, handle = _Dispatch.apply(
-        x, topk_weights.float(), topk_idx, buffer, num_experts, expert_alignment)
+        x, topk_weights.float(), topk_idx, buffer, num_experts, expert_alignment, layout)
     return recv_x, recv_topk_idx, recv_topk_weights.to(topk_weights.dtype), tokens_per_expert, handle
 
 

@@ -2,7 +2,7 @@
 placement of the work across the ranks of a process group."""
 
 import weakref
-from typing import Dict, Optional, Union
+from typing import Dict, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -117,11 +117,11 @@ class MoE(nn.Module):
             raise TypeError(f"x: expected dtype {self.dtype} (the layer's), got {x.dtype}")
         tokens = x.reshape(-1, self.hidden_size).contiguous()
         routed = self.router(tokens, x.shape[0] if x.dim() == 3 else 1)
-        mode = self._choose_mode(routed.topk_idx)
+        mode, layout = self._choose_mode(routed.topk_idx)
         if self.group is None:
             out = run_experts(tokens, routed.topk_idx, routed.topk_weights, self.experts.weights())
         elif mode == "ep":
-            out = self._forward_ep(tokens, routed.topk_idx, routed.topk_weights)
+            out = self._forward_ep(tokens, routed.topk_idx, routed.topk_weights, layout)
         else:
             out = run_experts(tokens, routed.topk_idx, routed.topk_weights,
                               gather_expert_weights(self.experts, self.group))
@@ -130,28 +130,30 @@ class MoE(nn.Module):
         self.aux_loss, self.last_parallel = routed.aux_loss, mode
         return out.view(x.shape)
 
-    def _forward_ep(self, tokens: Tensor, topk_idx: Tensor, topk_weights: Tensor) -> Tensor:
+    def _forward_ep(self, tokens: Tensor, topk_idx: Tensor, topk_weights: Tensor, layout: Optional[tuple]) -> Tensor:
         buffer = self.buffer()
         recv_x, recv_topk_idx, recv_topk_weights, tokens_per_expert, handle = ops.dispatch(
-            buffer, tokens, topk_idx, topk_weights, self.num_experts)
+            buffer, tokens, topk_idx, topk_weights, self.num_experts, layout=layout)
         expert_out = run_experts(recv_x, recv_topk_idx, recv_topk_weights, self.experts.weights(), tokens_per_expert)
         return ops.combine(buffer, expert_out, handle)
 
-    def _choose_mode(self, topk_idx: Tensor) -> str:
+    def _choose_mode(self, topk_idx: Tensor) -> Tuple[str, Optional[tuple]]:
+        """(mode, the dispatch layout when computing the mode needed it, else None)."""
         if self.parallel != "auto":
-            return self.parallel
+            return self.parallel, None
         if self.group is None:
-            return "ep"
+            return "ep", None
         # Every rank must take the same branch (their collectives differ), so the estimate is the
         # group's: one all-reduce of the token copies, then one host read.
-        num_tokens_per_rank, *_ = self.buffer().get_dispatch_layout(topk_idx, self.num_experts)
+        layout = self.buffer().get_dispatch_layout(topk_idx, self.num_experts)
+        num_tokens_per_rank = layout[0]
         rows = num_tokens_per_rank.sum().reshape(1).to(torch.int64)
         all_reduce(rows, self.group, "MoE auto (token copies)")
         element_bytes = torch.empty((), dtype=self.dtype).element_size()
         params_per_expert = sum(w[0].numel() for w in self.experts.weights())
         ep = ep_bytes(rows.item() / self.num_ranks, self.hidden_size, element_bytes)
         tp = tp_bytes(self.num_experts, params_per_expert, element_bytes)
-        return "tp" if tp < ep else "ep"
+        return ("tp" if tp < ep else "ep"), layout
 
     def buffer(self) -> Buffer:
         """The ``eplib.Buffer`` of ep mode (created on first use, one per group)."""
