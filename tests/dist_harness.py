@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 import os
 import pickle
 import queue
@@ -25,7 +26,7 @@ import socket
 import time
 import traceback
 from datetime import timedelta
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 import torch
 import torch.multiprocessing as mp
@@ -288,6 +289,13 @@ def make_topk_idx(seed: int, rank: int, T: int, K: int, E: int, skew: str) -> to
     raise ValueError(f"unknown skew {skew!r}")
 
 
+def all_ranks_idx(T: int, R: int, experts_per_rank: int) -> torch.Tensor:
+    """int64 [T, R]: slot k of token t names expert t % El of rank k, so every token goes to every rank."""
+    t = torch.arange(T, dtype=torch.int64)[:, None]
+    k = torch.arange(R, dtype=torch.int64)[None, :]
+    return (k * experts_per_rank + t % experts_per_rank).contiguous()
+
+
 def make_topk_weights(seed: int, rank: int, T: int, K: int) -> torch.Tensor:
     """float32 [T, K] random weights in (0, 1) (not integers: their sum order must be exact)."""
     return torch.rand((T, K), generator=_gen(seed, rank, 2), dtype=torch.float32) + 0.01
@@ -371,7 +379,7 @@ def expected_dispatch(dst: int, R: int, E: int, xs, idxs, ws, alignment: int = 1
     per_local = [0] * El
     for src in range(R):
         idx = idxs[src]
-        dest = torch.where(idx >= 0, idx // El, torch.full_like(idx, -1))
+        dest = destinations(idx, E, R)
         for j in range(R):
             counts[src, j] = int((dest == j).any(dim=1).sum())
         sel = (dest == dst).any(dim=1).nonzero().flatten()
@@ -388,10 +396,15 @@ def expected_dispatch(dst: int, R: int, E: int, xs, idxs, ws, alignment: int = 1
     return cat_rows(xs_parts, xs[0]), torch.cat(idx_parts), recv_w, num_list, counts.cumsum(0).to(torch.int32)
 
 
+def destinations(topk_idx: torch.Tensor, E: int, R: int) -> torch.Tensor:
+    """int64 [T, K]: the rank that holds each slot's expert (E // R experts per rank), -1 for masked slots."""
+    El = E // R
+    return torch.where(topk_idx >= 0, topk_idx // El, torch.full_like(topk_idx, -1))
+
+
 def num_destinations(topk_idx: torch.Tensor, E: int, R: int) -> torch.Tensor:
     """int64 [T]: number of distinct ranks each token goes to."""
-    El = E // R
-    dest = torch.where(topk_idx >= 0, topk_idx // El, torch.full_like(topk_idx, -1))
+    dest = destinations(topk_idx, E, R)
     return torch.stack([(dest == r).any(dim=1) for r in range(R)], dim=1).reshape(-1, R).sum(dim=1)
 
 
@@ -465,6 +478,46 @@ def timed_outcome(fn: Callable[[], Any]):
     return result, time.monotonic() - t0
 
 
+@contextlib.contextmanager
+def eplib_timeout(seconds: float) -> Iterator[None]:
+    """EPLIB_TIMEOUT_S=seconds inside (eplib reads it at each call), its old value back on exit. Only
+    this variable is touched: mock.patch.dict would clear and rewrite the whole environment, which the
+    process group's threads may read meanwhile."""
+    previous = os.environ.get("EPLIB_TIMEOUT_S")
+    os.environ["EPLIB_TIMEOUT_S"] = str(seconds)
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["EPLIB_TIMEOUT_S"]
+        else:
+            os.environ["EPLIB_TIMEOUT_S"] = previous
+
+
+class LogRecords(logging.Handler):
+    """A logging handler that keeps the messages of the records it handles (``level`` and above)."""
+
+    def __init__(self, level: int = logging.NOTSET) -> None:
+        super().__init__(level)
+        self.messages: List[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def captured_logs(level: int = logging.NOTSET, logger: str = "eplib") -> Iterator[List[str]]:
+    """Inside, the messages that `logger` hands to its handlers (at `level` and above) are appended to
+    the list it yields; the handler is removed on exit."""
+    handler = LogRecords(level)
+    target = logging.getLogger(logger)
+    target.addHandler(handler)
+    try:
+        yield handler.messages
+    finally:
+        target.removeHandler(handler)
+
+
 def make_buffer(impl: str, group, **kwargs):
     """impl "ref": eplib.reference.ReferenceBuffer; "eplib": eplib.Buffer(group, **kwargs)."""
     if impl == "ref":
@@ -483,7 +536,6 @@ def expected_combine(src: int, R: int, E: int, idxs, ys, biases, H: int) -> torc
     token t on rank r sits after the rows of sources < src (the rank_prefix_matrix offset), at t's
     position among src's tokens bound for r. Sum order: 0, biases, then ranks ascending.
     """
-    El = E // R
     T = idxs[src].shape[0]
     acc_dtype = torch.float64 if ys[0].dtype == torch.float64 else torch.float32
     acc = torch.zeros((T, H), dtype=acc_dtype)
@@ -492,11 +544,30 @@ def expected_combine(src: int, R: int, E: int, idxs, ys, biases, H: int) -> torc
     for r in range(R):
         offset = 0
         for s in range(src):
-            ds = torch.where(idxs[s] >= 0, idxs[s] // El, torch.full_like(idxs[s], -1))
-            offset += int((ds == r).any(dim=1).sum())
-        d = torch.where(idxs[src] >= 0, idxs[src] // El, torch.full_like(idxs[src], -1))
+            offset += int((destinations(idxs[s], E, R) == r).any(dim=1).sum())
+        d = destinations(idxs[src], E, R)
         sel = (d == r).any(dim=1).nonzero().flatten()
         acc[sel] = acc[sel] + ys[r][offset: offset + sel.numel()].to(acc_dtype)
+    return acc
+
+
+def expected_identity_combine(x: torch.Tensor, topk_idx: torch.Tensor, E: int, R: int, biases=()) -> torch.Tensor:
+    """Combine of the dispatched rows of x sent straight back (identity experts): each token's row once per
+    rank it went to, plus the biases, summed in fp32 in that order, cast to x's dtype."""
+    want = x.float() * num_destinations(topk_idx, E, R).to(torch.float32)[:, None]
+    for b in biases:
+        want = want + b.float()
+    return want.to(x.dtype)
+
+
+def expected_combined_weights(topk_idx: torch.Tensor, topk_weights: torch.Tensor, E: int, R: int) -> torch.Tensor:
+    """Combine of the dispatched weights sent straight back: per token, destination r (ascending, fp32,
+    from 0) returns the weight where the slot's expert lives on r and 0 elsewhere."""
+    acc = torch.zeros(topk_weights.shape, dtype=torch.float32)
+    dest = destinations(topk_idx, E, R)
+    for r in range(R):
+        sel = (dest == r).any(dim=1)
+        acc[sel] = acc[sel] + torch.where(dest[sel] == r, topk_weights[sel], torch.zeros_like(topk_weights[sel]))
     return acc
 
 
@@ -602,24 +673,12 @@ def job_closed_form(rank: int, R: int, group, impl: str, case: dict) -> List[str
     check("cached outputs [1:5]", list(cached[1:5]), [None, None, None, None])
 
     if combined_id is not None:
-        ndest = num_destinations(idx, E, R).to(torch.float32)[:, None]
-        want = x.float() * ndest
-        for b in int_biases:
-            want = want + b.float()
-        check("combine(identity experts)", combined_id[0], want.to(x.dtype))
+        check("combine(identity experts)", combined_id[0], expected_identity_combine(x, idx, E, R, int_biases))
         check("combine(identity experts) combined_topk_weights", combined_id[1], None)
     want_c = expected_combine(rank, R, E, idxs, ys, biases, H).to(DTYPES[cdtype])
     check("combine(random rows) combined_x", combined[0], want_c)
     if with_topk:
-        # Each destination r returns w where the slot's expert lives on r, 0 elsewhere; fp32,
-        # ascending r, starting from 0.
-        El = E // R
-        acc = torch.zeros((T, K), dtype=torch.float32)
-        dest = torch.where(idx >= 0, idx // El, torch.full_like(idx, -1))
-        for r in range(R):
-            sel = (dest == r).any(dim=1)
-            acc[sel] = acc[sel] + torch.where(dest[sel] == r, w[sel], torch.zeros_like(w[sel]))
-        check("combine combined_topk_weights", combined[1], acc)
+        check("combine combined_topk_weights", combined[1], expected_combined_weights(idx, w, E, R))
     else:
         check("combine combined_topk_weights", combined[1], None)
     return errs

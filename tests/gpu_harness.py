@@ -15,13 +15,15 @@ Backends (``eplib_buffer``, ``CudaBuffer``):
   on the CPU (tests/ipc_emulation.py), ``EMULATED_IPC_NVL_BYTES`` of peer buffer.
 
 Also shared by the GPU test modules: deterministic CUDA inputs (``make_inputs``), a normal-mode
-dispatch with its layout (``dispatch_with_layout``), per-step outcomes (``attempt``) and the CUDA-graph
-check (``cuda_graph_check``).
+dispatch with its layout (``dispatch_with_layout``), per-step outcomes (``attempt``), the CUDA-graph
+check (``cuda_graph_check``), and for the ipc transport's timeout tests (on a GPU and emulated) the
+refusal after a timeout (``REFUSED``) and the check of a timeout's report (``check_timeout_report``).
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Tuple
+import re
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -147,14 +149,19 @@ class CudaBuffer:
         return to_host(out[:2]) + (out[2],)
 
 
-def job_gpu_compare(rank: int, R: int, group, backend: str, case: dict, against: str) -> List[str]:
-    """The dist_harness compare sequence on a CUDA transport (`backend`, see eplib_buffer) and on a CPU
-    implementation (`against`: "ref" = eplib.reference.ReferenceBuffer, "eplib" = the cpu transport),
-    every output torch.equal. Returns mismatch descriptions (empty = pass)."""
-    want = _compare_sequence(make_buffer(against, group), rank, R, case)
+def job_gpu_compare(rank: int, R: int, group, backend: str, case: dict, against: Sequence[str] = ("ref",)
+                    ) -> List[str]:
+    """The dist_harness compare sequence on a CUDA transport (`backend`, see eplib_buffer), run once, and
+    on each CPU implementation of `against` ("ref" = eplib.reference.ReferenceBuffer, "eplib" = the cpu
+    transport; one name or several), every output torch.equal to each. Returns mismatch descriptions,
+    each naming the implementation it is against (empty = pass)."""
+    against = (against,) if isinstance(against, str) else tuple(against)
+    if not against:
+        raise ValueError("job_gpu_compare: against names no CPU implementation")
+    wants = {impl: _compare_sequence(make_buffer(impl, group), rank, R, case) for impl in against}
     got = _compare_sequence(CudaBuffer(backend, group), rank, R, case)
-    return [f"rank {rank} cuda/{backend} vs {against}: " + describe_diff(k, got[k], want[k])
-            for k in want if not same(got[k], want[k])]
+    return [f"rank {rank} cuda/{backend} vs {impl}: " + describe_diff(k, got[k], want[k])
+            for impl, want in wants.items() for k in want if not same(got[k], want[k])]
 
 
 # ------------------------------------------------------------------------------------ shared GPU helpers
@@ -173,6 +180,24 @@ def dispatch_with_layout(buf, x, idx, w, E: int, **kwargs: Any):
     lay = buf.get_dispatch_layout(idx, E)
     return buf.dispatch(x, num_tokens_per_rank=lay[0], is_token_in_rank=lay[3], num_tokens_per_expert=lay[2],
                         topk_idx=idx, topk_weights=w, **kwargs)
+
+
+#: What every call of an ipc Buffer answers after one of its waits timed out: at once, this.
+REFUSED = re.compile(r"RuntimeError: .*create a new\b.*\bBuffer", re.S)
+
+
+def check_timeout_report(step: str, result, phase: Union[str, re.Pattern], max_s: float, min_s: float = 0.0,
+                         peer: int = 1) -> None:
+    """result = (outcome, seconds) of an ipc call whose wait for rank `peer` timed out: a RuntimeError that
+    names the phase (`phase`, a regular expression searched in the message; its flags, if compiled) and
+    the peer, after min_s to max_s seconds."""
+    text, elapsed = result
+    assert text.startswith("RuntimeError: "), f"{step}: expected RuntimeError, got {text!r}"
+    pattern = re.compile(phase) if isinstance(phase, str) else phase
+    assert pattern.search(text), f"{step}: the message does not name the phase ({pattern.pattern}): {text!r}"
+    assert re.search(rf"\brank {peer}\b", text), \
+        f"{step}: the message does not name the peer (rank {peer}): {text!r}"
+    assert min_s <= elapsed <= max_s, f"{step}: took {elapsed:.2f} s, expected {min_s}-{max_s} s: {text!r}"
 
 
 def attempt(results: dict, name: str, fn) -> None:

@@ -3,9 +3,10 @@
 What is emulated, and how (tests/nccl_emulation.py does the same for the nccl transport):
 
 - ``EmulatedPeerBuffer`` stands in for ``eplib._C.PeerBuffer`` (csrc/cuda/peer_buffer.{h,cu}) with the
-  same Python interface. A rank's "device allocation" is a file in /dev/shm, its "IPC handle" the
-  file's name (64 bytes, zero padded), and every rank mmaps every rank's file. The header at offset 0
-  has the layout of ``PeerHeader`` (csrc/cuda/peer.h), the receive region starts at
+  same Python interface. A rank's "device allocation" is a file in /dev/shm (or, where that is not
+  writable, the temporary directory: ``_shm_dir``), its "IPC handle" the file's name (64 bytes, zero
+  padded), and every rank mmaps every rank's file. The header at offset 0 has the layout of
+  ``PeerHeader`` (csrc/cuda/peer.h), the receive region starts at
   ``_C.peer_header_bytes()``. The flags follow the protocol of peer.h / peer.cuh as written: round
   numbers kept in the shared header, monotonic flags, notify tables double-buffered by the parity of
   the notify round, ``ready`` published by a send step before it waits and writes, ``done`` after
@@ -54,8 +55,9 @@ import torch
 import torch.distributed as dist
 
 from eplib import _C
-from eplib.transports.cuda import ERR_OVERFLOW, row_bytes
+from eplib.transports.cuda import ERR_OVERFLOW
 from eplib.transports.ipc import IpcTransport, open_peer_buffer
+from eplib.transports.tensors import row_bytes
 from nccl_emulation import EmulatedKernels, _HostCall, init_host_transport
 
 Tensor = torch.Tensor
@@ -147,7 +149,6 @@ class EmulatedPeerBuffer:
     fail_open = False
     stall_in_send_s = 0.0
     stall_in_notify_s = 0.0
-    poison = True
     # Test speed, not protocol: no wait spins longer than this (a broken protocol fails a test in
     # seconds instead of EPLIB_TIMEOUT_S's default 100 s), and a read outside a region (which raises
     # EmulatedMemoryError on the rank that reads) marks every rank's buffer aborted, so that the
@@ -446,7 +447,8 @@ class EmulatedPeerBuffer:
                 f"a region of {self.region_bytes} bytes ({capacity} rows): out of bounds")
 
     def poison_rows(self, rows: Tensor, stride: int) -> None:
-        if EmulatedPeerBuffer.poison and rows.numel():
+        """region(own)[rows] = POISON: rows a receive step has read (see the module docstring)."""
+        if rows.numel():
             self.region_rows(self.rank, stride)[rows] = POISON
 
 
@@ -503,10 +505,6 @@ class EmulatedIpcKernels(EmulatedKernels):
     ``rank_prefix_matrix``, ``slot_rows``, ``max_blocks``): with ``peers`` the send kernels write rows
     into the destinations' regions inside the round hand-shake, the receive kernels wait for the
     round, then read the own region (see the module docstring)."""
-
-    @staticmethod
-    def _stream() -> int:
-        return 0
 
     def dispatch_pack(self, x, x_scales, topk_idx, topk_weights, num_experts, send_pos, send_buffer, *, peers=None,
                       rank_prefix_matrix=None, slot_rows=0, max_blocks=0) -> None:

@@ -57,20 +57,24 @@ def setup(request, pool_cache):
     return backend, pool_cache(world_size)
 
 
-@pytest.mark.parametrize("name", list(GPU_CASES))
-def test_gpu_buffer_equals_reference(setup, name):
-    backend, pool = setup
-    case = fill_case(base_case(**GPU_CASES[name]), pool.world_size)
-    errs = pool.run(job_gpu_compare, backend, case, "ref", timeout=120)
-    assert not any(errs), "\n".join(e for rank_errs in errs for e in rank_errs)
+def cpu_implementations(name: str) -> tuple:
+    """The CPU implementations whose outputs GPU_CASES[name] must give bit for bit: eplib.reference
+    always; for fp32 also the cpu transport (same row order, same fp32 sums)."""
+    return ("ref", "eplib") if GPU_CASES[name].get("dtype", "fp32") == "fp32" else ("ref",)
 
 
-@pytest.mark.parametrize("name", [n for n, c in GPU_CASES.items() if c.get("dtype", "fp32") == "fp32"])
-def test_gpu_buffer_bit_exact_vs_cpu_transport(setup, name):
-    """fp32: the CUDA kernels give the cpu transport's bits (same row order, same fp32 sums)."""
+#: (case name, CPU implementations) of the compare tests, ids "<case>-vs-ref" or "<case>-vs-ref+eplib".
+COMPARE_PARAMS = [pytest.param(name, against, id=f"{name}-vs-{'+'.join(against)}")
+                  for name, against in ((name, cpu_implementations(name)) for name in GPU_CASES)]
+
+
+@pytest.mark.parametrize("name,against", COMPARE_PARAMS)
+def test_gpu_buffer_equals_cpu_implementations(setup, name, against):
+    """One run of the compare sequence on the CUDA transport, every output torch.equal to eplib.reference's
+    and, for fp32, to the cpu transport's."""
     backend, pool = setup
     case = fill_case(base_case(**GPU_CASES[name]), pool.world_size)
-    errs = pool.run(job_gpu_compare, backend, case, "eplib", timeout=120)
+    errs = pool.run(job_gpu_compare, backend, case, against, timeout=120)
     assert not any(errs), "\n".join(e for rank_errs in errs for e in rank_errs)
 
 

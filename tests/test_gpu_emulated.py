@@ -11,20 +11,15 @@ import pytest
 
 from dist_harness import base_case, fill_case
 from gpu_harness import job_gpu_compare
-from test_gpu_buffer import GPU_CASES, check_error_flag
+from test_gpu_buffer import COMPARE_PARAMS, GPU_CASES, check_error_flag
 
 
-@pytest.mark.parametrize("name", list(GPU_CASES))
-def test_emulated_transport_equals_reference(pool, name):
+@pytest.mark.parametrize("name,against", COMPARE_PARAMS)
+def test_emulated_transport_equals_cpu_implementations(pool, name, against):
+    """One run on the emulated transport, every output torch.equal to eplib.reference's and, for fp32, to
+    the cpu transport's."""
     case = fill_case(base_case(**GPU_CASES[name]), pool.world_size)
-    errs = pool.run(job_gpu_compare, "emulated", case, "ref", timeout=60)
-    assert not any(errs), "\n".join(e for rank_errs in errs for e in rank_errs)
-
-
-@pytest.mark.parametrize("name", [n for n, c in GPU_CASES.items() if c.get("dtype", "fp32") == "fp32"])
-def test_emulated_transport_equals_cpu_transport(pool, name):
-    case = fill_case(base_case(**GPU_CASES[name]), pool.world_size)
-    errs = pool.run(job_gpu_compare, "emulated", case, "eplib", timeout=60)
+    errs = pool.run(job_gpu_compare, "emulated", case, against, timeout=60)
     assert not any(errs), "\n".join(e for rank_errs in errs for e in rank_errs)
 
 

@@ -20,7 +20,6 @@ stale row shows as a wrong value, and expectations come in closed form from all 
 
 import functools
 import gc
-import logging
 import os
 import re
 import time
@@ -30,11 +29,11 @@ import torch
 import torch.distributed as dist
 
 import eplib
-from dist_harness import (RankPool, base_case, describe_diff, expected_dispatch, fill_case, job_closed_form,
-                          make_payload, make_topk_idx, make_topk_weights, num_destinations, outcome, pad_rows, same,
-                          timed_outcome)
-from gpu_harness import (DEVICE, IPC_NVL_BYTES, cuda_graph_check, dispatch_with_layout, eplib_buffer, gpu_usable,
-                         group_for, job_gpu_compare, to_host)
+from dist_harness import (RankPool, all_ranks_idx, base_case, captured_logs, describe_diff, expected_combined_weights,
+                          expected_dispatch, expected_identity_combine, fill_case, job_closed_form, make_payload,
+                          make_topk_idx, make_topk_weights, outcome, pad_rows, same, timed_outcome)
+from gpu_harness import (DEVICE, IPC_NVL_BYTES, REFUSED, check_timeout_report, cuda_graph_check, dispatch_with_layout,
+                         eplib_buffer, gpu_usable, group_for, job_gpu_compare, to_host)
 from test_gpu_buffer import GPU_CASES
 
 GPU_USABLE = gpu_usable()
@@ -61,25 +60,6 @@ def coded_rows(code: int, src: int, T: int, H: int) -> torch.Tensor:
     x[:, 1] = t[:, 0]
     x[:, 2] = code % 61
     return x.to(torch.bfloat16).contiguous()
-
-
-def all_ranks_idx(T: int, R: int, experts_per_rank: int) -> torch.Tensor:
-    """int64 [T, R]: slot k of token t names expert t % El of rank k, so every token goes to every rank."""
-    t = torch.arange(T, dtype=torch.int64)[:, None]
-    k = torch.arange(R, dtype=torch.int64)[None, :]
-    return (k * experts_per_rank + t % experts_per_rank).contiguous()
-
-
-def expected_combined_weights(idx: torch.Tensor, w: torch.Tensor, E: int, R: int) -> torch.Tensor:
-    """Combine of the dispatched weights sent straight back: per token, destination r (ascending,
-    fp32, from 0) returns w where the slot's expert lives on r and 0 elsewhere."""
-    El = E // R
-    acc = torch.zeros(w.shape, dtype=torch.float32)
-    dest = torch.where(idx >= 0, idx // El, torch.full_like(idx, -1))
-    for r in range(R):
-        sel = (dest == r).any(dim=1)
-        acc[sel] = acc[sel] + torch.where(dest[sel] == r, w[sel], torch.zeros_like(w[sel]))
-    return acc
 
 
 def exchange_and_check(buf, rank: int, R: int, E: int, xs, idxs, ws, *, num_worst: int = 0, cached=None):
@@ -123,17 +103,10 @@ def exchange_and_check(buf, rank: int, R: int, E: int, xs, idxs, ws, *, num_wors
         back_w = recv_w.clone()
         back_w[n:] = 1e4
     combined_x, combined_w, _ = buf.combine(y, handle, topk_weights=back_w)
-    ndest = num_destinations(idxs[rank], E, R).to(torch.float32)[:, None]
-    check("combined_x (identity experts)", combined_x, (xs[rank].float() * ndest).to(xs[rank].dtype))
+    check("combined_x (identity experts)", combined_x, expected_identity_combine(xs[rank], idxs[rank], E, R))
     check("combined_topk_weights", combined_w,
           expected_combined_weights(idxs[rank], ws[rank], E, R) if back_w is not None else None)
     return errs, (handle, num_worst)
-
-
-def ipc_buffer(group, num_nvl_bytes: int = IPC_NVL_BYTES, **kwargs):
-    """eplib.Buffer(group, transport="ipc") on cuda:0 (a collective: every rank of group makes it)."""
-    torch.cuda.set_device(DEVICE)
-    return eplib.Buffer(group, num_nvl_bytes=num_nvl_bytes, transport="ipc", **kwargs)
 
 
 # ------------------------------------------------------------------------------------ peer never arrives
@@ -150,7 +123,7 @@ def job_peer_never_arrives(rank, R, group):
 
     EPLIB_TIMEOUT_S is set after the construction (the handle exchange honours it too, and the ranks
     of a fresh pool may reach it seconds apart); the transport reads it at each call."""
-    buffers = [ipc_buffer(group) for _ in range(2)]
+    buffers = [eplib_buffer("ipc", group)[0] for _ in range(2)]
     _KEEP_ALIVE.extend(buffers)
     torch.cuda.synchronize()
     dist.barrier(group)
@@ -181,18 +154,6 @@ def job_peer_never_arrives(rank, R, group):
     return out
 
 
-# What every call after a timeout answers, at once.
-REFUSED = re.compile(r"RuntimeError: .*create a new\b.*\bBuffer", re.S)
-
-
-def check_timeout_report(step: str, result, phase: str, max_s: float, min_s: float = 0.0) -> None:
-    text, elapsed = result
-    assert text.startswith("RuntimeError: "), f"{step}: expected RuntimeError, got {text!r}"
-    assert re.search(phase, text, re.I), f"{step}: the message does not name the phase ({phase}): {text!r}"
-    assert re.search(r"\brank 1\b", text), f"{step}: the message does not name the peer (rank 1): {text!r}"
-    assert min_s <= elapsed <= max_s, f"{step}: took {elapsed:.2f} s, expected {min_s}-{max_s} s: {text!r}"
-
-
 @gpu_test
 def test_ipc_peer_never_arrives():
     """EPLIB_TIMEOUT_S=2. Normal dispatch: RuntimeError naming the phase and rank 1 after about 2 s, and
@@ -203,7 +164,7 @@ def test_ipc_peer_never_arrives():
         out = pool.run(job_peer_never_arrives, timeout=90)[0]
     finally:
         pool.kill()
-    check_timeout_report("normal dispatch", out["normal dispatch"], r"notify|dispatch",
+    check_timeout_report("normal dispatch", out["normal dispatch"], re.compile(r"notify|dispatch", re.I),
                          min_s=0.75 * TIMEOUT_S, max_s=TIMEOUT_S + 8)
     assert REFUSED.match(out["normal: next call"][0]) and out["normal: next call"][1] < 1, out["normal: next call"]
 
@@ -212,7 +173,8 @@ def test_ipc_peer_never_arrives():
     assert elapsed < 0.75 * TIMEOUT_S, f"num_worst_tokens dispatch waited {elapsed:.2f} s on the host"
     text, elapsed = out["synchronize"]
     assert text == "ok" and elapsed < 3 * TIMEOUT_S + 8, f"torch.cuda.synchronize: {text!r} after {elapsed:.1f} s"
-    check_timeout_report("call after the num_worst timeout", out["num_worst: next call"], r"dispatch", max_s=1)
+    check_timeout_report("call after the num_worst timeout", out["num_worst: next call"], re.compile(r"dispatch", re.I),
+                         max_s=1)
     assert REFUSED.match(out["num_worst: call after"][0]) and out["num_worst: call after"][1] < 1, \
         out["num_worst: call after"]
 
@@ -230,7 +192,7 @@ def job_buffer_too_small(rank, R, group):
     T, H, El = 64, 4096, 2
     E = El * R
     nvl = eplib.Buffer.get_nvl_buffer_size_hint(T, H, R)
-    buf = ipc_buffer(group, nvl)
+    buf, _ = eplib_buffer("ipc", group, num_nvl_bytes=nvl)
     idx = all_ranks_idx(T, R, El)
     idxs = [idx] * R
     ws = [make_topk_weights(20, s, T, R) for s in range(R)]
@@ -317,7 +279,7 @@ def job_many_rounds(rank, R, group, num_rounds):
     E = 4 * R
     W = R * T_MAX  # the most rows a rank can receive
     # The num_worst_tokens slot layout holds R * W rows: the hint for W tokens per rank covers it.
-    buf = ipc_buffer(group, eplib.Buffer.get_nvl_buffer_size_hint(W, 2 * H, R, num_topk=K))
+    buf, _ = eplib_buffer("ipc", group, num_nvl_bytes=eplib.Buffer.get_nvl_buffer_size_hint(W, 2 * H, R, num_topk=K))
     skews = ("uniform", "masked", "zipf", "hot", "dup")
     errors, num_errors, samples = [], 0, []
     previous = state = None
@@ -368,7 +330,7 @@ def job_padded_then_normal(rank, R, group):
     rank 1 arrives late: rank 0's host launches the normal dispatch while its padded counts exchange
     still waits for rank 1. The normal dispatch must size its outputs from its own counts, not from
     the padded exchange's (which used to reach the host late and pass for them). Returns mismatches."""
-    buf = ipc_buffer(group)
+    buf, _ = eplib_buffer("ipc", group)
     H, El = 64, 2
     E, W = El * R, 64
     errs = []
@@ -451,7 +413,7 @@ def job_lifetime(rank, R, group):
     refuses calls. Returns (errors, outcomes of calls after destroy(), free device bytes after each cycle)."""
     errors, after_destroy, free = [], [], []
     for cycle in range(LIFETIME_CYCLES):
-        buf = ipc_buffer(group, LIFETIME_NVL_BYTES, explicitly_destroy=True)
+        buf, _ = eplib_buffer("ipc", group, num_nvl_bytes=LIFETIME_NVL_BYTES, explicitly_destroy=True)
         errors += [f"rank {rank} destroy() cycle {cycle}: {e}" for e in _round_trip(buf, rank, R, 30 + cycle)]
         buf.destroy()
         probe = torch.zeros((1, 1), dtype=torch.int64, device=DEVICE)
@@ -459,7 +421,7 @@ def job_lifetime(rank, R, group):
         del buf
         free.append(("destroy", _free_device_bytes(group)))
     for cycle in range(LIFETIME_CYCLES):
-        buf = ipc_buffer(group, LIFETIME_NVL_BYTES)
+        buf, _ = eplib_buffer("ipc", group, num_nvl_bytes=LIFETIME_NVL_BYTES)
         errors += [f"rank {rank} gc cycle {cycle}: {e}" for e in _round_trip(buf, rank, R, 40 + cycle)]
         del buf
         gc.collect()
@@ -484,23 +446,11 @@ def test_ipc_destroy_and_new_buffers(pool_cache):
 # ------------------------------------------------------------------------------------ transport="auto"
 
 
-class _Records(logging.Handler):
-    def __init__(self):
-        super().__init__()
-        self.messages = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
-
-
 def job_auto(rank, R, group):
     """transport="auto" on one node: num_nvl_bytes > 0 -> "ipc", 0 -> "nccl" (R=1 over an NCCL group,
     R>1 over the pool's gloo group); both move CUDA rows right, no fallback warning; CPU tensors of the
     num_nvl_bytes > 0 Buffer go through the cpu transport (gloo group only). Returns (names, errors, warnings)."""
-    records = _Records()
-    logger = logging.getLogger("eplib")
-    logger.addHandler(records)
-    try:
+    with captured_logs() as messages:
         g = group_for("nccl" if R == 1 else "gloo", group)
         with_nvl = eplib.Buffer(g, num_nvl_bytes=IPC_NVL_BYTES)
         without = eplib.Buffer(g)
@@ -516,9 +466,7 @@ def job_auto(rank, R, group):
                                        buffer_kwargs={"num_nvl_bytes": IPC_NVL_BYTES}), R)
             errors += [f"cpu tensors: {e}" for e in job_closed_form(rank, R, group, "eplib", case)]
         torch.cuda.synchronize()
-    finally:
-        logger.removeHandler(records)
-    return names, errors, [m for m in records.messages if "falling back" in m]
+    return names, errors, [m for m in messages if "falling back" in m]
 
 
 @gpu_test

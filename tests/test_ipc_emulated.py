@@ -25,13 +25,13 @@ import torch
 import torch.distributed as dist
 
 import eplib
-from dist_harness import (base_case, describe_diff, fill_case, make_random_rows, make_topk_idx, make_topk_weights,
-                          outcome, same, timed_outcome)
+from dist_harness import (all_ranks_idx, base_case, captured_logs, describe_diff, eplib_timeout, fill_case,
+                          make_random_rows, make_topk_idx, make_topk_weights, outcome, same, timed_outcome)
 from eplib import _C
 from eplib.reference import ReferenceBuffer
 from eplib.transports.ipc import PeerUnavailable, open_peer_buffer
-from gpu_harness import dispatch_with_layout, job_gpu_compare
-from ipc_emulation import (HEADER_BYTES, EmulatedIpcTransport, EmulatedMemoryError, EmulatedPeerBuffer,
+from gpu_harness import REFUSED, check_timeout_report, dispatch_with_layout, job_gpu_compare
+from ipc_emulation import (HEADER_BYTES, EmulatedIpcTransport, EmulatedMemoryError, EmulatedPeerBuffer, _shm_dir,
                            emulated_ipc_buffer, emulated_peer_buffers)
 from test_gpu_buffer import GPU_CASES, check_error_flag
 
@@ -77,28 +77,11 @@ def counters_everywhere(buf, group) -> list:
     return out
 
 
-class _Env:
-    """Sets environment variables for a block, restores them after."""
-
-    def __init__(self, **values):
-        self.values = values
-
-    def __enter__(self):
-        self.saved = {k: os.environ.get(k) for k in self.values}
-        os.environ.update({k: str(v) for k, v in self.values.items()})
-
-    def __exit__(self, *exc):
-        for k, v in self.saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def own_shm_files() -> list:
-    """This process's emulated peer-buffer files still in /dev/shm (names are unlinked once opened)."""
+    """This process's emulated peer-buffer files still in the directory the emulation puts them in
+    (ipc_emulation._shm_dir(): /dev/shm, else the temporary directory); names are unlinked once opened."""
     prefix = f"eplib-emu-{os.getpid()}-"
-    return [n for n in os.listdir("/dev/shm") if n.startswith(prefix)] if os.path.isdir("/dev/shm") else []
+    return [n for n in os.listdir(_shm_dir()) if n.startswith(prefix)]
 
 
 # ------------------------------------------------------------------------------------ construction
@@ -201,14 +184,14 @@ def job_peer_never_arrives(rank, R, group):
     if rank == 1:
         EmulatedPeerBuffer.stall_in_send_s = 4 * TIMEOUT_S
     try:
-        with _Env(EPLIB_TIMEOUT_S=TIMEOUT_S if rank == 0 else 20):
+        with eplib_timeout(TIMEOUT_S if rank == 0 else 20):
             out["stalled sender: dispatch"] = timed_outcome(lambda: dispatch_with_layout(bufs["slow"], x, idx, w, E))
     finally:
         EmulatedPeerBuffer.stall_in_send_s = 0.0
     if rank != 0:
         dist.barrier(group)
         return None
-    with _Env(EPLIB_TIMEOUT_S=TIMEOUT_S):
+    with eplib_timeout(TIMEOUT_S):
         out["stalled sender: next call"] = timed_outcome(lambda: dispatch_with_layout(bufs["slow"], x, idx, w, E))
         out["normal dispatch"] = timed_outcome(lambda: dispatch_with_layout(bufs["normal"], x, idx, w, E))
         out["normal: next call"] = timed_outcome(lambda: dispatch_with_layout(bufs["normal"], x, idx, w, E))
@@ -227,15 +210,9 @@ def job_peer_never_arrives(rank, R, group):
     return out
 
 
-REFUSED = re.compile(r"RuntimeError: .*create a new\b.*\bBuffer", re.S)
-
-
 def check_timeout(step, result, phase: int, max_s: float, min_s: float = 0.0) -> None:
-    text, elapsed = result
-    assert text.startswith("RuntimeError: "), f"{step}: expected RuntimeError, got {text!r}"
-    assert PHASES[phase] in text, f"{step}: the message does not name the phase {PHASES[phase]!r}: {text!r}"
-    assert re.search(r"\brank 1\b", text), f"{step}: the message does not name the peer (rank 1): {text!r}"
-    assert min_s <= elapsed <= max_s, f"{step}: took {elapsed:.2f} s, expected {min_s}-{max_s} s: {text!r}"
+    """gpu_harness.check_timeout_report, the phase named exactly as _C.PEER_PHASES[phase] (case included)."""
+    check_timeout_report(step, result, re.escape(PHASES[phase]), max_s=max_s, min_s=min_s)
 
 
 def test_emulated_ipc_peer_never_arrives(pool2):
@@ -262,13 +239,6 @@ def test_emulated_ipc_peer_never_arrives(pool2):
 
 NEEDS = re.compile(r"num_nvl_bytes: this (.*) needs (\d+) bytes of peer buffer.*the Buffer has (\d+); "
                    r"size it with Buffer.get_nvl_buffer_size_hint", re.S)
-
-
-def all_ranks_idx(T: int, R: int, experts_per_rank: int) -> torch.Tensor:
-    """int64 [T, R]: slot k of token t names expert t % El of rank k: every token goes to every rank."""
-    t = torch.arange(T, dtype=torch.int64)[:, None]
-    k = torch.arange(R, dtype=torch.int64)[None, :]
-    return (k * experts_per_rank + t % experts_per_rank).contiguous()
 
 
 def job_buffer_too_small(rank, R, group):
@@ -503,19 +473,11 @@ def job_destroy(rank, R, group):
     import logging
     import weakref
 
-    warnings = []
-
-    class Collect(logging.Handler):
-        def emit(self, record):
-            warnings.append(record.getMessage())
-
-    handler = Collect(level=logging.WARNING)
-    logging.getLogger("eplib").addHandler(handler)
     out = {}
     T, H, K, E = 8, 16, 2, 2 * R
     idx, w = make_topk_idx(3, rank, T, K, E, "uniform"), make_topk_weights(3, rank, T, K)
     x = make_random_rows(3, rank, T, H, "fp32")
-    try:
+    with captured_logs(logging.WARNING) as warnings:
         buf = emulated_ipc_buffer(group, HEADER_BYTES + (1 << 16), explicitly_destroy=True)
         dispatch_with_layout(buf, x, idx, w, E)
         peer = transport_of(buf).peer
@@ -527,7 +489,7 @@ def job_destroy(rank, R, group):
         # Rank 0 destroys alone first.
         transports = [EmulatedIpcTransport(group, HEADER_BYTES + 4096) for _ in range(2)]
         warnings.clear()
-        with _Env(EPLIB_TIMEOUT_S=TIMEOUT_S):
+        with eplib_timeout(TIMEOUT_S):
             if rank == 0:
                 out["alone"] = timed_outcome(lambda: out.setdefault("alone: clean", transports[0].destroy()))
                 out["alone: warnings"] = list(warnings)
@@ -549,8 +511,6 @@ def job_destroy(rank, R, group):
             out["gc: seconds"] = time.monotonic() - t0
         dist.barrier(group)
         out["files left"] = own_shm_files()
-    finally:
-        logging.getLogger("eplib").removeHandler(handler)
     return out
 
 
@@ -593,11 +553,11 @@ def job_notify_tables(rank, R, group):
     x = make_random_rows(10, rank, T, H, "fp32")
     EmulatedPeerBuffer.stall_in_notify_s = 0.3 if rank == R - 1 else 0.0
     try:
-        with _Env(EPLIB_TIMEOUT_S=5):
+        with eplib_timeout(5):
             large = outcome(lambda: dispatch_with_layout(buf, x_large, idx_large, w_large, E))
     finally:
         EmulatedPeerBuffer.stall_in_notify_s = 0.0
-    with _Env(EPLIB_TIMEOUT_S=5):
+    with eplib_timeout(5):
         got = dispatch_with_layout(buf, x, idx, w, E)
     want = dispatch_with_layout(ref, x, idx, w, E)
     errs = [describe_diff(f"[{i}]", g, v) for i, (g, v) in enumerate(zip(got[:4], want[:4])) if not same(g, v)]
@@ -622,8 +582,7 @@ def job_mismatch_ipc(rank, R, group, name):
     saved = eplib.Buffer
     eplib.Buffer = lambda group, **kwargs: emulated_ipc_buffer(group, HEADER_BYTES + (1 << 16))
     try:
-        with _Env(EPLIB_TIMEOUT_S=10):
-            return job_mismatch(rank, R, group, name)
+        return job_mismatch(rank, R, group, name, timeout_s=10)
     finally:
         eplib.Buffer = saved
 

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from dist_harness import make_payload, make_topk_idx, make_topk_weights
+from dist_harness import eplib_timeout, make_payload, make_topk_idx, make_topk_weights
 
 # name -> (what the odd rank does differently, argument the ValueError must name on the ranks that raise it)
 MISMATCHES = {
@@ -17,14 +17,18 @@ MISMATCHES = {
 }
 
 
-def job_mismatch(rank, R, group, name):
-    """Rank R-1 differs from the others as `name` says; then every rank dispatches valid input."""
-    import os
+def job_mismatch(rank, R, group, name, timeout_s: float = 20):
+    """Rank R-1 differs from the others as `name` says; then every rank dispatches valid input. Runs with
+    EPLIB_TIMEOUT_S=timeout_s, restored after: a hang shows as a slow test, well before the pool's limit."""
+    with eplib_timeout(timeout_s):
+        return _run_mismatch(rank, R, group, name)
 
+
+def _run_mismatch(rank, R, group, name):
+    """job_mismatch inside its EPLIB_TIMEOUT_S: (dispatch outcome, seconds it took, group recovered)."""
     import eplib
     import torch
 
-    os.environ["EPLIB_TIMEOUT_S"] = "20"  # a hang would show as a slow test, well before the pool's limit
     odd = rank == R - 1
     T, H, K, E = 12, 16, 2, 2 * R
     if name == "top_k_differs" and odd:

@@ -60,21 +60,20 @@ def test_reference_hand_example(pool2):
 
 
 def job_num_worst_too_small(rank, R, group, impl):
-    """Rank 0 asks for 1 row but receives more; the others leave plenty of room."""
-    import os
-
+    """Rank 0 asks for 1 row but receives more; the others leave plenty of room. EPLIB_TIMEOUT_S=5 for
+    the job (restored after; read at each call): with eplib, the others' wait on rank 0 must end quickly."""
     import torch
-    from dist_harness import make_buffer, make_payload
+    from dist_harness import eplib_timeout, make_buffer, make_payload
 
-    os.environ["EPLIB_TIMEOUT_S"] = "5"  # eplib: the others' wait on rank 0 must end quickly
-    buf = make_buffer(impl, group)
-    T = 6
-    idx = torch.zeros((T, 1), dtype=torch.int64)  # every token of every rank -> expert 0 (rank 0)
-    w = torch.ones((T, 1))
-    lay = buf.get_dispatch_layout(idx, 2 * R)
-    buf.dispatch(make_payload(1, rank, T, 8, "fp32"), num_tokens_per_rank=lay[0], is_token_in_rank=lay[3],
-                 num_tokens_per_expert=lay[2], topk_idx=idx, topk_weights=w,
-                 num_worst_tokens=1 if rank == 0 else 1000)
+    with eplib_timeout(5):
+        buf = make_buffer(impl, group)
+        T = 6
+        idx = torch.zeros((T, 1), dtype=torch.int64)  # every token of every rank -> expert 0 (rank 0)
+        w = torch.ones((T, 1))
+        lay = buf.get_dispatch_layout(idx, 2 * R)
+        buf.dispatch(make_payload(1, rank, T, 8, "fp32"), num_tokens_per_rank=lay[0], is_token_in_rank=lay[3],
+                     num_tokens_per_expert=lay[2], topk_idx=idx, topk_weights=w,
+                     num_worst_tokens=1 if rank == 0 else 1000)
 
 
 def check_num_worst_too_small(pool, impl):
