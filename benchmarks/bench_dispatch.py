@@ -51,6 +51,9 @@ import eplib
 import report
 import routing
 from collective_meter import CollectiveMeter
+# Bound at import, before CollectiveMeter.install() wraps eplib.collectives' binding: the samples'
+# all-gather (gather_ranks) is never metered.
+from eplib.collectives import _all_gather_single
 from eplib.reference import ReferenceBuffer
 from pipelines import DeepEPStylePipeline, FrameworkPipeline, Pipeline, reference_mismatches
 from timing import Sample, time_operation
@@ -66,8 +69,6 @@ QUICK_SWEEP = {"tokens": [64, 256], "hidden": [256], "top_k": [4], "experts": [1
 IPC_SWEEP = {"tokens": [4096, 128], "hidden": [7168], "top_k": [8], "experts": [256], "dtype": ["bf16"],
              "routing": ["uniform"], "warmup": 10, "iters": 100}
 IPC_OPS = ("layout", "dispatch", "cached_dispatch", "combine", "end_to_end")
-# torch 2.13 deprecates all_gather_into_tensor in favour of all_gather_single; older releases lack the latter.
-_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 @dataclass(frozen=True)

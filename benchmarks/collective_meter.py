@@ -93,21 +93,17 @@ def _group_rank_size(group: Optional[dist.ProcessGroup]) -> Tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
-def _nbytes(tensor: torch.Tensor) -> int:
-    return tensor.numel() * tensor.element_size()
-
-
 def _all_to_all_bytes(arguments: Dict[str, object]) -> int:
     send: torch.Tensor = arguments["input"]
     rank, size = _group_rank_size(arguments["group"])
     splits = arguments["input_split_sizes"]
     if not splits:
-        return _nbytes(send) * (size - 1) // size
-    row_bytes = _nbytes(send) // max(1, send.shape[0]) if send.dim() > 0 else 0
-    return _nbytes(send) - splits[rank] * row_bytes
+        return send.nbytes * (size - 1) // size
+    row_bytes = send.nbytes // max(1, send.shape[0]) if send.dim() > 0 else 0
+    return send.nbytes - splits[rank] * row_bytes
 
 
 def _all_gather_bytes(arguments: Dict[str, object]) -> int:
     send = arguments.get("tensor", arguments.get("input_tensor"))
     _, size = _group_rank_size(arguments["group"])
-    return _nbytes(send) * (size - 1)
+    return send.nbytes * (size - 1)

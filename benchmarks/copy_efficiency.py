@@ -19,6 +19,7 @@ import torch
 
 from collective_meter import CollectiveMeter
 from eplib import _C
+from eplib.transports.tensors import row_bytes
 from timing import copy_samples_ms, summarize
 
 EFFICIENCY_OPS = ("dispatch", "cached_dispatch", "combine")
@@ -44,14 +45,14 @@ EFFICIENCY_RULE = (
 
 
 def _nbytes(*tensors: torch.Tensor) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
+    return sum(t.nbytes for t in tensors)
 
 
 def traffic_bytes(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
                   dispatched: Any) -> Dict[str, int]:
     """TRAFFIC_RULE's bytes of each of EFFICIENCY_OPS, from the inputs and one dispatch's outputs (one rank)."""
     recv_x, recv_topk_idx, recv_topk_weights = dispatched[:3]
-    x_bytes, top_k = x.shape[1] * x.element_size(), topk_idx.shape[1]
+    x_bytes, top_k = row_bytes(x), topk_idx.shape[1]
     region = 2 * recv_x.shape[0]  # each received row: written by the send kernel, read by the receive kernel
     return {
         "dispatch": _nbytes(x, topk_idx, topk_weights) + region * _C.dispatch_row_stride(x_bytes, 0, top_k)

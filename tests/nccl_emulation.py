@@ -21,12 +21,9 @@ from eplib._dtypes import KERNEL_DTYPE_CODES
 from eplib.event import EventOverlap
 from eplib.transports.cuda import ERR_EXPERT_ID, ERR_OVERFLOW, ERR_WEIGHT
 from eplib.transports.nccl import NcclTransport
+from eplib.transports.tensors import as_bytes, ptr, row_bytes
 
 Tensor = torch.Tensor
-
-
-def _ptr(tensor: Optional[Tensor]) -> int:
-    return 0 if tensor is None else tensor.data_ptr()
 
 
 class EmulatedKernels:
@@ -79,8 +76,8 @@ class EmulatedKernels:
             finite = torch.isfinite(topk_weights)
             self._flag_if(~finite, ERR_WEIGHT)
             topk_weights = torch.where(finite, topk_weights, torch.zeros_like(topk_weights))
-        _C.dispatch_pack(_ptr(x), x.shape[1] * x.element_size(), _ptr(x_scales),
-                         0 if x_scales is None else x_scales.shape[1] * 4, _ptr(topk_idx), _ptr(topk_weights),
+        # x_scales, when given, is float32 (validation.check_x): row_bytes is shape[1] * 4.
+        _C.dispatch_pack(ptr(x), row_bytes(x), ptr(x_scales), row_bytes(x_scales), ptr(topk_idx), ptr(topk_weights),
                          num_topk, num_experts, send_pos.data_ptr(), num_tokens, num_ranks, send_buffer.data_ptr())
 
     @staticmethod
@@ -110,8 +107,8 @@ class EmulatedKernels:
         n = compact.shape[0]
         per_expert = torch.empty(num_local_experts, dtype=torch.int64) if num_topk else None
         _C.dispatch_unpack(compact.data_ptr(), n, x_bytes, scales_bytes, num_topk, num_local_experts,
-                           recv_x.data_ptr(), _ptr(recv_x_scales), recv_src_idx.data_ptr(), _ptr(recv_topk_idx),
-                           _ptr(recv_topk_weights), _ptr(per_expert))
+                           recv_x.data_ptr(), ptr(recv_x_scales), recv_src_idx.data_ptr(), ptr(recv_topk_idx),
+                           ptr(recv_topk_weights), ptr(per_expert))
         for tensor in (recv_x, recv_x_scales, recv_topk_weights):
             if tensor is not None:
                 tensor[n:].view(torch.uint8).zero_()
@@ -124,13 +121,13 @@ class EmulatedKernels:
     def combine_pack(self, x: Tensor, topk_weights: Optional[Tensor], recv_counts: Tensor, slot_rows: int,
                      send_buffer: Tensor) -> None:
         num_topk = topk_weights.shape[1] if topk_weights is not None else 0
-        x_bytes = x.shape[1] * x.element_size()
+        x_bytes = row_bytes(x)
         stride = _C.combine_row_stride(x_bytes, num_topk)
         compact = torch.empty(x.shape[0] * stride, dtype=torch.uint8)
         if num_topk:
             _C.combine_pack(x.data_ptr(), x_bytes, topk_weights.data_ptr(), num_topk, x.shape[0], compact.data_ptr())
         else:
-            compact.copy_(x.reshape(-1).view(torch.uint8))
+            compact.copy_(as_bytes(x))
         compact_rows, send_rows = compact.view(-1, stride), send_buffer.view(-1, stride)
         counts = recv_counts.tolist()
         placed = self._region_starts(counts, slot_rows)
@@ -143,8 +140,8 @@ class EmulatedKernels:
         num_tokens, num_ranks = send_pos.shape
         num_topk = combined_topk_weights.shape[1] if combined_topk_weights is not None else 0
         _C.combine_reduce(KERNEL_DTYPE_CODES[combined_x.dtype], recv_buffer.data_ptr(), combined_x.shape[1], num_topk,
-                          send_pos.data_ptr(), num_tokens, num_ranks, _ptr(bias_0), _ptr(bias_1),
-                          combined_x.data_ptr(), _ptr(combined_topk_weights))
+                          send_pos.data_ptr(), num_tokens, num_ranks, ptr(bias_0), ptr(bias_1),
+                          combined_x.data_ptr(), ptr(combined_topk_weights))
 
 
 class _HostCall:

@@ -84,8 +84,7 @@ def expected_bytes(point: dict, num_ranks: int, seed: int) -> Dict[str, Dict[str
 
 
 def test_quick_run_covers_every_point(quick_run):
-    sys.path.insert(0, _BENCH)
-    from bench_dispatch import QUICK_SWEEP
+    from bench_dispatch import QUICK_SWEEP  # benchmarks/ is on sys.path (top of this module)
 
     points = quick_run["points"]
     assert len(points) == len(QUICK_SWEEP["tokens"]) * len(QUICK_SWEEP["routing"])

@@ -13,6 +13,9 @@ import torch
 import eplib
 from eplib import _C
 from eplib._dtypes import KERNEL_DTYPE_CODES
+from eplib.transports.tensors import as_bytes, ptr, row_bytes
+from gpu_harness import gpu_usable
+from test_kernels import native_layout as cpu_layout
 
 CUDA_FUNCTIONS = ["cuda_dispatch_layout", "cuda_send_positions", "cuda_dispatch_pack", "cuda_dispatch_unpack",
                   "cuda_combine_pack", "cuda_combine_reduce", "cuda_permute_layout", "cuda_permute_rows",
@@ -27,9 +30,12 @@ def test_cuda_functions_exist_when_built_with_cuda():
     assert not missing
 
 
+GPU_USABLE = gpu_usable()
+
+
 def gpu_test(test):
-    """Marks a test `gpu` and skips it without a CUDA device."""
-    return pytest.mark.gpu(pytest.mark.skipif(not _C.cuda_available(), reason="needs a CUDA device")(test))
+    """Marks a test `gpu` and skips it where eplib cannot run CUDA tensors (gpu_harness.gpu_usable)."""
+    return pytest.mark.gpu(pytest.mark.skipif(not GPU_USABLE, reason="needs a CUDA device")(test))
 
 DTYPES = [torch.float32, torch.bfloat16]
 
@@ -47,14 +53,10 @@ def flag_bits(flag: torch.Tensor) -> int:
     return int(flag.item())
 
 
-def ptr(tensor) -> int:
-    return 0 if tensor is None else tensor.data_ptr()
-
-
 def assert_same(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
     got = got.cpu()
     assert got.dtype == want.dtype and got.shape == want.shape, f"{what}: {got.dtype}{list(got.shape)}"
-    same = got.reshape(-1).view(torch.uint8) == want.reshape(-1).view(torch.uint8)
+    same = as_bytes(got) == as_bytes(want)
     assert bool(same.all()), f"{what}: first differing byte {same.logical_not().nonzero()[0].item()}"
 
 
@@ -73,15 +75,6 @@ def random_rows(num_rows, hidden, dtype, seed, integer=False):
 
 
 # ----------------------------------------------------------------------------------- layout
-
-def cpu_layout(idx, num_experts, num_ranks):
-    per_rank = torch.empty(num_ranks, dtype=torch.int32)
-    per_expert = torch.empty(num_experts, dtype=torch.int32)
-    in_rank = torch.empty(idx.shape[0], num_ranks, dtype=torch.bool)
-    _C.dispatch_layout(idx.data_ptr(), idx.shape[0], idx.shape[1], num_experts, num_ranks, per_rank.data_ptr(),
-                       per_expert.data_ptr(), in_rank.data_ptr())
-    return per_rank, per_expert, in_rank
-
 
 def cuda_layout(idx, num_experts, num_ranks, flag):
     idx = idx.cuda()
@@ -158,10 +151,6 @@ def make_dispatch_case(num_tokens, hidden, dtype, num_topk, num_experts, num_ran
     else:
         x, scales = random_rows(num_tokens, hidden, dtype, seed), None
     return x, scales, idx, weights
-
-
-def row_bytes(tensor):
-    return 0 if tensor is None else tensor.shape[1] * tensor.element_size()
 
 
 def cpu_pack(x, scales, idx, weights, num_experts, send_pos, num_rows, stride):
@@ -309,7 +298,7 @@ def test_combine_pack_and_reduce(dtype, hidden, num_topk):
         want = torch.zeros(num_rows * stride, dtype=torch.uint8)
         _C.combine_pack(x.data_ptr(), x_bytes, weights.data_ptr(), num_topk, num_rows, want.data_ptr())
     else:
-        want = x.reshape(-1).view(torch.uint8).clone()
+        want = as_bytes(x).clone()
     # Contiguous layout: the rows in place. Slot layout: source s's rows at s * slot_rows.
     counts_ = counts.cuda()
     x_, weights_ = x.cuda(), weights.cuda()

@@ -1,5 +1,6 @@
 """The main job, examples/moe_layer.py, run as users run it (torchrun), on small sizes."""
 
+import importlib
 import os
 import subprocess
 import sys
@@ -8,6 +9,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+#: The run that also writes the plot (--plot), when matplotlib is importable.
+PLOTTED = (2, "ep")
 
 
 def _run_example(nproc, *extra):
@@ -18,9 +21,36 @@ def _run_example(nproc, *extra):
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
-@pytest.mark.parametrize("nproc,parallel", [(2, "ep"), (4, "tp")])
-def test_example_trains_and_loss_falls(nproc, parallel):
-    result = _run_example(nproc, "--parallel", parallel)
+def _matplotlib_importable() -> bool:
+    """What pytest.importorskip("matplotlib") checks (test_example_writes_plot skips without it)."""
+    try:
+        importlib.import_module("matplotlib")
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def example_run(tmp_path_factory):
+    """run(nproc, parallel) -> (the torchrun result, the plot's path or None), one torchrun per
+    (nproc, parallel) and module; the PLOTTED run also writes a plot when matplotlib is importable."""
+    runs = {}
+
+    def run(nproc, parallel):
+        if (nproc, parallel) not in runs:
+            extra, plot = ["--parallel", parallel], None
+            if (nproc, parallel) == PLOTTED and _matplotlib_importable():
+                plot = tmp_path_factory.mktemp("plot") / "curves.png"
+                extra += ["--plot", str(plot)]
+            runs[nproc, parallel] = _run_example(nproc, *extra), plot
+        return runs[nproc, parallel]
+
+    return run
+
+
+@pytest.mark.parametrize("nproc,parallel", [PLOTTED, (4, "tp")])
+def test_example_trains_and_loss_falls(example_run, nproc, parallel):
+    result, _ = example_run(nproc, parallel)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "loss fell" in result.stdout, result.stdout
     lines = [line for line in result.stdout.splitlines() if line.startswith("step")]
@@ -28,9 +58,9 @@ def test_example_trains_and_loss_falls(nproc, parallel):
     assert f"parallel={parallel}" in result.stdout
 
 
-def test_example_writes_plot(tmp_path):
+def test_example_writes_plot(example_run):
+    """The plot of the PLOTTED run (no torchrun of its own)."""
     pytest.importorskip("matplotlib")
-    out = tmp_path / "curves.png"
-    result = _run_example(2, "--steps", "12", "--plot", str(out))
+    result, out = example_run(*PLOTTED)
     assert result.returncode == 0, result.stdout + result.stderr
     assert out.stat().st_size > 1000

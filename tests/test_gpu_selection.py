@@ -8,8 +8,9 @@ import torch
 
 import eplib
 from dist_harness import outcome
+from gpu_harness import gpu_usable
 
-CUDA_USABLE = torch.cuda.is_available() and eplib._C.built_with_cuda() and eplib._C.cuda_available()
+CUDA_USABLE = gpu_usable()
 
 
 class _FakeCudaTensor(torch.Tensor):

@@ -1,24 +1,14 @@
 """Row placement of the ipc transport, on the CPU: the shifts that its CUDA send kernels apply
-(eplib/layout.h, run through _C.peer_*_row_shifts) put every row where the receiving kernel reads
-it. The expectation is built independently, by walking each rank's tokens in order."""
+(eplib/layout.h, run through _C.peer_*_row_shifts by ipc_emulation's wrappers) put every row where
+the receiving kernel reads it. The expectation is built independently, by walking each rank's
+tokens in order."""
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from eplib import _C
-
-
-def _shifts(kind: str, prefix: torch.Tensor, rank: int, slot_rows: int, compact_start=None) -> list:
-    num_ranks = prefix.shape[0]
-    out = torch.empty(num_ranks, dtype=torch.int64)
-    if kind == "dispatch":
-        _C.peer_dispatch_row_shifts(prefix.data_ptr(), rank, num_ranks, slot_rows, out.data_ptr())
-    else:
-        _C.peer_combine_row_shifts(prefix.data_ptr(), rank, num_ranks, slot_rows, compact_start.data_ptr(),
-                                   out.data_ptr())
-    return out.tolist()
+from ipc_emulation import _combine_row_shifts, _dispatch_row_shifts
 
 
 def _send_pos(in_rank: torch.Tensor, slot_rows: int) -> list:
@@ -56,7 +46,7 @@ def test_peer_rows_land_where_receivers_read(num_ranks, tokens, density, slot_ro
 
     # Dispatch: source s's k-th row for r goes where r's unpack reads it.
     for s in range(num_ranks):
-        shift = _shifts("dispatch", prefix, s, slot_rows)
+        shift = _dispatch_row_shifts(prefix, s, num_ranks, slot_rows)
         index = [0] * num_ranks
         for t in range(tokens[s]):
             for r in range(num_ranks):
@@ -70,12 +60,12 @@ def test_peer_rows_land_where_receivers_read(num_ranks, tokens, density, slot_ro
     # it, send_pos[s][t][r] for the token t that row came from.
     for r in range(num_ranks):
         received = [sent[s][r] for s in range(num_ranks)]
-        compact_start = torch.tensor([sum(received[:s]) for s in range(num_ranks)], dtype=torch.int64)
-        shift = _shifts("combine", prefix, r, slot_rows, compact_start)
+        compact_start = [sum(received[:s]) for s in range(num_ranks)]
+        shift = _combine_row_shifts(prefix, r, num_ranks, slot_rows, compact_start)
         for s in range(num_ranks):
             tokens_to_r = [t for t in range(tokens[s]) if send_pos[s][t][r] >= 0]
             for k, t in enumerate(tokens_to_r):
-                i = int(compact_start[s]) + k
+                i = compact_start[s] + k
                 assert i + shift[s] == send_pos[s][t][r], (r, s, t)
 
 
@@ -83,5 +73,5 @@ def test_peer_rows_land_where_receivers_read(num_ranks, tokens, density, slot_ro
 def test_peer_rows_of_one_rank_stay_in_place(slot_rows):
     """R = 1: rows go to the rank's own region, unshifted."""
     prefix = torch.tensor([[4]], dtype=torch.int32)
-    assert _shifts("dispatch", prefix, 0, slot_rows) == [0]
-    assert _shifts("combine", prefix, 0, slot_rows, torch.zeros(1, dtype=torch.int64)) == [0]
+    assert _dispatch_row_shifts(prefix, 0, 1, slot_rows) == [0]
+    assert _combine_row_shifts(prefix, 0, 1, slot_rows, [0]) == [0]
