@@ -148,7 +148,7 @@ class MoE(nn.Module):
         layout = self.buffer().get_dispatch_layout(topk_idx, self.num_experts)
         num_tokens_per_rank = layout[0]
         rows = num_tokens_per_rank.sum().reshape(1).to(torch.int64)
-        all_reduce(rows, self.group, "MoE auto (token copies)")
+        all_reduce(rows, self.group, "MoE auto (token copies)", host_wait=True)  # read next
         element_bytes = torch.empty((), dtype=self.dtype).element_size()
         params_per_expert = sum(w[0].numel() for w in self.experts.weights())
         ep = ep_bytes(rows.item() / self.num_ranks, self.hidden_size, element_bytes)
