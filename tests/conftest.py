@@ -1,10 +1,13 @@
-"""Session-wide rank pools for the multi-rank tests (see dist_harness.py)."""
+"""Session-wide rank pools for the multi-rank tests (see dist_harness.py), and the rules of the
+`cuda_cpu` marker: tests that execute the CUDA sources on the CPU (eplib built with EPLIB_CUDA_CPU=1)
+skip on other builds, and fail instead when EPLIB_CUDA_CPU=1 says that build was asked for."""
 
 from __future__ import annotations
 
 import importlib.util
 import os
 import sys
+import tempfile
 
 import pytest
 
@@ -59,3 +62,39 @@ def threads(request):
     _C.set_num_threads(request.param)
     yield request.param
     _C.set_num_threads(previous)
+
+
+# Every process of the session (spawned ranks inherit it) logs the kernels it launches on the CPU
+# execution here, for tests/test_cuda_cpu_coverage.py.
+os.environ.setdefault("EPLIB_CUDA_CPU_LAUNCH_LOG", tempfile.mkdtemp(prefix="eplib-launches-"))
+
+
+def pytest_configure(config):
+    config.cuda_cpu_selection = {"selected": 0, "deselected": 0}
+
+
+def pytest_deselected(items):
+    config = items[0].config if items else None
+    if config is not None:
+        config.cuda_cpu_selection["deselected"] += sum(1 for i in items if i.get_closest_marker("cuda_cpu"))
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(session, config, items):
+    """Counts the cuda_cpu tests that will run; the kernel-coverage check runs after all of them."""
+    config.cuda_cpu_selection["selected"] = sum(1 for i in items if i.get_closest_marker("cuda_cpu"))
+    last = [i for i in items if i.get_closest_marker("after_cuda_cpu_suite")]
+    items[:] = [i for i in items if not i.get_closest_marker("after_cuda_cpu_suite")] + last
+
+
+def pytest_runtest_setup(item):
+    if item.get_closest_marker("cuda_cpu") is None:
+        return
+    from eplib import _C
+
+    if _C.cuda_cpu_execution():
+        return
+    if os.environ.get("EPLIB_CUDA_CPU") == "1":
+        pytest.fail("EPLIB_CUDA_CPU=1 asks for the CPU execution of the CUDA sources, but eplib._C is another build: "
+                    "reinstall with `EPLIB_CUDA_CPU=1 pip install -e .`")
+    pytest.skip("needs eplib built with EPLIB_CUDA_CPU=1 (the CPU execution of the CUDA sources)")
