@@ -24,6 +24,7 @@
 #endif
 #ifdef EPLIB_CUDA_CPU
 #include "cuda_cpu/executor.h"
+#include "cuda_cpu/selftest.h"
 #endif
 
 namespace py = pybind11;
@@ -365,6 +366,9 @@ void def_cuda_cpu(py::module_& m) {
       "cuda_cpu_event_destroy",
       [](uintptr_t event) { check_runtime(cudaEventDestroy(reinterpret_cast<cudaEvent_t>(event)), "cudaEventDestroy"); },
       release_gil);
+  m.def("cuda_cpu_stream_wait_event", [](uintptr_t stream, uintptr_t event) {
+    check_runtime(cudaStreamWaitEvent(stream_of(stream), reinterpret_cast<cudaEvent_t>(event)), "cudaStreamWaitEvent");
+  });
   m.def("cuda_cpu_peek_last_error", [] { return static_cast<int>(cudaPeekAtLastError()); });
   m.def("cuda_cpu_get_last_error", [] { return static_cast<int>(cudaGetLastError()); });
   m.def("cuda_cpu_set_device", [](int device) { check_runtime(cudaSetDevice(device), "cudaSetDevice"); });
@@ -381,6 +385,33 @@ void def_cuda_cpu(py::module_& m) {
         "Test hook: every block of `kernel` (a __global__ name) sleeps `seconds` at each barrier it completes, "
         "with that probability (a slow SM); seconds <= 0 removes it.");
   m.attr("CUDA_ERROR_NOT_READY") = static_cast<int>(cudaErrorNotReady);
+  m.attr("CUDA_ERROR_INVALID_CONTEXT") = static_cast<int>(cudaErrorInvalidContext);
+
+  // The CPU execution's self-test kernels (cuda_cpu/selftest.h), pointers as addresses.
+  namespace selftest = eplib_cuda_cpu::selftest;
+  m.def(
+      "cuda_cpu_selftest_warp_intrinsics",
+      [](uintptr_t out, int threads, uintptr_t stream) { selftest::warp_intrinsics(as_ptr<int64_t>(out), threads, stream_of(stream)); },
+      release_gil);
+  m.def(
+      "cuda_cpu_selftest_shared_memory",
+      [](uintptr_t out, int blocks, int threads, bool with_barrier, uintptr_t stream) {
+        selftest::shared_memory(as_ptr<int32_t>(out), blocks, threads, with_barrier, stream_of(stream));
+      },
+      release_gil);
+  m.def(
+      "cuda_cpu_selftest_misaligned",
+      [](uintptr_t buffer, uintptr_t stream) { selftest::misaligned(as_ptr<uint8_t>(buffer), stream_of(stream)); },
+      release_gil);
+  m.def("cuda_cpu_selftest_divergent_barrier", [](uintptr_t stream) { selftest::divergent_barrier(stream_of(stream)); },
+        release_gil);
+  m.def(
+      "cuda_cpu_selftest_busy",
+      [](uint64_t nanoseconds, uintptr_t counter, int threads, uintptr_t stream) {
+        selftest::busy(nanoseconds, as_ptr<int32_t>(counter), threads, stream_of(stream));
+      },
+      release_gil);
+  m.def("cuda_cpu_selftest_open_own_ipc_handle", &selftest::open_own_ipc_handle);
 }
 #endif
 

@@ -70,7 +70,7 @@ os.environ.setdefault("EPLIB_CUDA_CPU_LAUNCH_LOG", tempfile.mkdtemp(prefix="epli
 
 
 def pytest_configure(config):
-    config.cuda_cpu_selection = {"selected": 0, "deselected": 0}
+    config.cuda_cpu_selection = {"modules": set(), "deselected": 0}
 
 
 def pytest_deselected(items):
@@ -81,13 +81,15 @@ def pytest_deselected(items):
 
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(session, config, items):
-    """Counts the cuda_cpu tests that will run; the kernel-coverage check runs after all of them."""
-    config.cuda_cpu_selection["selected"] = sum(1 for i in items if i.get_closest_marker("cuda_cpu"))
+    """Notes the files of the cuda_cpu tests that will run; the kernel-coverage check runs after all of them."""
+    config.cuda_cpu_selection["modules"] = {i.path.name for i in items if i.get_closest_marker("cuda_cpu")}
     last = [i for i in items if i.get_closest_marker("after_cuda_cpu_suite")]
     items[:] = [i for i in items if not i.get_closest_marker("after_cuda_cpu_suite")] + last
 
 
 def pytest_runtest_setup(item):
+    if item.get_closest_marker("gpu") is not None:
+        _fail_if_eplib_misses_the_gpu()
     if item.get_closest_marker("cuda_cpu") is None:
         return
     from eplib import _C
@@ -98,3 +100,17 @@ def pytest_runtest_setup(item):
         pytest.fail("EPLIB_CUDA_CPU=1 asks for the CPU execution of the CUDA sources, but eplib._C is another build: "
                     "reinstall with `EPLIB_CUDA_CPU=1 pip install -e .`")
     pytest.skip("needs eplib built with EPLIB_CUDA_CPU=1 (the CPU execution of the CUDA sources)")
+
+
+def _fail_if_eplib_misses_the_gpu() -> None:
+    """A `gpu` test fails, rather than skips, where torch sees a GPU that eplib cannot use (no CUDA
+    build, or eplib's own CUDA runtime answers an error such as a driver older than the runtime)."""
+    import torch
+
+    from eplib import _C
+    from eplib.buffer import describe_cuda_status
+
+    if torch.cuda.is_available() and not _C.cuda_available():
+        pytest.fail(f"torch sees {torch.cuda.device_count()} GPU(s) but eplib cannot use them: built_with_cuda="
+                    f"{_C.built_with_cuda()}, cuda_cpu_execution={_C.cuda_cpu_execution()}; eplib's CUDA runtime: "
+                    f"{describe_cuda_status()}")

@@ -16,7 +16,7 @@ Backends (``eplib_buffer``, ``CudaBuffer``):
 
 Also shared by the GPU test modules: deterministic CUDA inputs (``make_inputs``), a normal-mode
 dispatch with its layout (``dispatch_with_layout``), per-step outcomes (``attempt``), the CUDA-graph
-check (``cuda_graph_check``), and for the ipc transport's timeout tests (on a GPU and emulated) the
+check (``cuda_graph_check``), and for the ipc transport's timeout tests (on a GPU and on the CPU execution) the
 refusal after a timeout (``REFUSED``) and the check of a timeout's report (``check_timeout_report``).
 """
 
