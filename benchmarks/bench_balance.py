@@ -55,6 +55,7 @@ EXAMPLE_RUNS = {
     "sign 1e-3": ["--balancer", "sign", "--bias-update-rate", "1e-3"],
     "quantile 0.5": ["--balancer", "quantile", "--damping", "0.5"],
 }
+COLORS = {"sign 1e-3": "tab:blue", "sign 1e-2": "tab:orange", "quantile 0.5": "tab:green", "quantile 0.3": "tab:red"}
 GOAL_CONTROLLER, BASELINE = "quantile 0.5", "sign 1e-3"
 EXAMPLE_BASELINE = "sign 1e-2"  # the example's default rate
 GOALS = dict(steps=10, floor_ratio=1.15, accumulated=0.005)
@@ -72,6 +73,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", metavar="OUT.json")
     parser.add_argument("--plot", metavar="OUT.png", help="needs matplotlib")
+    parser.add_argument("--from-json", metavar="IN.json", help="print and plot a saved --json report instead of running")
     parser.add_argument("--worker", metavar="OUT.json", help=argparse.SUPPRESS)  # set by the driver
     args = parser.parse_args(argv)
     args.ranks = [int(r) for r in args.ranks.split(",")]
@@ -249,7 +251,8 @@ def write_plot(path: str, report: dict, args: argparse.Namespace) -> None:
     simulation = report["simulation"][str(args.ranks[-1])]
     for axis, tokens in zip(axes, args.tokens):
         for name in report["controllers"]:
-            axis.plot(range(1, args.steps + 1), simulation[f"{tokens}/{name}"]["batch_max_vio"], label=name, lw=1)
+            axis.plot(range(1, args.steps + 1), simulation[f"{tokens}/{name}"]["batch_max_vio"], label=name, lw=0.8,
+                      color=COLORS.get(name))
         axis.axhline(report["floor"][str(tokens)]["measured"], color="black", ls="--", lw=1, label="noise floor")
         axis.set(yscale="log", xlabel="step", ylabel="batch MaxVio",
                  title=f"skewed router, E={NUM_EXPERTS} top-{TOP_K}, T={tokens}")
@@ -260,17 +263,24 @@ def write_plot(path: str, report: dict, args: argparse.Namespace) -> None:
             # mean over seeds, then a 10-step moving average
             loss = torch.tensor([run["loss"] for run in runs]).mean(0)
             smooth = torch.nn.functional.avg_pool1d(loss.view(1, 1, -1), 10, 1).flatten()
-            loss_axis.plot(range(10, len(loss) + 1), smooth.tolist(), label=name, lw=1)
+            loss_axis.plot(range(10, len(loss) + 1), smooth.tolist(), label=name, lw=1, color=COLORS.get(name))
             vio = torch.tensor([run["max_vio"] for run in runs]).mean(0)
-            vio_axis.plot(range(1, len(vio) + 1), vio.tolist(), label=name, lw=1)
+            vio_axis.plot(range(1, len(vio) + 1), vio.tolist(), label=name, lw=0.8, color=COLORS.get(name))
         vio_axis.axhline(report["example"][name][0]["floor_closed_form"], color="black", ls="--", lw=1)
-        loss_axis.set(xlabel="step", ylabel="loss (10-step mean, mean of seeds)", title="example: training loss")
+        seeds = len(next(iter(report["example"].values())))
+        loss_axis.set(xlabel="step", ylabel="loss (10-step mean)", title=f"example: loss, mean of {seeds} seeds")
         loss_axis.set_ylim(top=3.0)
-        vio_axis.set(yscale="log", xlabel="step", ylabel="batch MaxVio (max over layers, mean of seeds)",
-                     title="example: load imbalance")
+        vio_axis.set(yscale="log", xlabel="step", ylabel="batch MaxVio (max of layers)",
+                     title=f"example: MaxVio, mean of {seeds} seeds")
         loss_axis.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=72)
+    from PIL import Image  # matplotlib's own dependency
+
+    # A palette PNG is about a third of the size (the README shows this plot).
+    with Image.open(path) as image:
+        palette = image.convert("RGB").quantize(colors=64)
+    palette.save(path, optimize=True)
 
 
 def main() -> None:
@@ -278,8 +288,16 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
-    report = {"machine": machine_info(1, "gloo", torch.device("cpu")), "controllers": list(CONTROLLERS),
-              "simulation": {}, "floor": {}, "example": {}}
+    if args.from_json:
+        with open(args.from_json) as f:
+            report = json.load(f)
+        args = parse_args(report["argv"] + (["--plot", args.plot] if args.plot else []))
+        print_report(report, args)
+        if args.plot:
+            write_plot(args.plot, report, args)
+        return
+    report = {"machine": machine_info(1, "gloo", torch.device("cpu")), "argv": sys.argv[1:],
+              "controllers": list(CONTROLLERS), "simulation": {}, "floor": {}, "example": {}}
     forwarded = ["--tokens", ",".join(map(str, args.tokens)), "--steps", str(args.steps), "--window",
                  str(args.window), "--seed", str(args.seed), "--ranks", ",".join(map(str, args.ranks))]
     with tempfile.TemporaryDirectory() as out_dir:

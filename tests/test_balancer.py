@@ -8,6 +8,9 @@ import pytest
 import torch
 
 HIDDEN, EXPERTS, TOP_K = 16, 8, 2
+# What reads a device tensor on the host (a CUDA stream sync): the explicit reads, and the Python
+# conversions and data-dependent shapes that read implicitly.
+FORBIDDEN = ("item", "cpu", "tolist", "__bool__", "__int__", "__float__", "nonzero")
 
 
 def _skewed_moe(seed=0, **kwargs):
@@ -96,7 +99,7 @@ def job_no_host_sync(rank, world_size, group, method, routing):
             raise AssertionError(f"host synchronisation: Tensor.{name}() on the balancing path")
         return fail
 
-    saved = {name: getattr(torch.Tensor, name) for name in ("item", "cpu", "tolist")}
+    saved = {name: getattr(torch.Tensor, name) for name in FORBIDDEN}
     intercepted = {}
     try:
         for name in saved:
@@ -128,7 +131,7 @@ def job_no_host_sync(rank, world_size, group, method, routing):
 def test_balancing_path_never_reads_the_device(pool2, method, routing):
     for grads_flowed, keys, intercepted, bias_moved in pool2.run(job_no_host_sync, method, routing):
         assert intercepted == {name: f"host synchronisation: Tensor.{name}() on the balancing path"
-                               for name in ("item", "cpu", "tolist")}
+                               for name in FORBIDDEN}
         assert grads_flowed and bias_moved
         assert keys == ["max_vio_accumulated", "max_vio_batch", "max_vio_floor", "parallel", "tokens_per_expert"]
 

@@ -239,6 +239,36 @@ def test_quantile_state_is_the_bias_in_the_state_dict():
     assert torch.equal(moe.router.expert_bias, restored.router.expert_bias)
 
 
+def job_train_two_layers(rank, world_size, group, parallel):
+    """A few training steps through whole MoE layers (dispatch and combine in ep mode, the weight
+    exchange in tp mode): one margin tensor per layer and forward, and a step that moves the bias."""
+    import eplib
+    from eplib.moe import Balancer
+
+    model = nn.Sequential(*(eplib.MoE(HIDDEN, 4, 8, 2, group=group, parallel=parallel, score_func="sigmoid",
+                                      seed=layer) for layer in range(2)))
+    balancer = Balancer(model, method="quantile")
+    recorded = []
+    for step in range(3):
+        x = _tokens(rank, step, 24).requires_grad_()
+        model(x).square().sum().backward()
+        recorded.append([len(layer.router.pending_margins) for layer in model])
+        before = [layer.router.expert_bias.clone() for layer in model]
+        balancer.step()
+        assert all(not torch.equal(b, layer.router.expert_bias) for b, layer in zip(before, model))
+    return recorded, [float(layer.load_stats()["max_vio_floor"]) for layer in model]
+
+
+@pytest.mark.parametrize("parallel", ["ep", "tp"])
+def test_quantile_balances_whole_layers_in_training(pool2, parallel):
+    from eplib.moe import max_violation_floor
+
+    expected_floor = float(max_violation_floor(torch.tensor(48), 2, 8))  # 24 tokens on each of 2 ranks
+    for recorded, floors in pool2.run(job_train_two_layers, parallel):
+        assert recorded == [[1, 1]] * 3
+        assert floors == [expected_floor] * 2
+
+
 @pytest.mark.parametrize("num_tokens,top_k,num_experts", [(512, 8, 64), (2048, 2, 8)])
 def test_max_vio_floor_matches_monte_carlo(num_tokens, top_k, num_experts):
     """The closed form against 300 draws of the ideal router (K distinct uniform experts per token);

@@ -47,8 +47,9 @@ class Balancer:
     an int64 histogram of 256 bins per expert (the first round carries the counts too), so a step
     costs 4 all-reduces of ``8·(256·ΣE)`` bytes (plus ``8·ΣE``), ΣE the experts of all layers,
     and 4 passes over the ``T×E`` margins; the forward keeps ``T×E`` float32 per layer and
-    computes θ (a few top-k over ``[T, E]``, ``[T, G, G·K]`` with group-limited routing). An
-    expert whose share no bias can reach (θ infinite) keeps its bias.
+    computes θ (a top-k over ``[T, E]``; a few more with group-limited routing). An expert whose
+    share no bias can reach (q infinite: more than n tokens pick it whatever its bias) keeps its
+    bias.
 
     Args:
         module: the model; its ``eplib.MoE`` submodules are found once, here.
