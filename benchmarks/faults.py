@@ -1,0 +1,134 @@
+"""How long each fault takes to reach every rank: the measured figures of README "Failure behaviour".
+
+    python benchmarks/faults.py [--ranks 2 4] [--timeout 5] [--repeats 3]
+
+Runs the fault cases of tests/test_faults.py, each in a fresh pool of rank processes (started by a
+forkserver, gloo group on 127.0.0.1) with EPLIB_TIMEOUT_S=--timeout, and prints per case and group
+size the seconds from the fault to the error on the other ranks (the slowest of them; min, median
+and max over the repeats, and over the six collectives of a round where a case runs at each), and
+what follows it:
+
+    bad input       one rank's input fails a check (int32 x in dispatch, an expert id out of range
+                    in get_dispatch_layout, wrong rows in combine): from the start of the call
+    stopped         the last rank stops (SIGSTOP) before a collective, then is continued: from the
+                    stop; the stopped rank's own error from SIGCONT; the next round's correctness
+    killed          the last rank is killed (SIGKILL) before a collective: from the kill
+    store stopped   rank 0, which hosts the store, stops before the dispatch: from the stop
+    store killed    rank 0 is killed before the dispatch: from the kill
+    shutdown        the last rank stops for good; the others' eplib.abort + destroy_process_group
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+from typing import Dict, List
+
+import torch
+
+_TESTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests")
+if _TESTS not in sys.path:
+    sys.path.insert(0, _TESTS)
+
+import test_faults as faults  # noqa: E402
+from dist_harness import RankPool  # noqa: E402
+from report import machine_info  # noqa: E402
+
+
+def _pool(R: int, limit: float) -> RankPool:
+    return RankPool(R, start_method="forkserver", gloo_timeout_s=faults.GLOO_LIMIT_S + 4 * limit)
+
+
+def bad_input(R: int, limit: float) -> List[float]:
+    pool = _pool(R, limit)
+    try:
+        seconds = []
+        for name in ("dispatch_x_int32", "layout_expert_id_equal_E", "combine_x_rows_vs_handle"):
+            results = pool.run(faults.job_one_rank_bad, name, R - 1, timeout=120)
+            assert all(not next_round for _, _, next_round in results), results
+            seconds.append(max(s for _, s, _ in results[:-1]))
+        return seconds
+    finally:
+        pool.kill()
+
+
+def stopped(R: int, limit: float, stamps: Path) -> Dict[str, List[float]]:
+    stamps.mkdir(parents=True, exist_ok=True)
+    pool, figures = _pool(R, limit), {"others": [], "stopped rank": [], "next round right": []}
+    try:
+        for op in range(len(faults.ROUND_OPS)):
+            results, stopped_at, continued, next_round = faults._stop_case(pool, R, op, "stop", stamps / f"s{R}{op}",
+                                                                           limit)
+            figures["others"].append(max(results[r][2] for r in range(R - 1)) - stopped_at)
+            figures["stopped rank"].append(results[R - 1][2] - continued)
+            figures["next round right"].append(float(not any(next_round)))
+        return figures
+    finally:
+        pool.kill()
+
+
+def killed(R: int, stamps: Path) -> List[float]:
+    results = faults._run_kills(R, stamps)
+    assert all(errors == [] for case in results.values() for errors in case["recovered"].values()), results
+    return [max(case[r][2] for r in range(R - 1)) - case["killed"] for case in results.values()]
+
+
+def store_host(R: int, action: str, limit: float, stamps: Path) -> float:
+    """Seconds from rank 0's stop or kill to the slowest other rank's error."""
+    pool = _pool(R, limit)
+    try:
+        job = pool.submit(faults.job_faulty_round, 0, 0, action, 80, str(stamps / f"h{R}{action}"), limit)
+        results = pool.collect(job, range(1, R), timeout=6 * limit + 60, gone=[0])
+        return max(results[r][2] for r in range(1, R)) - faults._acted_at(stamps / f"h{R}{action}")
+    finally:
+        pool.kill()
+
+
+def shutdown(R: int, limit: float, stamps: Path) -> float:
+    pool = _pool(R, limit)
+    try:
+        job = pool.submit(faults.job_shutdown_after_stuck_peer, str(stamps / f"x{R}"))
+        return max(s for _, s in pool.collect(job, range(R - 1), timeout=limit + 60).values())
+    finally:
+        pool.kill()
+
+
+def _spread(values: List[float]) -> str:
+    return f"{min(values):.3f} / {statistics.median(values):.3f} / {max(values):.3f} s"
+
+
+def main(argv: List[str] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ranks", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--timeout", type=float, default=5.0, help="EPLIB_TIMEOUT_S of the cases")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args(argv)
+    limit = args.timeout
+    machine = machine_info(1, "cpu", torch.device("cpu"))
+    print(f"{machine['cores']} cores ({machine['cpu_model']}), torch {machine['torch']}, {machine['date_utc']}; "
+          f"EPLIB_TIMEOUT_S={args.timeout:g}; min / median / max over {args.repeats} repeats")
+    stamps = Path(tempfile.mkdtemp(prefix="eplib-faults-"))
+    for R in args.ranks:
+        runs = {"bad input": [], "stopped: others": [], "stopped: the stopped rank, once continued": [],
+                "killed": [], "store host stopped": [], "store host killed": [], "shutdown": []}
+        next_round_right = True
+        for repeat in range(args.repeats):
+            runs["bad input"] += bad_input(R, limit)
+            stop = stopped(R, limit, stamps / f"r{repeat}")
+            runs["stopped: others"] += stop["others"]
+            runs["stopped: the stopped rank, once continued"] += stop["stopped rank"]
+            next_round_right &= all(stop["next round right"])
+            runs["killed"] += killed(R, Path(tempfile.mkdtemp(dir=stamps)))
+            runs["store host stopped"].append(store_host(R, "stop", limit, stamps))
+            runs["store host killed"].append(store_host(R, "kill", limit, stamps))
+            runs["shutdown"].append(shutdown(R, limit, stamps))
+        print(f"\n{R} ranks:")
+        for name, values in runs.items():
+            print(f"  {name:45s} {_spread(values)}   ({len(values)} samples)")
+        print(f"  the round after each stop right on every rank: {next_round_right}")
+
+
+if __name__ == "__main__":
+    main()
