@@ -4,16 +4,19 @@
 
 Runs the fault cases of tests/test_faults.py, each in a fresh pool of rank processes (started by a
 forkserver, gloo group on 127.0.0.1) with EPLIB_TIMEOUT_S=--timeout, and prints per case and group
-size the seconds from the fault to the error on the other ranks (the slowest of them; min, median
-and max over the repeats, and over the six collectives of a round where a case runs at each), and
-what follows it:
+size the seconds from the fault (or from a rank's own arrival at the collective, when later) to the
+error on the other ranks (the slowest of them; min, median and max over the repeats, and over the
+six collectives of a round where a case runs at each), and what follows it:
 
     bad input       one rank's input fails a check (int32 x in dispatch, an expert id out of range
-                    in get_dispatch_layout, wrong rows in combine): from the start of the call
+                    in get_dispatch_layout, wrong rows in combine): from both ranks being in their
+                    calls
     stopped         the last rank stops (SIGSTOP) before a collective, then is continued: from the
-                    stop; the stopped rank's own error from SIGCONT; the next round's correctness
+                    others' arrival at that collective; the stopped rank's own error from SIGCONT;
+                    the next round's correctness
     killed          the last rank is killed (SIGKILL) before a collective: from the kill
-    store stopped   rank 0, which hosts the store, stops before the dispatch: from the stop
+    store stopped   rank 0, which hosts the store, stops before the dispatch: from the others'
+                    arrival there
     store killed    rank 0 is killed before the dispatch: from the kill
     shutdown        the last rank stops for good; the others' eplib.abort + destroy_process_group
 """
@@ -47,8 +50,9 @@ def bad_input(R: int, limit: float) -> List[float]:
         seconds = []
         for name in ("dispatch_x_int32", "layout_expert_id_equal_E", "combine_x_rows_vs_handle"):
             results = pool.run(faults.job_one_rank_bad, name, R - 1, timeout=120)
-            assert all(not next_round for _, _, next_round in results), results
-            seconds.append(max(s for _, s, _ in results[:-1]))
+            assert all(not next_round for *_, next_round in results), results
+            bad_started = results[-1][1]
+            seconds.append(max(ended - max(started, bad_started) for _, started, ended, _ in results[:-1]))
         return seconds
     finally:
         pool.kill()
@@ -59,10 +63,10 @@ def stopped(R: int, limit: float, stamps: Path) -> Dict[str, List[float]]:
     pool, figures = _pool(R, limit), {"others": [], "stopped rank": [], "next round right": []}
     try:
         for op in range(len(faults.ROUND_OPS)):
-            results, stopped_at, continued, next_round = faults._stop_case(pool, R, op, "stop", stamps / f"s{R}{op}",
+            results, _, continued, next_round = faults._stop_case(pool, R, op, "stop", stamps / f"s{R}{op}",
                                                                            limit)
-            figures["others"].append(max(results[r][2] for r in range(R - 1)) - stopped_at)
-            figures["stopped rank"].append(results[R - 1][2] - continued)
+            figures["others"].append(max(_waited(results[r]) for r in range(R - 1)))
+            figures["stopped rank"].append(results[R - 1][3] - continued)
             figures["next round right"].append(float(not any(next_round)))
         return figures
     finally:
@@ -72,16 +76,19 @@ def stopped(R: int, limit: float, stamps: Path) -> Dict[str, List[float]]:
 def killed(R: int, stamps: Path) -> List[float]:
     results = faults._run_kills(R, stamps)
     assert all(errors == [] for case in results.values() for errors in case["recovered"].values()), results
-    return [max(case[r][2] for r in range(R - 1)) - case["killed"] for case in results.values()]
+    return [max(_since(case[r], case["killed"]) for r in range(R - 1)) for case in results.values()]
 
 
 def store_host(R: int, action: str, limit: float, stamps: Path) -> float:
-    """Seconds from rank 0's stop or kill to the slowest other rank's error."""
+    """Seconds from rank 0's kill (or from the others' arrival at the collective it stopped before) to
+    the slowest other rank's error."""
     pool = _pool(R, limit)
     try:
-        job = pool.submit(faults.job_faulty_round, 0, 0, action, 80, str(stamps / f"h{R}{action}"), limit)
+        job = pool.submit(faults.job_store_host_fault, action, str(stamps / f"h{R}{action}"), limit)
         results = pool.collect(job, range(1, R), timeout=6 * limit + 60, gone=[0])
-        return max(results[r][2] for r in range(1, R)) - faults._acted_at(stamps / f"h{R}{action}")
+        if action == "stop":
+            return max(_waited(results[r]) for r in range(1, R))
+        return max(_since(results[r], faults._acted_at(stamps / f"h{R}{action}")) for r in range(1, R))
     finally:
         pool.kill()
 
@@ -93,6 +100,19 @@ def shutdown(R: int, limit: float, stamps: Path) -> float:
         return max(s for _, s in pool.collect(job, range(R - 1), timeout=limit + 60).values())
     finally:
         pool.kill()
+
+
+def _since(result: tuple, fault: float) -> float:
+    """Seconds from the fault, or from the rank's own arrival at the failed collective when that was
+    later, to its error (result: tests/test_faults.py's job_faulty_round)."""
+    _, _, op_started, raised, _ = result
+    return raised - max(op_started, fault)
+
+
+def _waited(result: tuple) -> float:
+    """Seconds from the rank's arrival at the failed collective to its error: what a timeout counts."""
+    _, _, op_started, raised, _ = result
+    return raised - op_started
 
 
 def _spread(values: List[float]) -> str:

@@ -5,14 +5,18 @@ process group object, shared by all Buffers on it). The channel numbers them (th
 same on every rank while they are in step) and waits for each one. With L = ``EPLIB_TIMEOUT_S``:
 
 Fast path. A collective issued within L/4 of this rank's previous one completing, and completing
-within L/4, costs nothing beyond itself.
+within 0.1 s, costs nothing beyond itself (its wait is gloo's own, with a timeout).
 
-Slow path, through the process group's store (a client of its own, whose timeout is eplib's):
+Slow path, through the process group's store (a client of its own; every store operation bounded,
+see ``_StoreClient``):
 
+- A collective not complete after 0.1 s (or L/4 when shorter) looks at the op's mark
+  (``op/<op>``) every 0.1 s: another rank may have lost a peer ("lost:") or given up ("abandoned:")
+  on it, and then this rank raises too, at once.
 - A rank that has waited L/4 leaves an arrival mark (``here/<op>/<rank>``).
 - A rank that is *late* (more than L/4 since its previous collective completed, or that one's wait
-  took more than L/4) adds itself to the op's mark (``op/<op>``, "arrived:<ranks>", by
-  compare-and-set) before issuing it.
+  took more than L/4) adds itself to the op's mark ("arrived:<ranks>", by compare-and-set) before
+  issuing it.
 - A rank that times out at L marks the op "abandoned" (compare-and-set), unless every rank has
   issued it (an arrival mark or a late claim: then the op completes, and it waits once more L). It
   raises ``CollectiveError`` naming the ranks that never arrived and leaves the op pending.
@@ -20,6 +24,9 @@ Slow path, through the process group's store (a client of its own, whose timeout
   completes (every rank issues the same collectives in the same order), then raises. A late rank,
   and any rank whose wait took more than L/4, reads the mark again after the op completes, and
   raises if it was abandoned meanwhile.
+- A rank whose collective fails in the backend marks the op "lost" and names the ranks that left
+  no arrival mark within 0.3 s, leaving out those whose process still runs on this host (each rank
+  records "host:pid" under ``process/<rank>`` when its channel is made).
 
 Why a rank that is not late never completes an op that others abandoned without being told: it
 issued op k within L/2 of issuing op k-1, and no peer issued op k before this rank's op k-1 data
@@ -64,8 +71,9 @@ _KEYS = "eplib/"
 # How long a rank whose collective failed gives the other survivors to leave their arrival marks
 # (at most; a quarter of EPLIB_TIMEOUT_S when that is shorter), before it names the missing ranks.
 _FAILURE_SETTLE_S = 0.3
-# Store operations wait at most this long (or EPLIB_TIMEOUT_S when shorter) for the store's host.
-_STORE_TIMEOUT_S = 10.0
+# Store operations wait at most this long (or a quarter of EPLIB_TIMEOUT_S when shorter) for the
+# store's host: it answers in well under a millisecond when it runs at all.
+_STORE_TIMEOUT_S = 2.0
 _POLL_S = 0.01
 # A collective not complete after this long (or a quarter of EPLIB_TIMEOUT_S when shorter) looks at
 # its mark in the store this often: another rank may have lost a peer or given up on it.
@@ -103,7 +111,7 @@ class GroupChannel:
         self._processes = {}
         where = f"{socket.gethostname()}:{os.getpid()}"
         try:
-            self._store.call(lambda store: store.set(self._process_key(self.rank), where), timeout_seconds())
+            self._store.call(lambda store: store.set(_key("process", self.rank), where), timeout_seconds())
         except Exception:  # noqa: BLE001 - then failures name ranks by their arrival marks alone
             pass
 
@@ -194,7 +202,7 @@ class GroupChannel:
         while not self._wait_until(work, min(next_look, deadline), op, phase):
             now = time.monotonic()
             if not marked_here and now >= start + limit / 4 and store_answers:
-                self._set(self._here_key(op, self.rank), op, limit)
+                self._set(_key("here", op, self.rank), op, limit)
                 marked_here = True
             if now < deadline:
                 # Another rank may have settled this op already: a rank lost, or the op abandoned.
@@ -245,9 +253,9 @@ class GroupChannel:
         # for someone else, and is not the one to blame.
         elsewhere = {}
         for r in missing:
-            if self._store_has(self._here_key(op - 1, r), limit):
+            if self._store_has(_key("here", op - 1, r), limit):
                 elsewhere[r] = "before"
-            elif self._store_has(self._here_key(op + 1, r), limit):
+            elif self._store_has(_key("here", op + 1, r), limit):
                 elsewhere[r] = "after"
         missing = [r for r in missing if r not in elsewhere]
         who = f"{describe_ranks(missing)} never arrived" if missing else "no rank is known to be missing"
@@ -299,7 +307,7 @@ class GroupChannel:
         its part lets some peers complete it, and they give up on the next one. If that next one is
         an all-gather, the ranks behind join it with zeros; otherwise the group is broken."""
         op, work, gather_words = self._abandoned
-        keys = [self._resync_key(self._resyncs, r) for r in range(self.num_ranks)]
+        keys = [_key("resync", self._resyncs, r) for r in range(self.num_ranks)]
         self._set(keys[self.rank], op, limit, f"{op}:{gather_words if gather_words is not None and work is not None else '-'}")
         deadline = time.monotonic() + limit
         while not self._store_check(keys, limit):
@@ -342,22 +350,6 @@ class GroupChannel:
     # Store
     # ------------------------------------------------------------------------------------------
 
-    @staticmethod
-    def _op_key(op: int) -> str:
-        return f"{_KEYS}op/{op}"
-
-    @staticmethod
-    def _here_key(op: int, rank: int) -> str:
-        return f"{_KEYS}here/{op}/{rank}"
-
-    @staticmethod
-    def _process_key(rank: int) -> str:
-        return f"{_KEYS}process/{rank}"
-
-    @staticmethod
-    def _resync_key(resyncs: int, rank: int) -> str:
-        return f"{_KEYS}resync/{resyncs}/{rank}"
-
     def _compare_set(self, key: str, expected: str, value: str, op: int, limit: float) -> Optional[str]:
         """The store's compare-and-set: the key's value afterwards (``value`` if it held ``expected``,
         which "" matches when the key is missing); None when the store did not answer."""
@@ -371,7 +363,7 @@ class GroupChannel:
 
     def _read_mark(self, op: int, limit: float) -> Optional[str]:
         """The op's mark ("" when it has none), or None when the store did not answer."""
-        key = self._op_key(op)
+        key = _key("op", op)
         try:
             return self._store.call(lambda store: store.get(key) if store.check([key]) else b"", limit).decode()
         except Exception:  # noqa: BLE001
@@ -388,7 +380,7 @@ class GroupChannel:
         expected = ""
         while True:
             arrived = _arrived(expected)
-            mark = self._compare_set(self._op_key(op), expected,
+            mark = self._compare_set(_key("op", op), expected,
                                      _ARRIVED + ",".join(str(r) for r in arrived + [self.rank]), op, limit)
             if mark is None or mark.startswith((_ABANDONED, _LOST)) or self.rank in _arrived(mark):
                 return mark
@@ -405,7 +397,7 @@ class GroupChannel:
             missing = self._missing(op, expected, limit)
             if not missing:
                 return expected, []
-            mark = self._compare_set(self._op_key(op), expected, f"{_ABANDONED}{self.rank}:{limit:g}", op, limit)
+            mark = self._compare_set(_key("op", op), expected, f"{_ABANDONED}{self.rank}:{limit:g}", op, limit)
             if mark is None or mark.startswith((_ABANDONED, _LOST)):
                 return mark, missing
             expected = mark  # a late rank claimed the op meanwhile: count again
@@ -435,7 +427,7 @@ class GroupChannel:
 
     def _ranks_here(self, op: int, limit: float) -> Optional[List[int]]:
         """The ranks with an arrival mark on ``op``; None when the store did not answer."""
-        keys = [self._here_key(op, r) for r in range(self.num_ranks)]
+        keys = [_key("here", op, r) for r in range(self.num_ranks)]
         try:
             return self._store.call(lambda store: [r for r, key in enumerate(keys) if store.check([key])], limit)
         except Exception:  # noqa: BLE001
@@ -455,11 +447,11 @@ class GroupChannel:
         limit = timeout_seconds()
         expected = ""
         while True:  # whatever the mark holds, unless the op was abandoned already
-            mark = self._compare_set(self._op_key(op), expected, _LOST + cause[:200], op, limit)
+            mark = self._compare_set(_key("op", op), expected, _LOST + cause[:200], op, limit)
             if mark is None or mark.startswith((_LOST, _ABANDONED)):
                 break
             expected = mark
-        self._set(self._here_key(op, self.rank), op, limit)
+        self._set(_key("here", op, self.rank), op, limit)
         deadline = time.monotonic() + min(_FAILURE_SETTLE_S, limit / 4)
         while True:
             here = self._ranks_here(op, limit)
@@ -474,7 +466,7 @@ class GroupChannel:
         """Whether rank ``rank``'s process is gone (it runs on this host; a zombie counts as gone);
         None when that cannot be told (another host, or no record of it)."""
         if rank not in self._processes:
-            key = self._process_key(rank)
+            key = _key("process", rank)
             try:
                 where = self._store.call(lambda store: store.get(key) if store.check([key]) else b"", limit)
             except Exception:  # noqa: BLE001
@@ -507,6 +499,11 @@ class GroupChannel:
             pass
 
 
+def _key(*parts) -> str:
+    """The store key of eplib's mark ``parts``, e.g. _key("here", 12, 3) -> "eplib/here/12/3"."""
+    return _KEYS + "/".join(str(part) for part in parts)
+
+
 def _arrived(mark: str) -> List[int]:
     """The ranks of an "arrived:3,1" mark ([] for any other mark)."""
     if not mark.startswith(_ARRIVED):
@@ -522,10 +519,11 @@ def describe_ranks(ranks: Sequence[int]) -> str:
 class _StoreClient:
     """The process group's store, for a channel's marks. Every operation is bounded: a store whose
     host is stopped never answers, and in torch 2.13 TCPStore's own timeout does not cover that, so
-    each operation runs on a helper thread that is waited for at most min(EPLIB_TIMEOUT_S, 10 s).
+    each operation runs on a helper thread that is waited for at most min(EPLIB_TIMEOUT_S / 4, 2 s).
     The operations use a client of their own (a clone of the group's); one that did not answer is
     left to its thread, and the next operation clones a fresh one, so that a late answer never
-    reaches another operation."""
+    reaches another operation. After a failure, operations fail at once for as long as one may wait,
+    so that a fault costs the wait for the store once, not at every step."""
 
     def __init__(self, group: dist.ProcessGroup) -> None:
         try:
@@ -534,6 +532,7 @@ class _StoreClient:
         except Exception:  # noqa: BLE001 - a group without a store: timeouts cannot be settled
             self._origin = None
         self._client = None
+        self._silent_until = 0.0  # time.monotonic() before which operations fail at once
 
     def _new_client(self):
         try:
@@ -546,6 +545,8 @@ class _StoreClient:
         not answer in time, or RuntimeError without a store."""
         if self._origin is None:
             raise RuntimeError("the process group has no store")
+        if time.monotonic() < self._silent_until:
+            raise TimeoutError("the process group's store did not answer a moment ago")
         client, outcome = self._client, {}
 
         def run() -> None:
@@ -557,14 +558,13 @@ class _StoreClient:
 
         thread = threading.Thread(target=run, name="eplib-store", daemon=True)
         thread.start()
-        seconds = min(limit, _STORE_TIMEOUT_S)
+        seconds = min(limit / 4, _STORE_TIMEOUT_S)
         thread.join(seconds)
-        if thread.is_alive():
+        if thread.is_alive() or "error" in outcome:
             self._client = None
-            raise TimeoutError(f"the process group's store did not answer in {seconds:g} s")
-        self._client = outcome.get("client")
-        if "error" in outcome:
-            raise outcome["error"]
+            self._silent_until = time.monotonic() + seconds
+            raise outcome.get("error") or TimeoutError(f"the process group's store did not answer in {seconds:g} s")
+        self._client = outcome["client"]
         return outcome["value"]
 
 
