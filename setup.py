@@ -2,8 +2,11 @@
 
 Environment:
     EPLIB_CUDA=auto|0|1   compile the CUDA kernels: auto (default) when nvcc is found, 1 requires it.
+    EPLIB_CUDA_CPU=1      compile the CUDA sources with the host compiler instead, to run on the CPU
+                          (csrc/cuda_cpu; no nvcc, no GPU): how CI executes the CUDA kernels.
     EPLIB_CUDA_ARCHS      CUDA architectures, default "80;90".
     EPLIB_DEBUG=1         -O0 -g with assertions.
+    EPLIB_SANITIZE        thread, address or undefined: build the native code with that sanitizer.
     CMAKE_GENERATOR       e.g. Ninja; CMake's default otherwise.
 """
 
@@ -47,6 +50,9 @@ class CMakeBuild(build_ext):
     (the source tree for editable installs)."""
 
     def build_extension(self, ext):
+        if os.environ.get("EPLIB_CUDA_CPU", "0") == "1":
+            self._cmake(ext, nvcc=None, cuda_cpu=True)
+            return
         mode, nvcc = cuda_mode(), find_nvcc()
         if mode == "1" and nvcc is None:
             raise RuntimeError("EPLIB_CUDA=1 but nvcc was not found (CUDA_HOME, CUDA_PATH, PATH, /usr/local/cuda)")
@@ -64,11 +70,13 @@ class CMakeBuild(build_ext):
                   "this an error)", flush=True)
             self._cmake(ext, nvcc=None)
 
-    def _cmake(self, ext, nvcc):
+    def _cmake(self, ext, nvcc, cuda_cpu=False):
         import pybind11
 
         out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
-        build_temp = Path(self.build_temp).resolve() / ext.name / ("cuda" if nvcc else "cpu")
+        sanitizer = os.environ.get("EPLIB_SANITIZE", "")
+        flavour = ("cuda" if nvcc else "cuda_cpu" if cuda_cpu else "cpu") + (f"-{sanitizer}" if sanitizer else "")
+        build_temp = Path(self.build_temp).resolve() / ext.name / flavour
         build_temp.mkdir(parents=True, exist_ok=True)
         debug = os.environ.get("EPLIB_DEBUG", "0") == "1"
         args = [
@@ -78,11 +86,14 @@ class CMakeBuild(build_ext):
             f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
             f"-DCMAKE_BUILD_TYPE={'Debug' if debug else 'Release'}",
             f"-DEPLIB_WITH_CUDA={'ON' if nvcc else 'OFF'}",
+            f"-DEPLIB_CUDA_CPU={'ON' if cuda_cpu else 'OFF'}",
+            f"-DEPLIB_SANITIZE={sanitizer}",
         ]
         if nvcc:
             args += [f"-DCMAKE_CUDA_COMPILER={nvcc}",
                      f"-DEPLIB_CUDA_ARCHS={os.environ.get('EPLIB_CUDA_ARCHS', '80;90')}"]
-        print(f"eplib: building _C with CUDA {'ON (' + nvcc + ')' if nvcc else 'OFF'}", flush=True)
+        cuda = f"ON ({nvcc})" if nvcc else "the CPU execution of the CUDA sources" if cuda_cpu else "OFF"
+        print(f"eplib: building _C with CUDA {cuda}", flush=True)
         subprocess.run(["cmake", "-S", str(ROOT), "-B", str(build_temp), *args], check=True)
         jobs = str(max(1, os.cpu_count() or 1))
         subprocess.run(["cmake", "--build", str(build_temp), "--parallel", jobs], check=True)

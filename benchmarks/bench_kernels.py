@@ -87,9 +87,14 @@ def bench_shape(num_tokens: int, copy_gbs: float, warmup: int, runs: int) -> Lis
     per_expert = torch.empty(NUM_EXPERTS, dtype=torch.int32, **cuda)
     in_rank = torch.empty(num_tokens, NUM_RANKS, dtype=torch.bool, **cuda)
 
+    device = torch.cuda.current_device()
+    layout_args = [_C.DispatchLayoutArgs(
+        topk_idx=idxs[i].data_ptr(), num_tokens=num_tokens, num_topk=NUM_TOPK, num_experts=NUM_EXPERTS,
+        num_ranks=NUM_RANKS, num_tokens_per_rank=per_rank.data_ptr(), num_tokens_per_expert=per_expert.data_ptr(),
+        is_token_in_rank=in_rank.data_ptr(), error_flag=flag.data_ptr()) for i in range(num_copies)]
+
     def layout(i):
-        _C.cuda_dispatch_layout(idxs[i].data_ptr(), num_tokens, NUM_TOPK, NUM_EXPERTS, NUM_RANKS, per_rank.data_ptr(),
-                                per_expert.data_ptr(), in_rank.data_ptr(), flag.data_ptr(), stream())
+        _C.cuda_dispatch_layout(layout_args[i], device, stream())
 
     ones = torch.ones(num_tokens * NUM_TOPK, dtype=torch.int32, **cuda)
 
@@ -111,8 +116,9 @@ def bench_shape(num_tokens: int, copy_gbs: float, warmup: int, runs: int) -> Lis
     layout(0)
     send_pos = torch.empty(num_tokens, NUM_RANKS, dtype=torch.int32, **cuda)
     counts = torch.empty(NUM_RANKS, dtype=torch.int32, **cuda)
-    _C.cuda_send_positions(in_rank.data_ptr(), num_tokens, NUM_RANKS, send_pos.data_ptr(), counts.data_ptr(), 0,
-                           flag.data_ptr(), stream())
+    _C.cuda_send_positions(_C.SendPositionsArgs(
+        is_token_in_rank=in_rank.data_ptr(), num_tokens=num_tokens, num_ranks=NUM_RANKS, send_pos=send_pos.data_ptr(),
+        num_tokens_per_rank=counts.data_ptr(), error_flag=flag.data_ptr()), device, stream())
     num_rows = int(counts.sum())
     stride = _C.dispatch_row_stride(x_bytes, 0, NUM_TOPK)
     num_copies = copies_for(num_tokens * x_bytes + num_rows * stride)
@@ -123,10 +129,14 @@ def bench_shape(num_tokens: int, copy_gbs: float, warmup: int, runs: int) -> Lis
     token_order = in_rank.t().nonzero()[:, 1]
     torch_send = [torch.empty(num_rows, HIDDEN, dtype=dtype, **cuda) for _ in range(num_copies)]
 
+    pack_args = [_C.DispatchPackArgs(
+        x=xs[i].data_ptr(), x_bytes=x_bytes, topk_idx=idxs[0].data_ptr(), topk_weights=weights.data_ptr(),
+        num_topk=NUM_TOPK, num_experts=NUM_EXPERTS, send_pos=send_pos.data_ptr(), num_tokens=num_tokens,
+        num_ranks=NUM_RANKS, send_buffer=send_buffers[i].data_ptr(), error_flag=flag.data_ptr())
+        for i in range(num_copies)]
+
     def pack(i):
-        _C.cuda_dispatch_pack(xs[i].data_ptr(), x_bytes, 0, 0, idxs[0].data_ptr(), weights.data_ptr(), NUM_TOPK,
-                              NUM_EXPERTS, send_pos.data_ptr(), num_tokens, NUM_RANKS, send_buffers[i].data_ptr(),
-                              flag.data_ptr(), None, 0, 0, 0, stream())
+        _C.cuda_dispatch_pack(pack_args[i], device, stream())
 
     def torch_pack(i):
         torch.index_select(xs[i], 0, token_order, out=torch_send[i])
@@ -142,9 +152,12 @@ def bench_shape(num_tokens: int, copy_gbs: float, warmup: int, runs: int) -> Lis
     # Rows come rank after rank: rank r's are [starts[r], starts[r + 1]) (host values, read once here).
     starts = [0] + torch.cumsum(counts.long(), 0).tolist()
 
+    reduce_args = [_C.CombineReduceArgs(
+        dtype=code, recv_buffer=recv_buffers[i].data_ptr(), hidden=HIDDEN, send_pos=send_pos.data_ptr(),
+        num_tokens=num_tokens, num_ranks=NUM_RANKS, combined_x=combined.data_ptr()) for i in range(num_copies)]
+
     def reduce(i):
-        _C.cuda_combine_reduce(code, recv_buffers[i].data_ptr(), HIDDEN, 0, send_pos.data_ptr(), num_tokens,
-                               NUM_RANKS, 0, 0, combined.data_ptr(), 0, None, 0, stream())
+        _C.cuda_combine_reduce(reduce_args[i], device, stream())
 
     def torch_reduce(i):
         acc = torch.zeros(num_tokens, HIDDEN, dtype=torch.float32, **cuda)
@@ -218,7 +231,7 @@ def main(argv=None) -> int:
     warmup, runs = (5, 20) if args.quick else (20, 200)
     copy_gbs = copy_bandwidth_gbs(warmup, runs)
     device = torch.cuda.get_device_name()
-    print(f"{device}, torch {torch.__version__}, CUDA runtime {_C.cuda_runtime_version()}")
+    print(f"{device}, torch {torch.__version__}, CUDA runtime {_C.cuda_device_status()['runtime_version']}")
     print(f"device-to-device copy bandwidth (torch copy_, read + write): {copy_gbs:.0f} GB/s")
     print("goals: layout <= 15 us at T=4096; pack and combine >= 70% of copy bandwidth; every kernel >= 3x torch")
     header = f"{'kernel':<15} {'T':>5} {'eplib us':>9} {'torch us':>9} {'speedup':>8} {'GB/s':>7} {'% copy':>7}  goal"

@@ -5,18 +5,26 @@
 #include <pybind11/stl.h>
 
 #include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/kernels.h"
+#include "cpu/parallel.h"
+#include "cuda/ipc.h"  // plain C++: the ipc buffer's layout sizes are known without CUDA too
 #include "eplib/errors.h"
 #include "eplib/layout.h"
-#include "cpu/parallel.h"
-#include "cuda/peer.h"  // plain C++: the peer-buffer layout sizes are known without CUDA too
 #ifdef EPLIB_WITH_CUDA
+#include "cuda/ipc_buffer.h"
 #include "cuda/kernels.h"
-#include "cuda/peer_buffer.h"
 #include "cuda/runtime.h"
+#endif
+#ifdef EPLIB_CUDA_CPU
+#include "cuda_cpu/executor.h"
+#include "cuda_cpu/selftest.h"
 #endif
 
 namespace py = pybind11;
@@ -36,189 +44,374 @@ bool built_with_cuda() {
 #endif
 }
 
-int cuda_device_count() {
-#ifdef EPLIB_WITH_CUDA
-  return eplib::cuda::device_count();
+bool cuda_cpu_execution() {
+#ifdef EPLIB_CUDA_CPU
+  return true;
 #else
-  return 0;
+  return false;
 #endif
 }
 
-int cuda_runtime_version() {
+// What eplib's CUDA runtime sees (a dict; see cuda/runtime.h). Without CUDA: no devices, no error.
+py::dict cuda_device_status() {
+  py::dict status;
 #ifdef EPLIB_WITH_CUDA
-  return eplib::cuda::runtime_version();
+  const eplib::cuda::DeviceStatus queried = eplib::cuda::device_status();
+  status["device_count"] = queried.device_count;
+  status["error"] = queried.error.empty() ? py::object(py::none()) : py::object(py::str(queried.error));
+  status["driver_version"] = queried.driver_version;
+  status["runtime_version"] = queried.runtime_version;
 #else
-  return 0;
+  status["device_count"] = 0;
+  status["error"] = py::none();
+  status["driver_version"] = 0;
+  status["runtime_version"] = 0;
 #endif
+  status["cpu_execution"] = cuda_cpu_execution();
+  return status;
 }
 
 #ifdef EPLIB_WITH_CUDA
-// The view of a PeerBuffer for the row kernels, or nullptr (None: the nccl transport).
-const eplib::cuda::PeerView* view_of(const eplib::cuda::PeerBuffer* peers) {
-  return peers != nullptr ? peers->view() : nullptr;
+// A field of an argument struct as Python sees it: addresses for pointers, codes for enums.
+template <typename Field>
+Field field_from_python(py::handle value) {
+  if constexpr (std::is_pointer<Field>::value) return reinterpret_cast<Field>(value.cast<uintptr_t>());
+  else if constexpr (std::is_enum<Field>::value) return static_cast<Field>(value.cast<int>());
+  else return value.cast<Field>();
 }
 
-// The CUDA kernels, named cuda_<CPU name>: the CPU function's arguments (dispatch_unpack and
-// combine_pack have their own), then error_flag where the kernel checks values, then (row kernels)
-// the peer transport's arguments, then the stream (torch.cuda.current_stream().cuda_stream). See
-// cuda/kernels.h.
-void def_cuda_kernels(py::module_& m) {
-  using eplib::DType;
+template <typename Field>
+py::object field_to_python(const Field& value) {
+  if constexpr (std::is_pointer<Field>::value) return py::int_(reinterpret_cast<uintptr_t>(value));
+  else if constexpr (std::is_enum<Field>::value) return py::int_(static_cast<int>(value));
+  else return py::cast(value);
+}
+
+// Binds an argument struct of cuda/kernels.h as _C.<Name>Args: constructed with keywords named as
+// its fields (a field not given is zero: a null pointer, a zero size; an unknown name is a
+// TypeError), and readable and writable by the same names.
+template <typename Struct>
+class ArgsBinding {
+ public:
+  ArgsBinding(py::module_& m, const char* name) : class_(m, name) {
+    auto setters = setters_;
+    class_.def(py::init([setters](const py::kwargs& kwargs) {
+      Struct args{};
+      for (const auto& item : kwargs) {
+        const std::string key = item.first.cast<std::string>();
+        const auto setter = setters->find(key);
+        if (setter == setters->end())
+          throw py::type_error("eplib: " + std::string(py::str(py::type::of<Struct>().attr("__name__"))) +
+                               " has no field " + key);
+        setter->second(args, item.second);
+      }
+      return args;
+    }));
+  }
+
+  template <typename Field>
+  ArgsBinding& field(const char* name, Field Struct::*member) {
+    auto set = [member](Struct& args, py::handle value) { args.*member = field_from_python<Field>(value); };
+    (*setters_)[name] = set;
+    class_.def_property(name, [member](const Struct& args) { return field_to_python(args.*member); }, set);
+    return *this;
+  }
+
+ private:
+  py::class_<Struct> class_;
+  std::shared_ptr<std::map<std::string, std::function<void(Struct&, py::handle)>>> setters_ =
+      std::make_shared<std::map<std::string, std::function<void(Struct&, py::handle)>>>();
+};
+
+#define EPLIB_FIELD(Struct, name) .field(#name, &Struct::name)
+
+void def_kernel_args(py::module_& m) {
   namespace cuda = eplib::cuda;
-  using cuda::PeerBuffer;
+  using cuda::CombinePackArgs;
+  using cuda::CombineReduceArgs;
+  using cuda::DispatchCheckArgs;
+  using cuda::DispatchLayoutArgs;
+  using cuda::DispatchPackArgs;
+  using cuda::DispatchUnpackArgs;
+  using cuda::PermuteLayoutArgs;
+  using cuda::PermuteRowsArgs;
+  using cuda::SendPositionsArgs;
+  using cuda::UnpermuteRowsArgs;
+  ArgsBinding<DispatchLayoutArgs>(m, "DispatchLayoutArgs") EPLIB_FIELD(DispatchLayoutArgs, topk_idx)
+      EPLIB_FIELD(DispatchLayoutArgs, num_tokens) EPLIB_FIELD(DispatchLayoutArgs, num_topk)
+      EPLIB_FIELD(DispatchLayoutArgs, num_experts) EPLIB_FIELD(DispatchLayoutArgs, num_ranks)
+      EPLIB_FIELD(DispatchLayoutArgs, num_tokens_per_rank) EPLIB_FIELD(DispatchLayoutArgs, num_tokens_per_expert)
+      EPLIB_FIELD(DispatchLayoutArgs, is_token_in_rank) EPLIB_FIELD(DispatchLayoutArgs, error_flag);
+  ArgsBinding<SendPositionsArgs>(m, "SendPositionsArgs") EPLIB_FIELD(SendPositionsArgs, is_token_in_rank)
+      EPLIB_FIELD(SendPositionsArgs, num_tokens) EPLIB_FIELD(SendPositionsArgs, num_ranks)
+      EPLIB_FIELD(SendPositionsArgs, slot_rows) EPLIB_FIELD(SendPositionsArgs, send_pos)
+      EPLIB_FIELD(SendPositionsArgs, num_tokens_per_rank) EPLIB_FIELD(SendPositionsArgs, error_flag);
+  ArgsBinding<DispatchCheckArgs>(m, "DispatchCheckArgs") EPLIB_FIELD(DispatchCheckArgs, send_counts)
+      EPLIB_FIELD(DispatchCheckArgs, num_tokens_per_rank) EPLIB_FIELD(DispatchCheckArgs, num_ranks)
+      EPLIB_FIELD(DispatchCheckArgs, slot_rows) EPLIB_FIELD(DispatchCheckArgs, topk_idx)
+      EPLIB_FIELD(DispatchCheckArgs, topk_weights) EPLIB_FIELD(DispatchCheckArgs, num_tokens)
+      EPLIB_FIELD(DispatchCheckArgs, num_topk) EPLIB_FIELD(DispatchCheckArgs, num_tokens_per_expert)
+      EPLIB_FIELD(DispatchCheckArgs, num_experts) EPLIB_FIELD(DispatchCheckArgs, error_flag);
+  ArgsBinding<DispatchPackArgs>(m, "DispatchPackArgs") EPLIB_FIELD(DispatchPackArgs, x)
+      EPLIB_FIELD(DispatchPackArgs, x_bytes) EPLIB_FIELD(DispatchPackArgs, x_scales)
+      EPLIB_FIELD(DispatchPackArgs, scales_bytes) EPLIB_FIELD(DispatchPackArgs, topk_idx)
+      EPLIB_FIELD(DispatchPackArgs, topk_weights) EPLIB_FIELD(DispatchPackArgs, num_topk)
+      EPLIB_FIELD(DispatchPackArgs, num_experts) EPLIB_FIELD(DispatchPackArgs, send_pos)
+      EPLIB_FIELD(DispatchPackArgs, num_tokens) EPLIB_FIELD(DispatchPackArgs, num_ranks)
+      EPLIB_FIELD(DispatchPackArgs, slot_rows) EPLIB_FIELD(DispatchPackArgs, rank_prefix_matrix)
+      EPLIB_FIELD(DispatchPackArgs, send_buffer) EPLIB_FIELD(DispatchPackArgs, error_flag);
+  ArgsBinding<DispatchUnpackArgs>(m, "DispatchUnpackArgs") EPLIB_FIELD(DispatchUnpackArgs, recv_buffer)
+      EPLIB_FIELD(DispatchUnpackArgs, recv_counts) EPLIB_FIELD(DispatchUnpackArgs, num_ranks)
+      EPLIB_FIELD(DispatchUnpackArgs, slot_rows) EPLIB_FIELD(DispatchUnpackArgs, num_out_rows)
+      EPLIB_FIELD(DispatchUnpackArgs, x_bytes) EPLIB_FIELD(DispatchUnpackArgs, scales_bytes)
+      EPLIB_FIELD(DispatchUnpackArgs, num_topk) EPLIB_FIELD(DispatchUnpackArgs, num_local_experts)
+      EPLIB_FIELD(DispatchUnpackArgs, recv_x) EPLIB_FIELD(DispatchUnpackArgs, recv_x_scales)
+      EPLIB_FIELD(DispatchUnpackArgs, recv_src_idx) EPLIB_FIELD(DispatchUnpackArgs, recv_topk_idx)
+      EPLIB_FIELD(DispatchUnpackArgs, recv_topk_weights) EPLIB_FIELD(DispatchUnpackArgs, num_recv_tokens_per_expert)
+      EPLIB_FIELD(DispatchUnpackArgs, num_recv_out) EPLIB_FIELD(DispatchUnpackArgs, error_flag);
+  ArgsBinding<CombinePackArgs>(m, "CombinePackArgs") EPLIB_FIELD(CombinePackArgs, x)
+      EPLIB_FIELD(CombinePackArgs, x_bytes) EPLIB_FIELD(CombinePackArgs, topk_weights)
+      EPLIB_FIELD(CombinePackArgs, num_topk) EPLIB_FIELD(CombinePackArgs, recv_counts)
+      EPLIB_FIELD(CombinePackArgs, num_ranks) EPLIB_FIELD(CombinePackArgs, slot_rows)
+      EPLIB_FIELD(CombinePackArgs, num_rows) EPLIB_FIELD(CombinePackArgs, rank_prefix_matrix)
+      EPLIB_FIELD(CombinePackArgs, send_buffer);
+  ArgsBinding<CombineReduceArgs>(m, "CombineReduceArgs") EPLIB_FIELD(CombineReduceArgs, dtype)
+      EPLIB_FIELD(CombineReduceArgs, recv_buffer) EPLIB_FIELD(CombineReduceArgs, hidden)
+      EPLIB_FIELD(CombineReduceArgs, num_topk) EPLIB_FIELD(CombineReduceArgs, send_pos)
+      EPLIB_FIELD(CombineReduceArgs, num_tokens) EPLIB_FIELD(CombineReduceArgs, num_ranks)
+      EPLIB_FIELD(CombineReduceArgs, bias_0) EPLIB_FIELD(CombineReduceArgs, bias_1)
+      EPLIB_FIELD(CombineReduceArgs, combined_x) EPLIB_FIELD(CombineReduceArgs, combined_topk_weights);
+  ArgsBinding<PermuteLayoutArgs>(m, "PermuteLayoutArgs") EPLIB_FIELD(PermuteLayoutArgs, topk_idx)
+      EPLIB_FIELD(PermuteLayoutArgs, num_rows) EPLIB_FIELD(PermuteLayoutArgs, num_topk)
+      EPLIB_FIELD(PermuteLayoutArgs, num_local_experts) EPLIB_FIELD(PermuteLayoutArgs, expert_alignment)
+      EPLIB_FIELD(PermuteLayoutArgs, num_out_rows) EPLIB_FIELD(PermuteLayoutArgs, pair_pos)
+      EPLIB_FIELD(PermuteLayoutArgs, expert_offsets) EPLIB_FIELD(PermuteLayoutArgs, num_tokens_per_expert)
+      EPLIB_FIELD(PermuteLayoutArgs, error_flag);
+  ArgsBinding<PermuteRowsArgs>(m, "PermuteRowsArgs") EPLIB_FIELD(PermuteRowsArgs, dtype)
+      EPLIB_FIELD(PermuteRowsArgs, x) EPLIB_FIELD(PermuteRowsArgs, num_rows) EPLIB_FIELD(PermuteRowsArgs, hidden)
+      EPLIB_FIELD(PermuteRowsArgs, num_topk) EPLIB_FIELD(PermuteRowsArgs, pair_pos)
+      EPLIB_FIELD(PermuteRowsArgs, topk_weights) EPLIB_FIELD(PermuteRowsArgs, expert_offsets)
+      EPLIB_FIELD(PermuteRowsArgs, num_tokens_per_expert) EPLIB_FIELD(PermuteRowsArgs, num_local_experts)
+      EPLIB_FIELD(PermuteRowsArgs, num_out_rows) EPLIB_FIELD(PermuteRowsArgs, out);
+  ArgsBinding<UnpermuteRowsArgs>(m, "UnpermuteRowsArgs") EPLIB_FIELD(UnpermuteRowsArgs, dtype)
+      EPLIB_FIELD(UnpermuteRowsArgs, y) EPLIB_FIELD(UnpermuteRowsArgs, num_in_rows)
+      EPLIB_FIELD(UnpermuteRowsArgs, hidden) EPLIB_FIELD(UnpermuteRowsArgs, num_topk)
+      EPLIB_FIELD(UnpermuteRowsArgs, pair_pos) EPLIB_FIELD(UnpermuteRowsArgs, topk_weights)
+      EPLIB_FIELD(UnpermuteRowsArgs, num_rows) EPLIB_FIELD(UnpermuteRowsArgs, out);
+}
+
+#undef EPLIB_FIELD
+
+cudaStream_t stream_of(uintptr_t stream) { return reinterpret_cast<cudaStream_t>(stream); }
+
+// _C.cuda_<kernel>(args, device, stream): the launcher of cuda/kernels.h on `stream`
+// (torch.cuda.current_stream().cuda_stream) with `device` current for the call (DeviceGuard).
+template <typename Args>
+void def_kernel(py::module_& m, const char* name, std::function<void(const Args&, cudaStream_t)> launcher) {
+  m.def(
+      name,
+      [launcher](const Args& args, int device, uintptr_t stream) {
+        eplib::cuda::DeviceGuard guard(device);
+        launcher(args, stream_of(stream));
+      },
+      py::arg("args"), py::arg("device"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+}
+
+void def_cuda_kernels(py::module_& m) {
+  namespace cuda = eplib::cuda;
+  using cuda::IpcBuffer;
   const auto release_gil = py::call_guard<py::gil_scoped_release>();
-  auto stream_of = [](uintptr_t stream) { return reinterpret_cast<cudaStream_t>(stream); };
+  def_kernel_args(m);
 
+  def_kernel<cuda::DispatchLayoutArgs>(m, "cuda_dispatch_layout", cuda::dispatch_layout);
+  def_kernel<cuda::SendPositionsArgs>(m, "cuda_send_positions", cuda::send_positions);
+  def_kernel<cuda::DispatchCheckArgs>(m, "cuda_check_dispatch_inputs", cuda::check_dispatch_inputs);
+  // The row kernels of the nccl transport (no ipc view); the ipc transport goes through IpcBuffer.
+  def_kernel<cuda::DispatchPackArgs>(m, "cuda_dispatch_pack", [](const cuda::DispatchPackArgs& args, cudaStream_t s) {
+    cuda::dispatch_pack(args, nullptr, 0, s);
+  });
+  def_kernel<cuda::DispatchUnpackArgs>(m, "cuda_dispatch_unpack",
+                                       [](const cuda::DispatchUnpackArgs& args, cudaStream_t s) {
+                                         cuda::dispatch_unpack(args, nullptr, s);
+                                       });
+  def_kernel<cuda::CombinePackArgs>(m, "cuda_combine_pack", [](const cuda::CombinePackArgs& args, cudaStream_t s) {
+    cuda::combine_pack(args, nullptr, 0, s);
+  });
+  def_kernel<cuda::CombineReduceArgs>(m, "cuda_combine_reduce",
+                                      [](const cuda::CombineReduceArgs& args, cudaStream_t s) {
+                                        cuda::combine_reduce(args, nullptr, s);
+                                      });
+  def_kernel<cuda::PermuteLayoutArgs>(m, "cuda_permute_layout", cuda::permute_layout);
+  def_kernel<cuda::PermuteRowsArgs>(m, "cuda_permute_rows", cuda::permute_rows);
+  def_kernel<cuda::UnpermuteRowsArgs>(m, "cuda_unpermute_rows", cuda::unpermute_rows);
+  m.def("cuda_current_device", &cuda::current_device, "eplib's CUDA runtime's current device on this thread.");
   m.def(
-      "cuda_set_device", &cuda::set_device, py::arg("device"),
-      "Make `device` current in eplib's own (static) CUDA runtime: its launches use that device's context.");
-
-  m.def(
-      "cuda_dispatch_layout",
-      [=](uintptr_t topk_idx, int64_t num_tokens, int num_topk, int num_experts, int num_ranks,
-          uintptr_t num_tokens_per_rank, uintptr_t num_tokens_per_expert, uintptr_t is_token_in_rank,
-          uintptr_t error_flag, uintptr_t stream) {
-        cuda::dispatch_layout(as_ptr<const int64_t>(topk_idx), num_tokens, num_topk, num_experts, num_ranks,
-                              as_ptr<int32_t>(num_tokens_per_rank), as_ptr<int32_t>(num_tokens_per_expert),
-                              as_ptr<bool>(is_token_in_rank), as_ptr<int32_t>(error_flag), stream_of(stream));
+      "cuda_preload_kernels",
+      [](int device) {
+        cuda::DeviceGuard guard(device);
+        cuda::preload_kernels();
       },
-      release_gil);
+      py::arg("device"), "Loads every eplib kernel on `device` now rather than at its first launch (lazy loading).");
 
-  m.def(
-      "cuda_send_positions",
-      [=](uintptr_t is_token_in_rank, int64_t num_tokens, int num_ranks, uintptr_t send_pos,
-          uintptr_t num_tokens_per_rank, int64_t slot_rows, uintptr_t error_flag, uintptr_t stream) {
-        cuda::send_positions(as_ptr<const bool>(is_token_in_rank), num_tokens, num_ranks, as_ptr<int32_t>(send_pos),
-                             as_ptr<int32_t>(num_tokens_per_rank), slot_rows, as_ptr<int32_t>(error_flag),
-                             stream_of(stream));
-      },
-      release_gil);
-
-  m.def(
-      "cuda_dispatch_pack",
-      [=](uintptr_t x, int64_t x_bytes, uintptr_t x_scales, int64_t scales_bytes, uintptr_t topk_idx,
-          uintptr_t topk_weights, int num_topk, int num_experts, uintptr_t send_pos, int64_t num_tokens, int num_ranks,
-          uintptr_t send_buffer, uintptr_t error_flag, const PeerBuffer* peers, uintptr_t rank_prefix_matrix,
-          int64_t slot_rows, int max_blocks, uintptr_t stream) {
-        cuda::dispatch_pack(as_ptr<const uint8_t>(x), x_bytes, as_ptr<const uint8_t>(x_scales), scales_bytes,
-                            as_ptr<const int64_t>(topk_idx), as_ptr<const float>(topk_weights), num_topk, num_experts,
-                            as_ptr<const int32_t>(send_pos), num_tokens, num_ranks, as_ptr<uint8_t>(send_buffer),
-                            as_ptr<int32_t>(error_flag), view_of(peers), as_ptr<const int32_t>(rank_prefix_matrix),
-                            slot_rows, max_blocks, stream_of(stream));
-      },
-      release_gil);
-
-  m.def(
-      "cuda_dispatch_unpack",
-      [=](uintptr_t recv_buffer, uintptr_t recv_counts, int num_ranks, int64_t slot_rows, int64_t num_out_rows,
-          int64_t x_bytes, int64_t scales_bytes, int num_topk, int num_local_experts, uintptr_t recv_x,
-          uintptr_t recv_x_scales, uintptr_t recv_src_idx, uintptr_t recv_topk_idx, uintptr_t recv_topk_weights,
-          uintptr_t num_recv_tokens_per_expert, uintptr_t num_recv_out, uintptr_t error_flag, const PeerBuffer* peers,
-          int max_blocks, uintptr_t stream) {
-        cuda::dispatch_unpack(as_ptr<const uint8_t>(recv_buffer), as_ptr<const int32_t>(recv_counts), num_ranks,
-                              slot_rows, num_out_rows, x_bytes, scales_bytes, num_topk, num_local_experts,
-                              as_ptr<uint8_t>(recv_x), as_ptr<uint8_t>(recv_x_scales), as_ptr<int32_t>(recv_src_idx),
-                              as_ptr<int64_t>(recv_topk_idx), as_ptr<float>(recv_topk_weights),
-                              as_ptr<int64_t>(num_recv_tokens_per_expert), as_ptr<int32_t>(num_recv_out),
-                              as_ptr<int32_t>(error_flag), view_of(peers), max_blocks, stream_of(stream));
-      },
-      release_gil);
-
-  m.def(
-      "cuda_combine_pack",
-      [=](uintptr_t x, int64_t x_bytes, uintptr_t topk_weights, int num_topk, uintptr_t recv_counts, int num_ranks,
-          int64_t slot_rows, int64_t num_rows, uintptr_t send_buffer, const PeerBuffer* peers,
-          uintptr_t rank_prefix_matrix, int max_blocks, uintptr_t stream) {
-        cuda::combine_pack(as_ptr<const uint8_t>(x), x_bytes, as_ptr<const float>(topk_weights), num_topk,
-                           as_ptr<const int32_t>(recv_counts), num_ranks, slot_rows, num_rows,
-                           as_ptr<uint8_t>(send_buffer), view_of(peers), as_ptr<const int32_t>(rank_prefix_matrix),
-                           max_blocks, stream_of(stream));
-      },
-      release_gil);
-
-  m.def(
-      "cuda_combine_reduce",
-      [=](int dtype, uintptr_t recv_buffer, int64_t hidden, int num_topk, uintptr_t send_pos, int64_t num_tokens,
-          int num_ranks, uintptr_t bias_0, uintptr_t bias_1, uintptr_t combined_x, uintptr_t combined_topk_weights,
-          const PeerBuffer* peers, int max_blocks, uintptr_t stream) {
-        cuda::combine_reduce(static_cast<DType>(dtype), as_ptr<const uint8_t>(recv_buffer), hidden, num_topk,
-                             as_ptr<const int32_t>(send_pos), num_tokens, num_ranks, as_ptr<const void>(bias_0),
-                             as_ptr<const void>(bias_1), as_ptr<void>(combined_x),
-                             as_ptr<float>(combined_topk_weights), view_of(peers), max_blocks, stream_of(stream));
-      },
-      release_gil);
-
-  m.def(
-      "cuda_permute_layout",
-      [=](uintptr_t topk_idx, int64_t num_rows, int num_topk, int num_local_experts, int64_t expert_alignment,
-          int64_t num_out_rows, uintptr_t pair_pos, uintptr_t expert_offsets, uintptr_t num_tokens_per_expert,
-          uintptr_t error_flag, uintptr_t stream) {
-        cuda::permute_layout(as_ptr<const int64_t>(topk_idx), num_rows, num_topk, num_local_experts, expert_alignment,
-                             num_out_rows, as_ptr<int32_t>(pair_pos), as_ptr<int64_t>(expert_offsets),
-                             as_ptr<int64_t>(num_tokens_per_expert), as_ptr<int32_t>(error_flag), stream_of(stream));
-      },
-      release_gil);
-
-  m.def(
-      "cuda_permute_rows",
-      [=](int dtype, uintptr_t x, int64_t num_rows, int64_t hidden, int num_topk, uintptr_t pair_pos,
-          uintptr_t topk_weights, uintptr_t expert_offsets, uintptr_t num_tokens_per_expert, int num_local_experts,
-          int64_t num_out_rows, uintptr_t out, uintptr_t stream) {
-        cuda::permute_rows(static_cast<DType>(dtype), as_ptr<const void>(x), num_rows, hidden, num_topk,
-                           as_ptr<const int32_t>(pair_pos), as_ptr<const void>(topk_weights),
-                           as_ptr<const int64_t>(expert_offsets), as_ptr<const int64_t>(num_tokens_per_expert),
-                           num_local_experts, num_out_rows, as_ptr<void>(out), stream_of(stream));
-      },
-      release_gil);
-
-  m.def(
-      "cuda_unpermute_rows",
-      [=](int dtype, uintptr_t y, int64_t num_in_rows, int64_t hidden, int num_topk, uintptr_t pair_pos,
-          uintptr_t topk_weights, int64_t num_rows, uintptr_t out, uintptr_t stream) {
-        cuda::unpermute_rows(static_cast<DType>(dtype), as_ptr<const void>(y), num_in_rows, hidden, num_topk,
-                             as_ptr<const int32_t>(pair_pos), as_ptr<const void>(topk_weights), num_rows,
-                             as_ptr<void>(out), stream_of(stream));
-      },
-      release_gil);
-
-  py::class_<PeerBuffer>(m, "PeerBuffer",
-                         "One rank's CUDA IPC buffer (cuda/peer_buffer.h): export, import of the peers, notify "
-                         "exchange, host-mapped status, teardown.")
+  py::class_<IpcBuffer>(m, "IpcBuffer",
+                        "One rank's ipc buffer (cuda/ipc_buffer.h): export, import of the peers, counts exchange, "
+                        "row exchanges, host-mapped status, teardown.")
       .def(py::init<int, int, int64_t, int>(), py::arg("rank"), py::arg("num_ranks"), py::arg("num_bytes"),
            py::arg("device"))
-      .def("ipc_handle", [](const PeerBuffer& self) { return py::bytes(self.ipc_handle()); })
+      .def("ipc_handle", [](const IpcBuffer& self) { return py::bytes(self.ipc_handle()); })
       .def(
           "open_peers",
-          [](PeerBuffer& self, const std::vector<py::bytes>& handles) {
+          [](IpcBuffer& self, const std::vector<py::bytes>& handles) {
             std::vector<std::string> raw(handles.begin(), handles.end());
             self.open_peers(raw);
           },
           py::arg("handles"))
-      .def("destroy", &PeerBuffer::destroy, py::arg("timeout_s"), release_gil)
-      .def("close_peers", &PeerBuffer::close_peers)
-      .def_property_readonly("is_open", &PeerBuffer::is_open)
-      .def_property_readonly("num_bytes", &PeerBuffer::num_bytes)
-      .def_property_readonly("region", &PeerBuffer::region)
-      .def_property_readonly("region_bytes", &PeerBuffer::region_bytes)
-      .def("set_timeout", &PeerBuffer::set_timeout, py::arg("seconds"))
-      .def("timeout_report", &PeerBuffer::timeout_report)
+      .def("destroy", &IpcBuffer::destroy, py::arg("timeout_s"), release_gil)
+      .def("close_peers", &IpcBuffer::close_peers)
+      .def_property_readonly("is_open", &IpcBuffer::is_open)
+      .def_property_readonly("num_bytes", &IpcBuffer::num_bytes)
+      .def_property_readonly("region_bytes", &IpcBuffer::region_bytes)
+      .def("set_timeout", &IpcBuffer::set_timeout, py::arg("seconds"))
+      .def("timeout_report", &IpcBuffer::timeout_report)
+      .def(
+          "counters",
+          [](const IpcBuffer& self) {
+            const IpcBuffer::Counters counters = self.counters();
+            py::dict result;
+            result["round_sent"] = counters.round_sent;
+            result["notify_round"] = counters.notify_round;
+            result["barrier_round"] = counters.barrier_round;
+            result["blocks_finished"] = counters.blocks_finished;
+            result["aborted"] = counters.aborted;
+            return result;
+          },
+          "The own header's local counters (synchronizes the device; tests and diagnostics).")
       .def(
           "notify",
-          [=](PeerBuffer& self, uintptr_t error_flag, const std::vector<int64_t>& fields, uintptr_t send_counts,
-              uintptr_t num_tokens_per_expert, int num_experts, uintptr_t count_matrix, bool host_wait,
-              uintptr_t stream) {
+          [](IpcBuffer& self, uintptr_t error_flag, const std::vector<int64_t>& fields, uintptr_t send_counts,
+             uintptr_t num_tokens_per_expert, int num_experts, uintptr_t count_matrix, bool host_wait,
+             uintptr_t stream) {
             cuda::NotifyFields packed{};
             if (fields.size() != std::size(packed.values))
               throw std::invalid_argument("eplib: notify takes " + std::to_string(std::size(packed.values)) +
                                           " format fields, got " + std::to_string(fields.size()));
             std::copy(fields.begin(), fields.end(), packed.values);
+            py::gil_scoped_release released;
             self.notify(as_ptr<const int32_t>(error_flag), packed, as_ptr<const int32_t>(send_counts),
                         as_ptr<const int32_t>(num_tokens_per_expert), num_experts, as_ptr<int32_t>(count_matrix),
                         host_wait, stream_of(stream));
           },
           py::arg("error_flag"), py::arg("fields"), py::arg("send_counts"), py::arg("num_tokens_per_expert"),
           py::arg("num_experts"), py::arg("count_matrix"), py::arg("host_wait"), py::arg("stream"))
-      .def("wait_notify", &PeerBuffer::wait_notify, py::arg("timeout_s"), release_gil);
+      .def("wait_notify", &IpcBuffer::wait_notify, py::arg("timeout_s"), release_gil)
+      .def(
+          "dispatch",
+          [](IpcBuffer& self, const cuda::DispatchPackArgs& pack, const cuda::DispatchUnpackArgs& unpack,
+             int max_blocks, uintptr_t stream) { self.dispatch(pack, unpack, max_blocks, stream_of(stream)); },
+          py::arg("pack"), py::arg("unpack"), py::arg("max_blocks"), py::arg("stream"), release_gil,
+          "One dispatch round: the send kernel (max_blocks > 0 bounds it), then the receive kernel.")
+      .def(
+          "combine",
+          [](IpcBuffer& self, const cuda::CombinePackArgs& pack, const cuda::CombineReduceArgs& reduce,
+             int max_blocks, uintptr_t stream) { self.combine(pack, reduce, max_blocks, stream_of(stream)); },
+          py::arg("pack"), py::arg("reduce"), py::arg("max_blocks"), py::arg("stream"), release_gil,
+          "One combine round: the send kernel (max_blocks > 0 bounds it), then the reduction.");
+}
+#endif
+
+#ifdef EPLIB_CUDA_CPU
+// Raises RuntimeError for a failed call of the CPU execution's runtime (the error is consumed).
+void check_runtime(cudaError_t error, const char* what) {
+  if (error == cudaSuccess) return;
+  (void)cudaGetLastError();
+  throw std::runtime_error(std::string("eplib CPU execution: ") + what + ": " + cudaGetErrorString(error));
+}
+
+// The CPU execution's own controls (streams, events, last error, statistics), for the emulated
+// transports and the tests: what torch.cuda offers on a GPU.
+void def_cuda_cpu(py::module_& m) {
+  const auto release_gil = py::call_guard<py::gil_scoped_release>();
+  m.def("cuda_cpu_stream_create", [] {
+    cudaStream_t stream;
+    check_runtime(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreateWithFlags");
+    return reinterpret_cast<uintptr_t>(stream);
+  });
+  m.def(
+      "cuda_cpu_stream_destroy", [](uintptr_t stream) { check_runtime(cudaStreamDestroy(stream_of(stream)), "cudaStreamDestroy"); },
+      release_gil);
+  m.def(
+      "cuda_cpu_stream_synchronize",
+      [](uintptr_t stream) { check_runtime(cudaStreamSynchronize(stream_of(stream)), "cudaStreamSynchronize"); },
+      release_gil);
+  m.def(
+      "cuda_cpu_device_synchronize", [] { check_runtime(cudaDeviceSynchronize(), "cudaDeviceSynchronize"); },
+      release_gil);
+  m.def("cuda_cpu_memcpy_async", [](uintptr_t destination, uintptr_t source, size_t bytes, uintptr_t stream) {
+    check_runtime(cudaMemcpyAsync(as_ptr<void>(destination), as_ptr<const void>(source), bytes, cudaMemcpyDefault,
+                                  stream_of(stream)),
+                  "cudaMemcpyAsync");
+  });
+  m.def("cuda_cpu_event_create", [] {
+    cudaEvent_t event;
+    check_runtime(cudaEventCreateWithFlags(&event, cudaEventDisableTiming), "cudaEventCreateWithFlags");
+    return reinterpret_cast<uintptr_t>(event);
+  });
+  m.def("cuda_cpu_event_record", [](uintptr_t event, uintptr_t stream) {
+    check_runtime(cudaEventRecord(reinterpret_cast<cudaEvent_t>(event), stream_of(stream)), "cudaEventRecord");
+  });
+  m.def("cuda_cpu_event_query", [](uintptr_t event) {
+    return static_cast<int>(cudaEventQuery(reinterpret_cast<cudaEvent_t>(event)));  // the raw answer
+  });
+  m.def(
+      "cuda_cpu_event_destroy",
+      [](uintptr_t event) { check_runtime(cudaEventDestroy(reinterpret_cast<cudaEvent_t>(event)), "cudaEventDestroy"); },
+      release_gil);
+  m.def("cuda_cpu_stream_wait_event", [](uintptr_t stream, uintptr_t event) {
+    check_runtime(cudaStreamWaitEvent(stream_of(stream), reinterpret_cast<cudaEvent_t>(event)), "cudaStreamWaitEvent");
+  });
+  m.def("cuda_cpu_peek_last_error", [] { return static_cast<int>(cudaPeekAtLastError()); });
+  m.def("cuda_cpu_get_last_error", [] { return static_cast<int>(cudaGetLastError()); });
+  m.def("cuda_cpu_set_device", [](int device) { check_runtime(cudaSetDevice(device), "cudaSetDevice"); });
+  m.def("cuda_cpu_statistics", [] {
+    const eplib_cuda_cpu::Statistics statistics = eplib_cuda_cpu::statistics();
+    py::dict result;
+    result["launches"] = statistics.launches;
+    result["lazy_load_waits"] = statistics.lazy_load_waits;  // {kernel: launches that waited}
+    result["seed"] = statistics.seed;
+    return result;
+  });
+  m.def("cuda_cpu_stall", &eplib_cuda_cpu::set_stall, py::arg("kernel"), py::arg("seconds"),
+        py::arg("probability") = 1.0,
+        "Test hook: every block of `kernel` (a __global__ name) sleeps `seconds` at each barrier it completes, "
+        "with that probability (a slow SM); seconds <= 0 removes it.");
+  m.attr("CUDA_ERROR_NOT_READY") = static_cast<int>(cudaErrorNotReady);
+  m.attr("CUDA_ERROR_INVALID_CONTEXT") = static_cast<int>(cudaErrorInvalidContext);
+
+  // The CPU execution's self-test kernels (cuda_cpu/selftest.h), pointers as addresses.
+  namespace selftest = eplib_cuda_cpu::selftest;
+  m.def(
+      "cuda_cpu_selftest_warp_intrinsics",
+      [](uintptr_t out, int threads, uintptr_t stream) { selftest::warp_intrinsics(as_ptr<int64_t>(out), threads, stream_of(stream)); },
+      release_gil);
+  m.def(
+      "cuda_cpu_selftest_shared_memory",
+      [](uintptr_t out, int blocks, int threads, bool with_barrier, uintptr_t stream) {
+        selftest::shared_memory(as_ptr<int32_t>(out), blocks, threads, with_barrier, stream_of(stream));
+      },
+      release_gil);
+  m.def(
+      "cuda_cpu_selftest_misaligned",
+      [](uintptr_t buffer, uintptr_t stream) { selftest::misaligned(as_ptr<uint8_t>(buffer), stream_of(stream)); },
+      release_gil);
+  m.def("cuda_cpu_selftest_divergent_barrier", [](uintptr_t stream) { selftest::divergent_barrier(stream_of(stream)); },
+        release_gil);
+  m.def(
+      "cuda_cpu_selftest_busy",
+      [](uint64_t nanoseconds, uintptr_t counter, int threads, uintptr_t stream) {
+        selftest::busy(nanoseconds, as_ptr<int32_t>(counter), threads, stream_of(stream));
+      },
+      release_gil);
+  m.def("cuda_cpu_selftest_open_own_ipc_handle", &selftest::open_own_ipc_handle);
 }
 #endif
 
@@ -231,20 +424,28 @@ PYBIND11_MODULE(_C, m) {
 
   m.doc() = "eplib native core: CPU kernels and (when built with nvcc) CUDA kernels.";
 
-  m.def("built_with_cuda", &built_with_cuda, "True when the CUDA part was compiled in.");
-  m.def("cuda_device_count", &cuda_device_count, "Visible CUDA devices (0 without driver or GPU).");
-  m.def("cuda_available", [] { return cuda_device_count() > 0; }, "True when CUDA kernels can run here.");
-  m.def("cuda_runtime_version", &cuda_runtime_version, "CUDA runtime version compiled in (0 without CUDA).");
+  m.def("built_with_cuda", &built_with_cuda,
+        "True when the CUDA part was compiled in (with nvcc, or as the CPU execution of the CUDA sources).");
+  m.def("cuda_cpu_execution", &cuda_cpu_execution,
+        "True when the CUDA sources were built to run on the CPU (EPLIB_CUDA_CPU=1): no GPU is used.");
+  m.def("cuda_device_status", &cuda_device_status,
+        "{device_count, error, driver_version, runtime_version, cpu_execution}: what eplib's CUDA runtime sees.");
+  m.def(
+      "cuda_available",
+      [] { return built_with_cuda() && !cuda_cpu_execution() && cuda_device_status()["device_count"].cast<int>() > 0; },
+      "True when CUDA kernels can run on a GPU here.");
   // Bits the CUDA kernels set in a device error flag (eplib/errors.h); the host raises on them.
   m.attr("ERR_EXPERT_ID") = eplib::kErrorExpertId;
   m.attr("ERR_WEIGHT") = eplib::kErrorWeight;
   m.attr("ERR_OVERFLOW") = eplib::kErrorOverflow;
-  // The peer (CUDA IPC) transport's fixed sizes (cuda/peer.h), known without CUDA for size hints.
-  m.def("peer_header_bytes", [] { return eplib::cuda::kPeerRegionOffset; },
-        "Bytes at the head of every peer buffer before its receive region.");
-  m.attr("PEER_MAX_RANKS") = eplib::cuda::kMaxPeers;
-  m.attr("PEER_MAX_LOCAL_EXPERTS") = eplib::cuda::kMaxPeerLocalExperts;
-  m.attr("PEER_RECORD_FORMAT_FIELDS") = eplib::cuda::kRecordFormatFields;
+  m.attr("ERR_RANK_COUNTS") = eplib::kErrorRankCounts;
+  m.attr("ERR_EXPERT_COUNTS") = eplib::kErrorExpertCounts;
+  // The ipc transport's fixed sizes (cuda/ipc.h), known without CUDA for size hints.
+  m.def("ipc_header_bytes", [] { return eplib::cuda::kIpcRegionOffset; },
+        "Bytes at the head of every ipc buffer before its receive region.");
+  m.attr("IPC_MAX_RANKS") = eplib::cuda::kMaxIpcRanks;
+  m.attr("IPC_MAX_LOCAL_EXPERTS") = eplib::cuda::kMaxIpcLocalExperts;
+  m.attr("IPC_RECORD_FORMAT_FIELDS") = eplib::cuda::kRecordFormatFields;
   {
     namespace cuda = eplib::cuda;
     py::dict phases;
@@ -254,7 +455,7 @@ PYBIND11_MODULE(_C, m) {
     phases[py::int_(static_cast<int>(cuda::kPhaseCombineSend))] = "combine (send: waiting for a receiver to be ready)";
     phases[py::int_(static_cast<int>(cuda::kPhaseCombineReceive))] = "combine (receive: waiting for a sender's rows)";
     phases[py::int_(static_cast<int>(cuda::kPhaseBarrier))] = "destroy (barrier)";
-    m.attr("PEER_PHASES") = phases;
+    m.attr("IPC_PHASES") = phases;
   }
   m.def("set_num_threads", &cpu::set_num_threads, py::arg("num_threads"));
   m.def("get_num_threads", &cpu::get_num_threads);
@@ -354,6 +555,9 @@ PYBIND11_MODULE(_C, m) {
 #ifdef EPLIB_WITH_CUDA
   def_cuda_kernels(m);
 #endif
+#ifdef EPLIB_CUDA_CPU
+  def_cuda_cpu(m);
+#endif
 
   m.def(
       "advise_huge_pages",
@@ -361,21 +565,21 @@ PYBIND11_MODULE(_C, m) {
       "Back a fresh, untouched host allocation with transparent huge pages (advisory).");
 
   m.def(
-      "peer_dispatch_row_shifts",
+      "dispatch_row_shifts",
       [](uintptr_t rank_prefix_matrix, int rank, int num_ranks, int64_t slot_rows, uintptr_t row_shift) {
         eplib::dispatch_row_shifts(as_ptr<const int32_t>(rank_prefix_matrix), rank, num_ranks, slot_rows,
                                    as_ptr<int64_t>(row_shift));
       },
-      "Peer transport: int64 [R] row shifts of this rank's dispatch rows in each receiver's region "
+      "ipc transport: int64 [R] row shifts of this rank's dispatch rows in each receiver's region "
       "(eplib/layout.h), the arithmetic the CUDA send kernel runs; host pointers.");
   m.def(
-      "peer_combine_row_shifts",
+      "combine_row_shifts",
       [](uintptr_t rank_prefix_matrix, int rank, int num_ranks, int64_t slot_rows, uintptr_t compact_start,
          uintptr_t row_shift) {
         eplib::combine_row_shifts(as_ptr<const int32_t>(rank_prefix_matrix), rank, num_ranks, slot_rows,
                                   as_ptr<const int64_t>(compact_start), as_ptr<int64_t>(row_shift));
       },
-      "Peer transport: int64 [R] row shifts of the combine rows this rank sends back to each source.");
+      "ipc transport: int64 [R] row shifts of the combine rows this rank sends back to each source.");
   m.def(
       "dispatch_row_stride",
       [](int64_t x_bytes, int64_t scales_bytes, int num_topk) {

@@ -10,13 +10,15 @@ arrive summed (through combine's backward in ep mode, the reduce-scatter in tp m
 ``eplib.moe.Balancer`` moves the routing bias once per step. CPU ranks over gloo by default; with
 GPUs, one GPU per rank over NCCL.
 
-It prints a line every ``--log-every`` steps (loss, batch MaxVio, tokens/s, time in dispatch and
-combine or in the tp weight exchange) and a summary, and exits non-zero if the loss did not fall.
+``--balancer quantile`` swaps DeepSeek-V3's sign rule for the quantile controller. It prints a line
+every ``--log-every`` steps (loss, batch MaxVio, tokens/s, time in dispatch and combine or in the tp
+weight exchange) and a summary, and exits non-zero if the loss did not fall.
 """
 
 import argparse
 import gc
 import inspect
+import json
 import math
 import os
 import sys
@@ -103,8 +105,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--experts", type=int, default=8, help="a multiple of the number of ranks")
     parser.add_argument("--top-k", type=int, default=2)
     parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--balancer", choices=("sign", "quantile"), default="sign",
+                        help="the bias controller: DeepSeek-V3's sign rule or the quantile controller")
     parser.add_argument("--bias-update-rate", type=float, default=1e-2,
-                        help="γ of the bias update (DeepSeek-V3 used 1e-3 over a far longer run)")
+                        help="γ of the sign rule (DeepSeek-V3 used 1e-3 over a far longer run)")
+    parser.add_argument("--damping", type=float, default=0.5,
+                        help="the quantile controller's step toward each batch's balancing bias, in (0, 1]")
     parser.add_argument("--score-func", choices=("softmax", "sigmoid"), default="sigmoid")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--layers", type=int, default=2)
@@ -116,6 +122,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--log-every", type=int, default=20)
     parser.add_argument("--plot", metavar="OUT.png", help="write loss and MaxVio curves (needs matplotlib)")
+    parser.add_argument("--json", metavar="OUT.json", help="write the per-step loss and MaxVio and the summary")
     args = parser.parse_args()
     if min(args.experts, args.top_k, args.steps, args.layers, args.hidden, args.heads, args.ffn_hidden,
            args.seq_len, args.batch, args.log_every) < 1 or args.top_k > args.experts:
@@ -124,6 +131,8 @@ def parse_args() -> argparse.Namespace:
         parser.error(f"--hidden {args.hidden} must be a multiple of --heads {args.heads}")
     if not (math.isfinite(args.bias_update_rate) and args.bias_update_rate >= 0):
         parser.error("--bias-update-rate must be a finite number >= 0")
+    if not 0 < args.damping <= 1:
+        parser.error("--damping must be in (0, 1]")
     if args.plot:
         try:
             import matplotlib  # noqa: F401
@@ -174,12 +183,12 @@ def train(args: argparse.Namespace, device: torch.device) -> bool:
     torch.manual_seed(args.seed)  # the same replicated parameters on every rank
     model = TinyMoELM(args, device).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    balancer = Balancer(model, bias_update_rate=args.bias_update_rate)
+    balancer = Balancer(model, bias_update_rate=args.bias_update_rate, method=args.balancer, damping=args.damping)
     corpus = load_corpus().to(device)
     batch_generator = torch.Generator(device=device).manual_seed(args.seed * 10_000 + 1 + rank)
     moe_layers = [block.moe for block in model.blocks]
 
-    history: Dict[str, List[float]] = {"loss": [], "max_vio": []}
+    history: Dict[str, List[float]] = {"loss": [], "max_vio": [], "max_vio_floor": []}
     tokens_per_step = args.batch * args.seq_len * world
     comm_seconds: Dict[str, float] = {}
     window_start = run_start = time.perf_counter()
@@ -197,10 +206,14 @@ def train(args: argparse.Namespace, device: torch.device) -> bool:
             balancer.step()
 
             # Logging reads a few device scalars: the training path itself never does.
-            stats = torch.stack([loss.detach().float()] + [m.load_stats()["max_vio_batch"] for m in moe_layers])
-            dist.all_reduce(stats)
-            history["loss"].append(stats[0].item() / world)
-            history["max_vio"].append(stats[1:].max().item() / world)
+            # MaxVio and its floor are the group's already (the same on every rank).
+            layer_stats = [m.load_stats() for m in moe_layers]
+            loss_sum = loss.detach().float().reshape(1)
+            dist.all_reduce(loss_sum)
+            max_vio = torch.stack([s["max_vio_batch"] for s in layer_stats]).max()
+            history["loss"].append(loss_sum.item() / world)
+            history["max_vio"].append(max_vio.item())
+            history["max_vio_floor"].append(layer_stats[0]["max_vio_floor"].item())
             if step % args.log_every == 0 or step == args.steps:
                 elapsed = time.perf_counter() - window_start
                 steps_in_window = (step - 1) % args.log_every + 1
@@ -222,12 +235,14 @@ def train(args: argparse.Namespace, device: torch.device) -> bool:
     loss_fell = last_loss < first_loss
     if rank == 0:
         comm_total = sum(comm_seconds.values())
+        controller = (f"damping={args.damping:g}" if args.balancer == "quantile"
+                      else f"bias_update_rate={args.bias_update_rate:g}")
         print(f"summary: ranks={world} parallel={args.parallel} experts={args.experts} top_k={args.top_k} "
-              f"score_func={args.score_func} bias_update_rate={args.bias_update_rate:g} steps={args.steps} "
+              f"score_func={args.score_func} balancer={args.balancer} {controller} steps={args.steps} "
               f"device={device.type}")
         print(f"summary: loss {first_loss:.3f} -> {last_loss:.3f} (mean of the first / last {head} steps; "
               f"uniform guessing is {math.log(VOCAB):.3f})")
-        print(f"summary: batch MaxVio {first_vio:.3f} -> {last_vio:.3f}")
+        print(f"summary: batch MaxVio {first_vio:.3f} -> {last_vio:.3f} (noise floor {history['max_vio_floor'][-1]:.3f})")
         print(f"summary: {tokens_per_step * args.steps / total_seconds:.0f} tokens/s over {total_seconds:.1f} s; "
               f"expert exchange {comm_total:.1f} s ({100 * comm_total / total_seconds:.0f}%: "
               + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in sorted(comm_seconds.items())) + ")")
@@ -235,6 +250,10 @@ def train(args: argparse.Namespace, device: torch.device) -> bool:
         if args.plot:
             write_plot(args.plot, history)
             print(f"wrote {args.plot}")
+        if args.json:
+            with open(args.json, "w") as out:
+                json.dump({"args": vars(args), "ranks": world, "history": history, "first_loss": first_loss,
+                           "last_loss": last_loss, "seconds": total_seconds}, out)
     return loss_fell
 
 

@@ -1,10 +1,13 @@
-"""Session-wide rank pools for the multi-rank tests (see dist_harness.py)."""
+"""Session-wide rank pools for the multi-rank tests (see dist_harness.py), and the rules of the
+`cuda_cpu` marker: tests that execute the CUDA sources on the CPU (eplib built with EPLIB_CUDA_CPU=1)
+skip on other builds, and fail instead when EPLIB_CUDA_CPU=1 says that build was asked for."""
 
 from __future__ import annotations
 
 import importlib.util
 import os
 import sys
+import tempfile
 
 import pytest
 
@@ -59,3 +62,55 @@ def threads(request):
     _C.set_num_threads(request.param)
     yield request.param
     _C.set_num_threads(previous)
+
+
+# Every process of the session (spawned ranks inherit it) logs the kernels it launches on the CPU
+# execution here, for tests/test_cuda_cpu_coverage.py.
+os.environ.setdefault("EPLIB_CUDA_CPU_LAUNCH_LOG", tempfile.mkdtemp(prefix="eplib-launches-"))
+
+
+def pytest_configure(config):
+    config.cuda_cpu_selection = {"modules": set(), "deselected": 0}
+
+
+def pytest_deselected(items):
+    config = items[0].config if items else None
+    if config is not None:
+        config.cuda_cpu_selection["deselected"] += sum(1 for i in items if i.get_closest_marker("cuda_cpu"))
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(session, config, items):
+    """Notes the files of the cuda_cpu tests that will run; the kernel-coverage check runs after all of them."""
+    config.cuda_cpu_selection["modules"] = {i.path.name for i in items if i.get_closest_marker("cuda_cpu")}
+    last = [i for i in items if i.get_closest_marker("after_cuda_cpu_suite")]
+    items[:] = [i for i in items if not i.get_closest_marker("after_cuda_cpu_suite")] + last
+
+
+def pytest_runtest_setup(item):
+    if item.get_closest_marker("gpu") is not None:
+        _fail_if_eplib_misses_the_gpu()
+    if item.get_closest_marker("cuda_cpu") is None:
+        return
+    from eplib import _C
+
+    if _C.cuda_cpu_execution():
+        return
+    if os.environ.get("EPLIB_CUDA_CPU") == "1":
+        pytest.fail("EPLIB_CUDA_CPU=1 asks for the CPU execution of the CUDA sources, but eplib._C is another build: "
+                    "reinstall with `EPLIB_CUDA_CPU=1 pip install -e .`")
+    pytest.skip("needs eplib built with EPLIB_CUDA_CPU=1 (the CPU execution of the CUDA sources)")
+
+
+def _fail_if_eplib_misses_the_gpu() -> None:
+    """A `gpu` test fails, rather than skips, where torch sees a GPU that eplib cannot use (no CUDA
+    build, or eplib's own CUDA runtime answers an error such as a driver older than the runtime)."""
+    import torch
+
+    from eplib import _C
+    from eplib.buffer import describe_cuda_status
+
+    if torch.cuda.is_available() and not _C.cuda_available():
+        pytest.fail(f"torch sees {torch.cuda.device_count()} GPU(s) but eplib cannot use them: built_with_cuda="
+                    f"{_C.built_with_cuda()}, cuda_cpu_execution={_C.cuda_cpu_execution()}; eplib's CUDA runtime: "
+                    f"{describe_cuda_status()}")

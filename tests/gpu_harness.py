@@ -9,14 +9,14 @@ Backends (``eplib_buffer``, ``CudaBuffer``):
 - "ipc": the ipc (CUDA peer memory) transport, ``transport="ipc"`` with ``IPC_NVL_BYTES`` of peer
   buffer; the pool's gloo group carries only the handle exchange at construction, R processes
   share cuda:0 and map each other's buffers;
-- "emulated": CPU tensors through the nccl transport with the CUDA kernels emulated on the CPU
-  (tests/nccl_emulation.py), so that its logic is tested on machines without a GPU;
-- "emulated-ipc": CPU tensors through the ipc transport with its peer buffers and kernels emulated
-  on the CPU (tests/ipc_emulation.py), ``EMULATED_IPC_NVL_BYTES`` of peer buffer.
+- "cuda_cpu-nccl": CPU tensors through the nccl transport, its CUDA kernels run by the CPU execution of
+  the CUDA sources (tests/cuda_cpu.py; eplib built with EPLIB_CUDA_CPU=1);
+- "cuda_cpu-ipc": CPU tensors through the ipc transport, its ipc buffers and kernels run by the CPU
+  execution (memory shared between the rank processes), ``cuda_cpu.IPC_NVL_BYTES`` of buffer.
 
 Also shared by the GPU test modules: deterministic CUDA inputs (``make_inputs``), a normal-mode
 dispatch with its layout (``dispatch_with_layout``), per-step outcomes (``attempt``), the CUDA-graph
-check (``cuda_graph_check``), and for the ipc transport's timeout tests (on a GPU and emulated) the
+check (``cuda_graph_check``), and for the ipc transport's timeout tests (on a GPU and on the CPU execution) the
 refusal after a timeout (``REFUSED``) and the check of a timeout's report (``check_timeout_report``).
 """
 
@@ -38,10 +38,7 @@ DEVICE = torch.device("cuda", 0)
 #: then hold 256 MiB of peer buffers in all.
 IPC_NVL_BYTES = 64 << 20
 
-#: num_nvl_bytes of the "emulated-ipc" backend's Buffers (files in /dev/shm, only touched pages count).
-EMULATED_IPC_NVL_BYTES = 4 << 20
-
-BACKENDS = ("nccl", "gloo", "ipc", "emulated", "emulated-ipc")
+BACKENDS = ("nccl", "gloo", "ipc", "cuda_cpu-nccl", "cuda_cpu-ipc")
 
 _NCCL_GROUPS: Dict[int, dist.ProcessGroup] = {}
 
@@ -65,7 +62,7 @@ def nccl_group(world_group: dist.ProcessGroup) -> dist.ProcessGroup:
 def group_for(backend: str, world_group: dist.ProcessGroup) -> dist.ProcessGroup:
     """backend "nccl": the process's NCCL group; "gloo" (staged nccl transport) and "ipc" (handle
     exchange): the pool's own gloo group. Makes cuda:0 the current device."""
-    if backend not in BACKENDS or backend.startswith("emulated"):
+    if backend not in BACKENDS or backend.startswith("cuda_cpu"):
         raise ValueError(f"backend: expected one of {BACKENDS[:3]}, got {backend!r}")
     torch.cuda.set_device(DEVICE)
     return nccl_group(world_group) if backend == "nccl" else world_group
@@ -76,17 +73,12 @@ def eplib_buffer(backend: str, world_group: dist.ProcessGroup, **kwargs: Any) ->
 
     "nccl" / "gloo": the nccl transport (``transport="auto"`` unless kwargs say otherwise); "ipc":
     ``transport="ipc"`` with ``num_nvl_bytes=IPC_NVL_BYTES`` unless kwargs give another size (a
-    collective: every rank of the pool must make it); "emulated": CPU tensors, emulated kernels;
-    "emulated-ipc": CPU tensors, emulated peer buffers and kernels (a collective too)."""
-    if backend == "emulated":
-        from nccl_emulation import emulated_buffer
+    collective: every rank of the pool must make it); "cuda_cpu-nccl" / "cuda_cpu-ipc": CPU tensors through
+    the transport and its kernels on the CPU execution of the CUDA sources (ipc: a collective too)."""
+    if backend.startswith("cuda_cpu-"):
+        from cuda_cpu import cuda_cpu_buffer
 
-        return emulated_buffer(world_group, **kwargs), torch.device("cpu")
-    if backend == "emulated-ipc":
-        from ipc_emulation import emulated_ipc_buffer
-
-        kwargs = {"num_nvl_bytes": EMULATED_IPC_NVL_BYTES, **kwargs}
-        return emulated_ipc_buffer(world_group, **kwargs), torch.device("cpu")
+        return cuda_cpu_buffer(world_group, backend[len("cuda_cpu-"):], **kwargs), torch.device("cpu")
     import eplib
 
     if backend == "ipc":

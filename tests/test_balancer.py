@@ -1,5 +1,6 @@
-"""eplib.moe.Balancer: the sign rule on the group's counts, no host synchronisation, state_dict,
-and balancing a skewed router (batch MaxVio below 0.2 with the bias, above 1 without)."""
+"""eplib.moe.Balancer: the sign rule on the group's counts, no host synchronisation (both
+methods), state_dict, and balancing a skewed router (batch MaxVio below 0.2 with the bias, above 1
+without). The quantile controller's own tests are in test_quantile_balancer.py."""
 
 import io
 
@@ -7,6 +8,9 @@ import pytest
 import torch
 
 HIDDEN, EXPERTS, TOP_K = 16, 8, 2
+# What reads a device tensor on the host (a CUDA stream sync): the explicit reads, and the Python
+# conversions and data-dependent shapes that read implicitly.
+FORBIDDEN = ("item", "cpu", "tolist", "__bool__", "__int__", "__float__", "nonzero")
 
 
 def _skewed_moe(seed=0, **kwargs):
@@ -83,11 +87,11 @@ def test_step_applies_sign_rule_to_group_counts(pool, rate):
         assert max_vio == pytest.approx(float(load.max() / load.mean() - 1), rel=1e-6)
 
 
-def job_no_host_sync(rank, world_size, group):
+def job_no_host_sync(rank, world_size, group, method, routing):
     from eplib.moe import Balancer
 
-    moe = _skewed_moe(group=group)
-    balancer = Balancer(moe, bias_update_rate=1e-3)
+    moe = _skewed_moe(group=group, **routing)
+    balancer = Balancer(moe, bias_update_rate=1e-3, method=method)
     x = _tokens(torch.Generator().manual_seed(rank), 32).requires_grad_()
 
     def forbidden(name):
@@ -95,7 +99,7 @@ def job_no_host_sync(rank, world_size, group):
             raise AssertionError(f"host synchronisation: Tensor.{name}() on the balancing path")
         return fail
 
-    saved = {name: getattr(torch.Tensor, name) for name in ("item", "cpu", "tolist")}
+    saved = {name: getattr(torch.Tensor, name) for name in FORBIDDEN}
     intercepted = {}
     try:
         for name in saved:
@@ -107,23 +111,29 @@ def job_no_host_sync(rank, world_size, group):
                 intercepted[name] = "missed"
             except AssertionError as error:
                 intercepted[name] = str(error)
-        routed = moe.router(x)  # forward (counts on the device)
-        (routed.topk_weights * torch.arange(TOP_K)).sum().backward()
+        bias_before = moe.router.expert_bias.clone()
+        for _ in range(2):  # two micro-batches (forward: counts and margins on the device)
+            routed = moe.router(x)
+            (routed.topk_weights * torch.arange(TOP_K)).sum().backward()
         balancer.step()
         stats = moe.load_stats()
         moe.reset_load_stats()
     finally:
-        for name, method in saved.items():
-            setattr(torch.Tensor, name, method)
-    return x.grad is not None and moe.router.weight.grad is not None, sorted(stats), intercepted
+        for name, original in saved.items():
+            setattr(torch.Tensor, name, original)
+    return (x.grad is not None and moe.router.weight.grad is not None, sorted(stats), intercepted,
+            not torch.equal(bias_before, moe.router.expert_bias))
 
 
-def test_balancing_path_never_reads_the_device(pool2):
-    for grads_flowed, keys, intercepted in pool2.run(job_no_host_sync):
+@pytest.mark.parametrize("method,routing", [("sign", {}), ("quantile", {}),
+                                            ("quantile", dict(n_group=4, topk_group=2))],
+                         ids=["sign", "quantile", "quantile-grouped"])
+def test_balancing_path_never_reads_the_device(pool2, method, routing):
+    for grads_flowed, keys, intercepted, bias_moved in pool2.run(job_no_host_sync, method, routing):
         assert intercepted == {name: f"host synchronisation: Tensor.{name}() on the balancing path"
-                               for name in ("item", "cpu", "tolist")}
-        assert grads_flowed
-        assert keys == ["max_vio_accumulated", "max_vio_batch", "parallel", "tokens_per_expert"]
+                               for name in FORBIDDEN}
+        assert grads_flowed and bias_moved
+        assert keys == ["max_vio_accumulated", "max_vio_batch", "max_vio_floor", "parallel", "tokens_per_expert"]
 
 
 def test_bias_is_fp32_in_state_dict_and_survives_reload():

@@ -516,7 +516,7 @@ def test_nvl_size_hint_bounds_and_monotone():
     hidden_bytes; 16 bytes at least), and non-decreasing in T, hidden_bytes, num_ranks and num_topk;
     doubling T, hidden_bytes or num_ranks at a realistic size grows it."""
     hint = eplib.Buffer.get_nvl_buffer_size_hint
-    header = eplib._C.peer_header_bytes() if hasattr(eplib._C, "peer_header_bytes") else 0
+    header = eplib._C.ipc_header_bytes()
     values = {}
     for T in HINT_TOKENS:
         for hb in HINT_HIDDEN_BYTES:

@@ -204,17 +204,24 @@ def test_pack_rejects_expert_on_rank_not_marked():
 
 def test_cuda_queries_work_without_a_gpu():
     assert isinstance(_C.built_with_cuda(), bool)
-    assert _C.cuda_device_count() >= 0
-    assert _C.cuda_available() == (_C.cuda_device_count() > 0)
+    status = _C.cuda_device_status()
+    assert set(status) == {"device_count", "error", "driver_version", "runtime_version", "cpu_execution"}
+    assert status["device_count"] >= 0 and status["cpu_execution"] == _C.cuda_cpu_execution()
+    # cuda_available: kernels run on a GPU here; never for the CPU execution, which has no GPU.
+    assert _C.cuda_available() == (_C.built_with_cuda() and not _C.cuda_cpu_execution()
+                                   and status["device_count"] > 0)
     if not torch.cuda.is_available():
         assert not _C.cuda_available()
 
 
 def test_cuda_part_is_compiled_when_requested():
-    """CI builds with EPLIB_CUDA=1: the CUDA sources must then really be in the module."""
+    """A build with EPLIB_CUDA=1 (nvcc) or EPLIB_CUDA_CPU=1 must really contain the CUDA sources."""
     import os
 
-    if os.environ.get("EPLIB_CUDA") != "1":
-        pytest.skip("EPLIB_CUDA=1 not set for this build")
-    assert _C.built_with_cuda()
-    assert _C.cuda_runtime_version() >= 11000
+    if os.environ.get("EPLIB_CUDA_CPU") == "1":
+        assert _C.built_with_cuda() and _C.cuda_cpu_execution()
+    elif os.environ.get("EPLIB_CUDA") == "1":
+        assert _C.built_with_cuda() and not _C.cuda_cpu_execution()
+        assert _C.cuda_device_status()["runtime_version"] >= 11000
+    else:
+        pytest.skip("neither EPLIB_CUDA=1 nor EPLIB_CUDA_CPU=1 set for this build")

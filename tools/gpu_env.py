@@ -21,9 +21,14 @@ def main() -> int:
     except Exception as error:  # noqa: BLE001 - a version report must not stop the run
         nccl = f"unknown ({type(error).__name__}: {error})"
     print("nccl", nccl, "(2.30+ allows several ranks on one GPU with NCCL_MULTI_RANK_GPU_ENABLE=1)")
-    print("eplib built_with_cuda", eplib._C.built_with_cuda(), "cuda_available", eplib._C.cuda_available(),
-          "runtime", eplib._C.cuda_runtime_version())
-    return 0 if eplib._C.built_with_cuda() and eplib._C.cuda_available() else 1
+    from eplib.buffer import describe_cuda_status
+
+    # Both counts side by side: a driver older than eplib's (static) runtime shows as torch seeing
+    # GPUs and eplib seeing an error.
+    print("devices: torch sees", torch.cuda.device_count(), "| eplib's CUDA runtime sees", describe_cuda_status())
+    print("eplib built_with_cuda", eplib._C.built_with_cuda(), "cuda_cpu_execution", eplib._C.cuda_cpu_execution(),
+          "cuda_available", eplib._C.cuda_available())
+    return 0 if eplib._C.cuda_available() else 1
 
 
 if __name__ == "__main__":

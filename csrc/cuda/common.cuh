@@ -1,5 +1,5 @@
-// Device helpers shared by the CUDA kernels: launch checks, the dtype switch, the error flag,
-// warp-wide row copies and a block-wide scan.
+// Device helpers shared by the CUDA kernels: the launch, the dtype switch, the error flag, warp-wide
+// row copies and a block-wide scan.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -9,7 +9,9 @@
 #include <stdexcept>
 #include <string>
 #include <type_traits>
+#include <utility>
 
+#include "device.cuh"
 #include "eplib/dtype.h"
 #include "eplib/errors.h"
 
@@ -19,13 +21,13 @@ constexpr int kWarpSize = 32;
 constexpr unsigned kFullMask = 0xFFFFFFFFu;
 
 // cudart is linked statically, so its error state is ours alone: read it through our runtime, right
-// after the call that may have failed, and turn it into an exception (RuntimeError in Python).
+// after the call that may have failed, and turn it into an exception (RuntimeError in Python). The
+// error is reported once: the last-error state is cleared, so that no later launch is blamed for it.
 inline void check_cuda(cudaError_t error, const char* what) {
-  if (error != cudaSuccess)
-    throw std::runtime_error(std::string("eplib: ") + what + " failed: " + cudaGetErrorString(error));
+  if (error == cudaSuccess) return;
+  (void)cudaGetLastError();
+  throw std::runtime_error(std::string("eplib: ") + what + " failed: " + cudaGetErrorString(error));
 }
-
-inline void check_launch(const char* kernel) { check_cuda(cudaGetLastError(), kernel); }
 
 // Grid size for a grid-stride loop over `items` work items of `items_per_block` each: enough blocks to
 // fill the device several times over, never zero.
@@ -36,7 +38,7 @@ inline unsigned grid_for(int64_t items, int64_t items_per_block) {
 }
 
 // Block count and size of a kernel that gives each of `items` work items to one warp. max_blocks == 0:
-// 256-thread blocks, as many as grid_for allows. max_blocks > 0 (the peer transport's Config.num_sms,
+// 256-thread blocks, as many as grid_for allows. max_blocks > 0 (the ipc transport's Config.num_sms,
 // which bounds the SMs it occupies): at most that many blocks of 512 threads.
 struct LaunchShape {
   unsigned blocks;
@@ -52,6 +54,31 @@ inline LaunchShape warp_launch_shape(int64_t items, int max_blocks) {
   if (max_blocks <= 0) return {grid_for(items, kDefaultThreads / kWarpSize), kDefaultThreads};
   const unsigned blocks = grid_for(items, kBoundedThreads / kWarpSize);
   return {blocks < static_cast<unsigned>(max_blocks) ? blocks : static_cast<unsigned>(max_blocks), kBoundedThreads};
+}
+
+// Launches kernel<<<shape.blocks, shape.threads, shared_bytes, stream>>>(args...) (the CPU execution runs
+// the same kernel through its executor) and throws when the launch fails. `name` is the __global__
+// function's. An error an earlier call left in the per-thread last-error state, such as the
+// cudaErrorNotReady of an event query, was that call's to report: it is cleared first, so that it is
+// not blamed on this launch (a sticky device fault is not cleared by this and still fails it).
+template <typename... Params, typename... Args>
+void launch(const char* name, void (*kernel)(Params...), LaunchShape shape, size_t shared_bytes, cudaStream_t stream,
+            Args&&... args) {
+  (void)cudaGetLastError();
+#if defined(__CUDACC__)
+  kernel<<<shape.blocks, shape.threads, shared_bytes, stream>>>(std::forward<Args>(args)...);
+#else
+  eplib_cuda_cpu::launch_kernel(name, kernel, {dim3(shape.blocks), dim3(shape.threads), shared_bytes, stream},
+                                std::forward<Args>(args)...);
+#endif
+  check_cuda(cudaGetLastError(), name);
+}
+
+// Loads kernels now (cudaFuncGetAttributes) rather than at their first launch (see kernels.h).
+template <typename... Kernels>
+void preload(Kernels... kernels) {
+  cudaFuncAttributes attributes;
+  (check_cuda(cudaFuncGetAttributes(&attributes, kernels), "cudaFuncGetAttributes (preload)"), ...);
 }
 
 // The one place where a runtime dtype code becomes an element type for the CUDA kernels.
@@ -109,7 +136,7 @@ __device__ __forceinline__ void warp_copy_vectors(uint8_t* dst, const uint8_t* s
   auto* dst_vectors = reinterpret_cast<Vector*>(dst);
   const auto* src_vectors = reinterpret_cast<const Vector*>(src);
 #pragma unroll 4
-  for (int64_t i = lane; i < num_vectors; i += kWarpSize) dst_vectors[i] = src_vectors[i];
+  for (int64_t i = lane; i < num_vectors; i += kWarpSize) vector_store(dst_vectors + i, vector_load(src_vectors + i));
 }
 
 // Copies `bytes` bytes with the whole warp: the widest of 16/8/4-byte accesses that both pointers'
@@ -130,15 +157,18 @@ __device__ __forceinline__ void warp_copy(uint8_t* dst, const uint8_t* src, int6
   for (int64_t i = copied + lane; i < bytes; i += kWarpSize) dst[i] = src[i];
 }
 
-// Zeroes `bytes` bytes with the whole warp (zero bytes are +0.0 in every float type).
-__device__ __forceinline__ void warp_zero(uint8_t* dst, int64_t bytes, int lane) {
-  int64_t zeroed = 0;
+// Fills `bytes` bytes with `value` using the whole warp (zero bytes are +0.0 in every float type,
+// 0xFF bytes NaN).
+__device__ __forceinline__ void warp_fill(uint8_t* dst, uint8_t value, int64_t bytes, int lane) {
+  int64_t filled = 0;
   if (reinterpret_cast<uintptr_t>(dst) % 16 == 0) {
+    const int word = static_cast<int>(value * 0x01010101u);
+    const int4 pattern = make_int4(word, word, word, word);
     auto* vectors = reinterpret_cast<int4*>(dst);
-    for (int64_t i = lane; i < bytes / 16; i += kWarpSize) vectors[i] = make_int4(0, 0, 0, 0);
-    zeroed = bytes / 16 * 16;
+    for (int64_t i = lane; i < bytes / 16; i += kWarpSize) vector_store(vectors + i, pattern);
+    filled = bytes / 16 * 16;
   }
-  for (int64_t i = zeroed + lane; i < bytes; i += kWarpSize) dst[i] = 0;
+  for (int64_t i = filled + lane; i < bytes; i += kWarpSize) dst[i] = value;
 }
 
 // Block-wide exclusive prefix sum of one value per thread; also returns the block's total. Needs

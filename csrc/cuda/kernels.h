@@ -1,15 +1,17 @@
-// CUDA kernels for layout, dispatch, combine and the expert permutation. Host launchers: every
+// CUDA kernels for layout, dispatch, combine and the expert permutation. Each launcher takes one
+// argument struct (the same struct crosses into Python as _C.<Name>Args, fields by name); every
 // pointer is device memory allocated by the caller (torch); each launches on `stream`, never
-// synchronizes, never allocates, and throws std::runtime_error when a launch fails. Values only
-// the device sees (expert ids, weights, received counts) are checked on the device: a bad one sets
-// a bit of error_flag (eplib/errors.h; null = unchecked) and the kernel stays in bounds.
-// Semantics match the CPU kernels of the same name (cpu/kernels.h) bit for bit.
+// synchronizes, never allocates, and throws std::runtime_error when a launch fails. Values only the
+// device sees (expert ids, weights, received counts) are checked on the device: a bad one sets a bit
+// of error_flag (eplib/errors.h; null = unchecked) and the kernel stays in bounds. Semantics match
+// the CPU kernels of the same name (cpu/kernels.h) bit for bit.
 //
 // The four row kernels (dispatch_pack, dispatch_unpack, combine_pack, combine_reduce) also serve the
-// peer-memory transport: with `peers` (the view of every rank's buffer, peer.h) the packs write
-// straight into the destinations' receive regions instead of send_buffer and the receivers read their
-// own region, each inside the round hand-shake of peer.h; peers == nullptr is the nccl transport.
-// max_blocks > 0 bounds their grid (Config.num_sms); 0 sizes it by the work.
+// ipc transport: with an IpcView the packs write straight into the destinations' receive regions
+// instead of send_buffer and the receivers read their own region, each inside the round hand-shake
+// of ipc.cuh. Only IpcBuffer::dispatch / IpcBuffer::combine launch them that way (they own the round
+// sequence); `ipc == nullptr` is the nccl transport. max_blocks > 0 bounds a send kernel's grid
+// (Config.num_sms); receive kernels run after the send and are sized by their work.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -17,70 +19,201 @@
 #include <cstdint>
 
 #include "eplib/dtype.h"
-#include "peer.h"
+#include "ipc.h"
 
 namespace eplib::cuda {
 
-// cpu::dispatch_layout; an id outside [-1, E) sets kErrorExpertId and counts as -1. One block.
-void dispatch_layout(const int64_t* topk_idx, int64_t num_tokens, int num_topk, int num_experts, int num_ranks,
-                     int32_t* num_tokens_per_rank, int32_t* num_tokens_per_expert, bool* is_token_in_rank,
-                     int32_t* error_flag, cudaStream_t stream);
+// cpu::dispatch_layout; an id outside [-1, E) sets kErrorExpertId and counts as -1.
+struct DispatchLayoutArgs {
+  const int64_t* topk_idx;  // [T, K]
+  int64_t num_tokens;
+  int num_topk;
+  int num_experts;
+  int num_ranks;
+  int32_t* num_tokens_per_rank;    // [R]
+  int32_t* num_tokens_per_expert;  // [E]
+  bool* is_token_in_rank;          // [T, R]
+  int32_t* error_flag;
+};
 
-// slot_rows == 0: cpu::send_positions. slot_rows > 0: send_pos[t, r] = r * slot_rows + (tokens
-// before t bound for r), or -1 with kErrorOverflow when that index is >= slot_rows;
-// num_tokens_per_rank holds the true (unclipped) counts. One block per rank.
-void send_positions(const bool* is_token_in_rank, int64_t num_tokens, int num_ranks, int32_t* send_pos,
-                    int32_t* num_tokens_per_rank, int64_t slot_rows, int32_t* error_flag, cudaStream_t stream);
+// slot_rows == 0: cpu::send_positions. slot_rows > 0: send_pos[t, r] = r * slot_rows + (tokens before
+// t bound for r), or -1 with kErrorOverflow when that index is >= slot_rows. num_tokens_per_rank: the
+// rows placed for each rank (clipped to slot_rows).
+struct SendPositionsArgs {
+  const bool* is_token_in_rank;  // [T, R]
+  int64_t num_tokens;
+  int num_ranks;
+  int64_t slot_rows;
+  int32_t* send_pos;             // [T, R]
+  int32_t* num_tokens_per_rank;  // [R]
+  int32_t* error_flag;
+};
+
+// The checks of a dispatch's inputs that need their values, in one launch (what the cpu transport
+// checks on the host): send_counts (from send_positions) against num_tokens_per_rank (clipped to
+// slot_rows > 0) -> kErrorRankCounts; the per-expert counts of topk_idx against num_tokens_per_expert
+// -> kErrorExpertCounts, ids outside [-1, E) -> kErrorExpertId, non-finite weights -> kErrorWeight.
+// Without top-k ids (num_topk == 0), a negative num_tokens_per_expert sets kErrorExpertCounts.
+struct DispatchCheckArgs {
+  const int32_t* send_counts;            // [R]
+  const int32_t* num_tokens_per_rank;    // [R]
+  int num_ranks;
+  int64_t slot_rows;
+  const int64_t* topk_idx;               // [T, K] or null
+  const float* topk_weights;             // [T, K] or null
+  int64_t num_tokens;
+  int num_topk;
+  const int32_t* num_tokens_per_expert;  // [E]
+  int num_experts;
+  int32_t* error_flag;
+};
 
 // cpu::dispatch_pack; bad ids (kErrorExpertId) travel as -1, non-finite weights set kErrorWeight.
-// With peers, row placement in the destinations' regions follows rank_prefix_matrix (device int32
+// Through ipc, row placement in the destinations' regions follows rank_prefix_matrix (device int32
 // [R, R], as in DispatchHandle) or, when slot_rows > 0, the slot layout (send_pos made with slot_rows).
-void dispatch_pack(const uint8_t* x, int64_t x_bytes, const uint8_t* x_scales, int64_t scales_bytes,
-                   const int64_t* topk_idx, const float* topk_weights, int num_topk, int num_experts,
-                   const int32_t* send_pos, int64_t num_tokens, int num_ranks, uint8_t* send_buffer,
-                   int32_t* error_flag, const PeerView* peers, const int32_t* rank_prefix_matrix, int64_t slot_rows,
-                   int max_blocks, cudaStream_t stream);
+struct DispatchPackArgs {
+  const uint8_t* x;  // [T, x_bytes]
+  int64_t x_bytes;
+  const uint8_t* x_scales;  // [T, scales_bytes] or null
+  int64_t scales_bytes;
+  const int64_t* topk_idx;    // [T, K]
+  const float* topk_weights;  // [T, K]
+  int num_topk;               // 0: x only
+  int num_experts;
+  const int32_t* send_pos;  // [T, R]
+  int64_t num_tokens;
+  int num_ranks;
+  int64_t slot_rows;
+  const int32_t* rank_prefix_matrix;  // ipc only
+  uint8_t* send_buffer;               // nccl only
+  int32_t* error_flag;
+};
 
-// Received rows -> compacted outputs in source order. recv_counts [R] (device) are the rows from
-// each source, found at s * slot_rows (slot_rows > 0; counts above slot_rows are clipped with
+// Received rows -> compacted outputs in source order. recv_counts [R] (device) are the rows from each
+// source, found at s * slot_rows (slot_rows > 0; counts above slot_rows are clipped with
 // kErrorOverflow) or at their prefix sum. Output rows [total, num_out_rows) are padding (zero bytes,
 // index -1); total > num_out_rows sets kErrorOverflow and keeps the first num_out_rows.
 // num_recv_tokens_per_expert int64 [E_local] and num_recv_out int32 [1] (rows written) may be null.
-void dispatch_unpack(const uint8_t* recv_buffer, const int32_t* recv_counts, int num_ranks, int64_t slot_rows,
-                     int64_t num_out_rows, int64_t x_bytes, int64_t scales_bytes, int num_topk, int num_local_experts,
-                     uint8_t* recv_x, uint8_t* recv_x_scales, int32_t* recv_src_idx, int64_t* recv_topk_idx,
-                     float* recv_topk_weights, int64_t* num_recv_tokens_per_expert, int32_t* num_recv_out,
-                     int32_t* error_flag, const PeerView* peers, int max_blocks, cudaStream_t stream);
+// Through ipc, recv_buffer is ignored (the own region is read).
+struct DispatchUnpackArgs {
+  const uint8_t* recv_buffer;
+  const int32_t* recv_counts;
+  int num_ranks;
+  int64_t slot_rows;
+  int64_t num_out_rows;
+  int64_t x_bytes;
+  int64_t scales_bytes;
+  int num_topk;
+  int num_local_experts;
+  uint8_t* recv_x;
+  uint8_t* recv_x_scales;
+  int32_t* recv_src_idx;
+  int64_t* recv_topk_idx;
+  float* recv_topk_weights;
+  int64_t* num_recv_tokens_per_expert;
+  int32_t* num_recv_out;
+  int32_t* error_flag;
+};
 
 // The inverse placement of dispatch_unpack: compacted row i of source s goes to send row
 // s * slot_rows + (i - start of s) (slot_rows > 0) or i, as CombineRowLayout (x, then K weights).
-// Rows past the (clipped) total of recv_counts are not read. With peers, each row goes back to the
+// Rows past the (clipped) total of recv_counts are not read. Through ipc, each row goes back to the
 // row of its source's region that the source's send_pos gave it (rank_prefix_matrix or slot_rows).
-void combine_pack(const uint8_t* x, int64_t x_bytes, const float* topk_weights, int num_topk,
-                  const int32_t* recv_counts, int num_ranks, int64_t slot_rows, int64_t num_rows,
-                  uint8_t* send_buffer, const PeerView* peers, const int32_t* rank_prefix_matrix, int max_blocks,
-                  cudaStream_t stream);
+struct CombinePackArgs {
+  const uint8_t* x;  // [num_rows, x_bytes]
+  int64_t x_bytes;
+  const float* topk_weights;  // [num_rows, K] or null
+  int num_topk;
+  const int32_t* recv_counts;  // [R]
+  int num_ranks;
+  int64_t slot_rows;
+  int64_t num_rows;
+  const int32_t* rank_prefix_matrix;  // ipc only
+  uint8_t* send_buffer;               // nccl only
+};
 
-// cpu::combine_reduce for float32 / bfloat16.
-void combine_reduce(DType dtype, const uint8_t* recv_buffer, int64_t hidden, int num_topk, const int32_t* send_pos,
-                    int64_t num_tokens, int num_ranks, const void* bias_0, const void* bias_1, void* combined_x,
-                    float* combined_topk_weights, const PeerView* peers, int max_blocks, cudaStream_t stream);
+// cpu::combine_reduce for float32 / bfloat16. Through ipc, recv_buffer is ignored (the own region).
+struct CombineReduceArgs {
+  DType dtype;
+  const uint8_t* recv_buffer;
+  int64_t hidden;
+  int num_topk;
+  const int32_t* send_pos;  // [T, R]
+  int64_t num_tokens;
+  int num_ranks;
+  const void* bias_0;  // [T, H] or null
+  const void* bias_1;
+  void* combined_x;              // [T, H]
+  float* combined_topk_weights;  // [T, K] or null
+};
 
 // cpu::permute_layout; an id outside [-1, E_local) sets kErrorExpertId and counts as -1, a pair past
 // num_out_rows (> 0) gets -1; aligned rows past num_out_rows (> 0), pairs or padding alone, set
 // kErrorOverflow where the CPU kernel raises (expert_offsets keep the rows needed). One block;
 // 1 <= E_local <= about 12K (shared counters).
-void permute_layout(const int64_t* topk_idx, int64_t num_rows, int num_topk, int num_local_experts,
-                    int64_t expert_alignment, int64_t num_out_rows, int32_t* pair_pos, int64_t* expert_offsets,
-                    int64_t* num_tokens_per_expert, int32_t* error_flag, cudaStream_t stream);
+struct PermuteLayoutArgs {
+  const int64_t* topk_idx;  // [N, K]
+  int64_t num_rows;
+  int num_topk;
+  int num_local_experts;
+  int64_t expert_alignment;
+  int64_t num_out_rows;
+  int32_t* pair_pos;               // [N, K]
+  int64_t* expert_offsets;         // [E_local + 1]
+  int64_t* num_tokens_per_expert;  // [E_local]
+  int32_t* error_flag;
+};
 
-// cpu::permute_rows and cpu::unpermute_rows for float32 / bfloat16.
-void permute_rows(DType dtype, const void* x, int64_t num_rows, int64_t hidden, int num_topk, const int32_t* pair_pos,
-                  const void* topk_weights, const int64_t* expert_offsets, const int64_t* num_tokens_per_expert,
-                  int num_local_experts, int64_t num_out_rows, void* out, cudaStream_t stream);
+// cpu::permute_rows for float32 / bfloat16.
+struct PermuteRowsArgs {
+  DType dtype;
+  const void* x;  // [N, H]
+  int64_t num_rows;
+  int64_t hidden;
+  int num_topk;
+  const int32_t* pair_pos;
+  const void* topk_weights;  // [N, K] of the accumulator type, or null
+  const int64_t* expert_offsets;
+  const int64_t* num_tokens_per_expert;
+  int num_local_experts;
+  int64_t num_out_rows;
+  void* out;  // [num_out_rows, H]
+};
 
-void unpermute_rows(DType dtype, const void* y, int64_t num_in_rows, int64_t hidden, int num_topk,
-                    const int32_t* pair_pos, const void* topk_weights, int64_t num_rows, void* out,
-                    cudaStream_t stream);
+// cpu::unpermute_rows for float32 / bfloat16.
+struct UnpermuteRowsArgs {
+  DType dtype;
+  const void* y;  // [num_in_rows, H]
+  int64_t num_in_rows;
+  int64_t hidden;
+  int num_topk;
+  const int32_t* pair_pos;
+  const void* topk_weights;
+  int64_t num_rows;
+  void* out;  // [num_rows, H]
+};
+
+void dispatch_layout(const DispatchLayoutArgs& args, cudaStream_t stream);
+void send_positions(const SendPositionsArgs& args, cudaStream_t stream);
+void check_dispatch_inputs(const DispatchCheckArgs& args, cudaStream_t stream);
+void dispatch_pack(const DispatchPackArgs& args, const IpcView* ipc, int max_blocks, cudaStream_t stream);
+void dispatch_unpack(const DispatchUnpackArgs& args, const IpcView* ipc, cudaStream_t stream);
+void combine_pack(const CombinePackArgs& args, const IpcView* ipc, int max_blocks, cudaStream_t stream);
+void combine_reduce(const CombineReduceArgs& args, const IpcView* ipc, cudaStream_t stream);
+void permute_layout(const PermuteLayoutArgs& args, cudaStream_t stream);
+void permute_rows(const PermuteRowsArgs& args, cudaStream_t stream);
+void unpermute_rows(const UnpermuteRowsArgs& args, cudaStream_t stream);
+
+// Loads every kernel above now (cudaFuncGetAttributes), so that no later launch loads a module
+// lazily: with CUDA_MODULE_LOADING=LAZY a first launch waits for the device to go idle, which can mean
+// waiting behind an ipc kernel that spins on a peer. The CUDA transports and IpcBuffer call it once.
+void preload_kernels();
+
+namespace detail {  // preload_kernels' parts, one per source file
+void preload_layout_kernels();
+void preload_dispatch_kernels();
+void preload_combine_kernels();
+void preload_permute_kernels();
+}  // namespace detail
 
 }  // namespace eplib::cuda

@@ -20,15 +20,17 @@ constexpr unsigned kPaddingBlocks = 64;
 // Pass 1 counts each chunk's pairs per expert; a scan over chunks and experts turns the counts into
 // each chunk's first row per expert; pass 2 walks each chunk 32 pairs at a time, in order, ranking
 // equal experts among the lanes with __match_any_sync, so pairs keep (row, slot) order.
-__global__ void __launch_bounds__(kLayoutThreads)
-    permute_layout_kernel(const int64_t* topk_idx, int64_t num_pairs, int num_local_experts, int64_t expert_alignment,
-                          int64_t num_out_rows, int num_ranking_warps, int32_t* pair_pos, int64_t* expert_offsets,
-                          int64_t* num_tokens_per_expert, int32_t* error_flag) {
-  extern __shared__ int32_t chunk_next[];  // [num_ranking_warps][E]: counts, then next row per expert
+__global__ void __launch_bounds__(kLayoutThreads) permute_layout_kernel(PermuteLayoutArgs args, int num_ranking_warps) {
+  int32_t* chunk_next = dynamic_shared_memory<int32_t>();  // [num_ranking_warps][E]: counts, then next row per expert
   __shared__ int64_t warp_totals[kWarpSize];
   const int lane = lane_id();
   const int warp = static_cast<int>(threadIdx.x / kWarpSize);
-  const int num_experts = num_local_experts;
+  const int num_experts = args.num_local_experts;
+  const int64_t num_pairs = args.num_rows * args.num_topk;
+  const int64_t* topk_idx = args.topk_idx;
+  const int64_t expert_alignment = args.expert_alignment;
+  const int64_t num_out_rows = args.num_out_rows;
+  int32_t* error_flag = args.error_flag;
   for (int i = threadIdx.x; i < num_ranking_warps * num_experts; i += blockDim.x) chunk_next[i] = 0;
   __syncthreads();
 
@@ -65,14 +67,14 @@ __global__ void __launch_bounds__(kLayoutThreads)
                            block_exclusive_sum(expert < num_experts ? align_up(count, expert_alignment) : 0,
                                                warp_totals, &round_rows);
     if (expert < num_experts) {
-      num_tokens_per_expert[expert] = count;
-      expert_offsets[expert] = offset;
+      args.num_tokens_per_expert[expert] = count;
+      args.expert_offsets[expert] = offset;
       for (int w = 0; w < num_ranking_warps; ++w) chunk_next[w * num_experts + expert] += static_cast<int32_t>(offset);
     }
     segment_start += round_rows;
   }
   if (threadIdx.x == 0) {
-    expert_offsets[num_experts] = segment_start;
+    args.expert_offsets[num_experts] = segment_start;
     // As cpu::permute_layout, which raises when the aligned rows exceed num_out_rows, even if only
     // padding rows fall past the end.
     if (num_out_rows > 0 && segment_start > num_out_rows) set_error(error_flag, kErrorOverflow);
@@ -95,7 +97,7 @@ __global__ void __launch_bounds__(kLayoutThreads)
     if (p < chunk_end) {
       const int32_t pos = expert >= 0 ? bounded_pair_pos(row, num_out_rows) : -1;
       if (expert >= 0 && pos < 0) set_error(error_flag, kErrorOverflow);
-      pair_pos[p] = pos;
+      args.pair_pos[p] = pos;
     }
   }
 }
@@ -103,11 +105,13 @@ __global__ void __launch_bounds__(kLayoutThreads)
 // Blocks [0, grid - kPaddingBlocks) scatter rows, one warp per source row; the last kPaddingBlocks
 // zero the padding rows of every segment (eplib/permute.h), so one launch writes every output row.
 template <typename T, int kVector>
-__global__ void
-    permute_rows_kernel(const T* x, int64_t num_rows, int64_t hidden, int num_topk, const int32_t* pair_pos,
-                        const AccumulatorOf<T>* topk_weights, const int64_t* expert_offsets,
-                        const int64_t* num_tokens_per_expert, int num_local_experts, int64_t num_out_rows, T* out) {
+__global__ void permute_rows_kernel(PermuteRowsArgs args) {
   using Acc = AccumulatorOf<T>;
+  const auto* x = static_cast<const T*>(args.x);
+  auto* out = static_cast<T*>(args.out);
+  const auto* topk_weights = static_cast<const Acc*>(args.topk_weights);
+  const int64_t hidden = args.hidden, num_rows = args.num_rows, num_out_rows = args.num_out_rows;
+  const int num_topk = args.num_topk, num_local_experts = args.num_local_experts;
   const int lane = lane_id();
   const int64_t row_bytes = hidden * static_cast<int64_t>(sizeof(T));
   const unsigned num_scatter_blocks = gridDim.x - kPaddingBlocks;
@@ -116,10 +120,10 @@ __global__ void
                                threadIdx.x / kWarpSize;
     const int64_t num_warps = static_cast<int64_t>(kPaddingBlocks) * kWarpsPerRowBlock;
     for (int segment = 0; segment <= num_local_experts; ++segment) {
-      const RowRange padding = padding_rows(expert_offsets, num_tokens_per_expert, num_local_experts, segment,
-                                            num_out_rows);
+      const RowRange padding = padding_rows(args.expert_offsets, args.num_tokens_per_expert, num_local_experts,
+                                            segment, num_out_rows);
       for (int64_t row = padding.begin + first_warp; row < padding.end; row += num_warps)
-        warp_zero(reinterpret_cast<uint8_t*>(out + row * hidden), row_bytes, lane);
+        warp_fill(reinterpret_cast<uint8_t*>(out + row * hidden), 0, row_bytes, lane);
     }
     return;
   }
@@ -127,7 +131,7 @@ __global__ void
   const int64_t num_warps = static_cast<int64_t>(num_scatter_blocks) * kWarpsPerRowBlock;
   for (int64_t n = first_warp; n < num_rows; n += num_warps)
     for (int k = 0; k < num_topk; ++k) {
-      const int32_t pos = pair_pos[n * num_topk + k];
+      const int32_t pos = args.pair_pos[n * num_topk + k];
       if (pos < 0 || pos >= num_out_rows) continue;
       T* target = out + static_cast<int64_t>(pos) * hidden;
       if (topk_weights == nullptr) {
@@ -138,7 +142,8 @@ __global__ void
       const Acc weight = topk_weights[n * num_topk + k];
       // The product rounded once to T, as cpu::permute_rows writes it.
       for (int64_t v = lane; v < hidden / kVector; v += kWarpSize) {
-        const ElementVector<T, kVector> loaded = reinterpret_cast<const ElementVector<T, kVector>*>(x + n * hidden)[v];
+        const ElementVector<T, kVector> loaded =
+            vector_load(reinterpret_cast<const ElementVector<T, kVector>*>(x + n * hidden) + v);
         Acc product[kVector];
 #pragma unroll
         for (int j = 0; j < kVector; ++j) product[j] = to_accumulator(loaded.values[j]) * weight;
@@ -149,10 +154,14 @@ __global__ void
 
 // One warp per output row; lanes own kVector consecutive elements at a time.
 template <typename T, int kVector>
-__global__ void
-    unpermute_rows_kernel(const T* y, int64_t num_in_rows, int64_t hidden, int num_topk, const int32_t* pair_pos,
-                          const AccumulatorOf<T>* topk_weights, int64_t num_rows, T* out) {
+__global__ void unpermute_rows_kernel(UnpermuteRowsArgs args) {
   using Acc = AccumulatorOf<T>;
+  const auto* y = static_cast<const T*>(args.y);
+  auto* out = static_cast<T*>(args.out);
+  const auto* topk_weights = static_cast<const Acc*>(args.topk_weights);
+  const int64_t hidden = args.hidden, num_in_rows = args.num_in_rows, num_rows = args.num_rows;
+  const int num_topk = args.num_topk;
+  const int32_t* pair_pos = args.pair_pos;
   const int lane = lane_id();
   for (int64_t n = global_warp_id(); n < num_rows; n += num_global_warps())
     for (int64_t v = lane; v < hidden / kVector; v += kWarpSize) {
@@ -171,60 +180,52 @@ __global__ void
 
 }  // namespace
 
-void permute_layout(const int64_t* topk_idx, int64_t num_rows, int num_topk, int num_local_experts,
-                    int64_t expert_alignment, int64_t num_out_rows, int32_t* pair_pos, int64_t* expert_offsets,
-                    int64_t* num_tokens_per_expert, int32_t* error_flag, cudaStream_t stream) {
-  if (num_local_experts < 1 || num_local_experts > kLayoutSharedInts)
+void permute_layout(const PermuteLayoutArgs& args, cudaStream_t stream) {
+  if (args.num_local_experts < 1 || args.num_local_experts > kLayoutSharedInts)
     throw std::invalid_argument("eplib: the CUDA permutation supports 1 to " + std::to_string(kLayoutSharedInts) +
-                                " local experts, got " + std::to_string(num_local_experts));
-  if (expert_alignment < 1)
-    throw std::invalid_argument("eplib: expert_alignment must be >= 1, got " + std::to_string(expert_alignment));
+                                " local experts, got " + std::to_string(args.num_local_experts));
+  if (args.expert_alignment < 1)
+    throw std::invalid_argument("eplib: expert_alignment must be >= 1, got " + std::to_string(args.expert_alignment));
   // As many ranking warps as the per-(warp, expert) counters leave room for.
   const int max_warps = kLayoutThreads / kWarpSize;
-  const int64_t fitting_warps = kLayoutSharedInts / num_local_experts;
+  const int64_t fitting_warps = kLayoutSharedInts / args.num_local_experts;
   const int num_ranking_warps = static_cast<int>(fitting_warps < max_warps ? fitting_warps : max_warps);
-  const size_t shared_bytes = static_cast<size_t>(num_ranking_warps) * num_local_experts * sizeof(int32_t);
-  permute_layout_kernel<<<1, kLayoutThreads, shared_bytes, stream>>>(
-      topk_idx, num_rows * num_topk, num_local_experts, expert_alignment, num_out_rows, num_ranking_warps, pair_pos,
-      expert_offsets, num_tokens_per_expert, error_flag);
-  check_launch("permute_layout");
+  const size_t shared_bytes = static_cast<size_t>(num_ranking_warps) * args.num_local_experts * sizeof(int32_t);
+  launch("permute_layout_kernel", permute_layout_kernel, {1, kLayoutThreads}, shared_bytes, stream, args,
+         num_ranking_warps);
 }
 
-void permute_rows(DType dtype, const void* x, int64_t num_rows, int64_t hidden, int num_topk, const int32_t* pair_pos,
-                  const void* topk_weights, const int64_t* expert_offsets, const int64_t* num_tokens_per_expert,
-                  int num_local_experts, int64_t num_out_rows, void* out, cudaStream_t stream) {
-  visit_cuda_dtype(dtype, [&](auto element) {
+void permute_rows(const PermuteRowsArgs& args, cudaStream_t stream) {
+  visit_cuda_dtype(args.dtype, [&](auto element) {
     using T = decltype(element);
-    if (num_out_rows == 0) return;
-    const bool aligned = all_16_byte_aligned({reinterpret_cast<uintptr_t>(x), reinterpret_cast<uintptr_t>(out),
-                                              static_cast<uint64_t>(hidden * sizeof(T))});
-    const unsigned grid = grid_for(num_rows, kWarpsPerRowBlock) + kPaddingBlocks;
+    if (args.num_out_rows == 0) return;
+    const bool aligned = all_16_byte_aligned({reinterpret_cast<uintptr_t>(args.x), reinterpret_cast<uintptr_t>(args.out),
+                                              static_cast<uint64_t>(args.hidden * sizeof(T))});
+    const unsigned grid = grid_for(args.num_rows, kWarpsPerRowBlock) + kPaddingBlocks;
     visit_vector_width<T>(aligned, [&](auto vector) {
-      permute_rows_kernel<T, decltype(vector)::value><<<grid, kRowThreads, 0, stream>>>(
-          static_cast<const T*>(x), num_rows, hidden, num_topk, pair_pos,
-          static_cast<const AccumulatorOf<T>*>(topk_weights), expert_offsets, num_tokens_per_expert, num_local_experts,
-          num_out_rows, static_cast<T*>(out));
+      launch("permute_rows_kernel", permute_rows_kernel<T, decltype(vector)::value>, {grid, kRowThreads}, 0, stream,
+             args);
     });
-    check_launch("permute_rows");
   });
 }
 
-void unpermute_rows(DType dtype, const void* y, int64_t num_in_rows, int64_t hidden, int num_topk,
-                    const int32_t* pair_pos, const void* topk_weights, int64_t num_rows, void* out,
-                    cudaStream_t stream) {
-  visit_cuda_dtype(dtype, [&](auto element) {
+void unpermute_rows(const UnpermuteRowsArgs& args, cudaStream_t stream) {
+  visit_cuda_dtype(args.dtype, [&](auto element) {
     using T = decltype(element);
-    if (num_rows == 0) return;
-    const bool aligned = all_16_byte_aligned({reinterpret_cast<uintptr_t>(y), reinterpret_cast<uintptr_t>(out),
-                                              static_cast<uint64_t>(hidden * sizeof(T))});
+    if (args.num_rows == 0) return;
+    const bool aligned = all_16_byte_aligned({reinterpret_cast<uintptr_t>(args.y), reinterpret_cast<uintptr_t>(args.out),
+                                              static_cast<uint64_t>(args.hidden * sizeof(T))});
     visit_vector_width<T>(aligned, [&](auto vector) {
-      unpermute_rows_kernel<T, decltype(vector)::value><<<grid_for(num_rows, kWarpsPerRowBlock), kRowThreads, 0,
-                                                          stream>>>(
-          static_cast<const T*>(y), num_in_rows, hidden, num_topk, pair_pos,
-          static_cast<const AccumulatorOf<T>*>(topk_weights), num_rows, static_cast<T*>(out));
+      launch("unpermute_rows_kernel", unpermute_rows_kernel<T, decltype(vector)::value>,
+             {grid_for(args.num_rows, kWarpsPerRowBlock), kRowThreads}, 0, stream, args);
     });
-    check_launch("unpermute_rows");
   });
+}
+
+void detail::preload_permute_kernels() {
+  preload(permute_layout_kernel, permute_rows_kernel<float, 4>, permute_rows_kernel<float, 1>,
+          permute_rows_kernel<bf16_t, 8>, permute_rows_kernel<bf16_t, 1>, unpermute_rows_kernel<float, 4>,
+          unpermute_rows_kernel<float, 1>, unpermute_rows_kernel<bf16_t, 8>, unpermute_rows_kernel<bf16_t, 1>);
 }
 
 }  // namespace eplib::cuda

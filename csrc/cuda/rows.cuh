@@ -34,7 +34,7 @@ __device__ inline bool load_compact_starts(const int32_t* recv_counts, int num_r
 // operations, in the same order, as the CPU kernels (no FMA contraction: --fmad=false).
 template <typename T, int N, typename Acc>
 __device__ __forceinline__ void add_vector(Acc (&acc)[N], const T* row, int64_t v, Acc weight, bool weighted) {
-  const ElementVector<T, N> loaded = reinterpret_cast<const ElementVector<T, N>*>(row)[v];
+  const ElementVector<T, N> loaded = vector_load(reinterpret_cast<const ElementVector<T, N>*>(row) + v);
 #pragma unroll
   for (int j = 0; j < N; ++j) {
     const Acc value = to_accumulator(loaded.values[j]);
@@ -47,7 +47,7 @@ __device__ __forceinline__ void store_vector(T* row, int64_t v, const Acc (&acc)
   ElementVector<T, N> stored;
 #pragma unroll
   for (int j = 0; j < N; ++j) stored.values[j] = from_accumulator<T>(acc[j]);
-  reinterpret_cast<ElementVector<T, N>*>(row)[v] = stored;
+  vector_store(reinterpret_cast<ElementVector<T, N>*>(row) + v, stored);
 }
 
 }  // namespace eplib::cuda

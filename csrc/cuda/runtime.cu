@@ -1,32 +1,41 @@
+#include "runtime.h"
+
 #include <cuda_runtime.h>
 
 #include "common.cuh"
-#include "runtime.h"
 
 namespace eplib::cuda {
 
-int device_count() {
-  int count = 0;
-  // Without a driver or device the runtime answers with an error code instead of a count.
-  if (cudaGetDeviceCount(&count) != cudaSuccess) {
-    cudaGetLastError();  // clear the sticky error in our (static) runtime instance
-    return 0;
+DeviceStatus device_status() {
+  DeviceStatus status{0, "", 0, 0};
+  cudaDriverGetVersion(&status.driver_version);
+  cudaRuntimeGetVersion(&status.runtime_version);
+  const cudaError_t error = cudaGetDeviceCount(&status.device_count);
+  if (error != cudaSuccess) {
+    (void)cudaGetLastError();  // reported here; no later launch inherits it
+    status.device_count = 0;
+    status.error = std::string(cudaGetErrorName(error)) + ": " + cudaGetErrorString(error);
   }
-  return count;
+  return status;
 }
 
-int runtime_version() {
-  int version = 0;
-  cudaRuntimeGetVersion(&version);
-  return version;
+int device_count() { return device_status().device_count; }
+
+int current_device() {
+  int device = -1;
+  check_cuda(cudaGetDevice(&device), "cudaGetDevice");
+  return device;
 }
 
-void set_device(int device) {
-  // cudaSetDevice also makes that device's primary context current for the thread, which torch's
-  // runtime sees too: only switch when eplib's runtime is on another device.
-  int current = -1;
-  if (cudaGetDevice(&current) == cudaSuccess && current == device) return;
-  check_cuda(cudaSetDevice(device), "cudaSetDevice");
+DeviceGuard::DeviceGuard(int device) : device_(device) {
+  previous_ = current_device();
+  // cudaSetDevice also makes that device's primary context current for the thread: only switch when
+  // eplib's runtime is on another device.
+  if (previous_ != device) check_cuda(cudaSetDevice(device), "cudaSetDevice");
+}
+
+DeviceGuard::~DeviceGuard() {
+  if (previous_ != device_ && previous_ >= 0 && cudaSetDevice(previous_) != cudaSuccess) (void)cudaGetLastError();
 }
 
 }  // namespace eplib::cuda

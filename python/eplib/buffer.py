@@ -16,7 +16,7 @@ from ._dtypes import CUDA_KERNEL_DTYPES, KERNEL_DTYPE_CODES
 from .config import Config, nvl_buffer_size_hint
 from .event import EventOverlap
 from .handle import DispatchHandle
-from .transports import CpuTransport, CudaTransport, IpcTransport, NcclTransport, PeerUnavailable
+from .transports import CpuTransport, CudaTransport, IpcTransport, IpcUnavailable, NcclTransport
 from .validation import (check_allocation, check_bias, check_int, check_int32_product, check_num_experts,
                          check_tensor, check_topk, check_x)
 
@@ -42,12 +42,12 @@ _COMBINE_CHUNKS = {2: (10, 256, 6, 128), 4: (9, 256, 6, 128), 8: (4, 256, 6, 128
 class Buffer:
     """Expert-parallel dispatch and combine across the ranks of a process group.
 
-    Constructor keywords are DeepEP's. ``num_nvl_bytes`` sizes the peer buffer of the ipc
+    Constructor keywords are DeepEP's. ``num_nvl_bytes`` sizes the ipc buffer of the ipc
     transport (``get_nvl_buffer_size_hint``); these have no effect and are kept only so that DeepEP
     code runs unchanged: ``num_rdma_bytes`` (no RDMA buffer is allocated), ``low_latency_mode``,
     ``num_qps_per_rank``, ``allow_nvlink_for_low_latency_mode``, ``allow_mnnvl``, ``use_fabric``,
     ``enable_shrink``. ``explicitly_destroy`` works as in DeepEP: ``destroy()`` must then be called
-    and is allowed only then (ipc: it meets the other ranks at a barrier before freeing the peer
+    and is allowed only then (ipc: it meets the other ranks at a barrier before freeing the ipc
     buffer; garbage collection frees it without one). ``comm`` (an mpi4py communicator) is not supported: pass a ``group``
     (as in DeepEP, ``comm`` is ignored when a group is given).
 
@@ -57,7 +57,7 @@ class Buffer:
     collective: every rank constructs together). ``"nccl"``: over the group's NCCL backend (or,
     slowly, staged through a gloo group's host memory: the multi-process-on-one-GPU test path), on
     the device of the first CUDA call. ``"auto"``: ipc when ``num_nvl_bytes > 0``, CUDA is usable and
-    the peer buffers open (all ranks on one host, at most 8 ranks), else nccl, saying so once in the
+    the ipc buffers open (all ranks on one host, at most 8 ranks), else nccl, saying so once in the
     log (logger ``"eplib"``). ``"cpu"``: CPU tensors only. ``transport_name()`` tells which is used.
 
     Streams (CUDA, as in DeepEP): each call runs on the Buffer's communication stream
@@ -126,14 +126,14 @@ class Buffer:
         global _fallback_logged
         if self.transport == "auto":
             if self.num_nvl_bytes == 0 or not _cuda_usable():
-                return None  # no peer buffer asked for, or no GPU: nothing to fall back from
+                return None  # no ipc buffer asked for, or no GPU: nothing to fall back from
         elif self.num_nvl_bytes == 0:
-            raise ValueError("num_nvl_bytes: transport='ipc' needs a peer buffer; size it with "
+            raise ValueError("num_nvl_bytes: transport='ipc' needs an ipc buffer; size it with "
                              "Buffer.get_nvl_buffer_size_hint, got 0")
         device = torch.device("cuda", torch.cuda.current_device())
         try:
             return IpcTransport(self.group, device, self.num_nvl_bytes)
-        except PeerUnavailable as error:
+        except IpcUnavailable as error:
             if self.transport == "ipc":
                 raise RuntimeError(f"transport='ipc': {error}") from error
             if not _fallback_logged:
@@ -153,8 +153,17 @@ class Buffer:
         self._destroyed = True
         self._cpu = None  # frees the staging bytes
         if isinstance(self._cuda, IpcTransport):
-            self._cuda.destroy()  # a barrier with the other ranks, then the peer memory is freed
+            self._cuda.destroy()  # a barrier with the other ranks, then the ipc memory is freed
         self._cuda = None  # its communication stream and error flag
+
+    def check_failed(self) -> None:
+        """Raises RuntimeError if a device-side wait of an earlier call timed out (the ipc transport:
+        its kernels then poison their outputs, NaN rows and -1 ids, instead of leaving last call's).
+        Reads host-mapped memory and never synchronizes: the check to make after replaying a CUDA graph
+        that holds eplib calls, since a replay runs no eplib host code. A no-op on other transports."""
+        self._check_alive()
+        if isinstance(self._cuda, IpcTransport):
+            self._cuda.check_failed()
 
     def _check_alive(self) -> None:
         if self._destroyed:
@@ -263,7 +272,7 @@ class Buffer:
         if self._cuda is None:
             self._cuda = NcclTransport(self.group, device)
         elif self._cuda.device != device:
-            where = "its peer buffer" if isinstance(self._cuda, IpcTransport) else "its first CUDA call ran"
+            where = "its ipc buffer" if isinstance(self._cuda, IpcTransport) else "its first CUDA call ran"
             raise ValueError(f"x: this Buffer runs its CUDA calls on {self._cuda.device} (where {where}), got a "
                              f"tensor on {device}")
         return self._cuda
@@ -526,9 +535,17 @@ def _cuda_usable() -> bool:
 
 def _check_cuda_usable(what: str) -> None:
     """Raises ValueError unless eplib's CUDA kernels can run here."""
-    if not _C.built_with_cuda():
-        raise ValueError(f"{what}: this eplib was built without CUDA kernels (rebuild with EPLIB_CUDA=1 where nvcc is "
-                         f"installed)")
+    if not _C.built_with_cuda() or _C.cuda_cpu_execution():
+        raise ValueError(f"{what}: this eplib was built without CUDA kernels for a GPU (rebuild with EPLIB_CUDA=1 "
+                         f"where nvcc is installed)")
     if not _cuda_usable():
-        raise ValueError(f"{what}: no usable CUDA device (torch.cuda.is_available()={torch.cuda.is_available()}, "
-                         f"eplib._C.cuda_available()={_C.cuda_available()})")
+        raise ValueError(f"{what}: no usable CUDA device (torch.cuda.is_available()={torch.cuda.is_available()}; "
+                         f"eplib's CUDA runtime: {describe_cuda_status()})")
+
+
+def describe_cuda_status() -> str:
+    """What eplib's own (static) CUDA runtime sees, in words: devices, or the error of the query, and
+    the driver and runtime versions (a driver older than the runtime is the usual error)."""
+    status = _C.cuda_device_status()
+    seen = f"error {status['error']}" if status["error"] else f"{status['device_count']} device(s)"
+    return f"{seen}, driver version {status['driver_version']}, runtime version {status['runtime_version']}"

@@ -11,7 +11,7 @@ SIZE_HINT_MAX_TOPK = 32
 
 def nvl_buffer_size_hint(num_max_tokens: int, hidden_bytes: int, num_ranks: int,
                          num_topk: int = SIZE_HINT_MAX_TOPK) -> int:
-    """Bytes of peer buffer (``num_nvl_bytes``) that the ipc transport needs for any call of up to
+    """Bytes of ipc buffer (``num_nvl_bytes``) that the ipc transport needs for any call of up to
     ``num_max_tokens`` tokens per rank of ``hidden_bytes`` bytes each (H times the element size of x)
     and up to ``num_topk`` experts per token: the header, then a receive region of ``num_ranks *
     num_max_tokens`` rows (every token of every rank sent to this rank, the worst case; combine sends
@@ -26,7 +26,7 @@ def nvl_buffer_size_hint(num_max_tokens: int, hidden_bytes: int, num_ranks: int,
     scales_bytes = (hidden_bytes + 127) // 128 * 4
     row_bytes = max(_C.dispatch_row_stride(hidden_bytes, scales_bytes, num_topk),
                     _C.combine_row_stride(hidden_bytes, num_topk))
-    return _C.peer_header_bytes() + num_ranks * num_max_tokens * row_bytes
+    return _C.ipc_header_bytes() + num_ranks * num_max_tokens * row_bytes
 
 
 @dataclass
@@ -45,7 +45,7 @@ class Config:
     num_max_rdma_chunked_recv_tokens: int = 256
 
     def get_nvl_buffer_size_hint(self, hidden_bytes: int, num_ranks: int, num_max_tokens: int = 4096) -> int:
-        """Bytes of peer (NVLink) buffer for the ipc transport: ``nvl_buffer_size_hint(num_max_tokens,
+        """Bytes of ipc (NVLink) buffer for the ipc transport: ``nvl_buffer_size_hint(num_max_tokens,
         hidden_bytes, num_ranks)`` with up to ``SIZE_HINT_MAX_TOPK`` experts per token.
 
         DeepEP's signature has no token count, because its ring buffers do not depend on it; eplib's

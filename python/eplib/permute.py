@@ -56,14 +56,11 @@ def _check_rows(name: str, rows) -> Tensor:
     return rows
 
 
-def _stream(tensor: Tensor) -> int:
-    return torch.cuda.current_stream(tensor.device).cuda_stream
-
-
-# _C links cudart statically and launches on the device whose context is current on this thread:
-# make it the tensor's device (a no-op when it already is), so that the launch and the stream of
-# that device agree when a tensor lives on another device than torch's current one.
-_on_device = torch.cuda.device
+def _launch_on(tensor: Tensor, kernel, args) -> None:
+    """kernel(args) on the current stream of ``tensor``'s device, with that device current for eplib's
+    runtime during the launch (the C++ device guard of every _C.cuda_* call; it restores the previous
+    device, so torch's current device does not change)."""
+    kernel(args, tensor.device.index, torch.cuda.current_stream(tensor.device).cuda_stream)
 
 
 def _raise_errors(bits: int, num_local_experts: int, num_out_rows: int) -> None:
@@ -88,20 +85,29 @@ def _layout(topk_idx: Tensor, num_local_experts: int, expert_alignment: int,
     pair_pos = torch.empty(num_rows, num_topk, dtype=torch.int32, device=device)
     expert_offsets = torch.empty(num_local_experts + 1, dtype=torch.int64, device=device)
     num_tokens_per_expert = torch.empty(num_local_experts, dtype=torch.int64, device=device)
-    args = (topk_idx.data_ptr(), num_rows, num_topk, num_local_experts, expert_alignment, num_out_rows,
-            pair_pos.data_ptr(), expert_offsets.data_ptr(), num_tokens_per_expert.data_ptr())
     if not topk_idx.is_cuda:
-        _C.permute_layout(*args)  # raises ValueError itself
+        _C.permute_layout(topk_idx.data_ptr(), num_rows, num_topk, num_local_experts, expert_alignment, num_out_rows,
+                          pair_pos.data_ptr(), expert_offsets.data_ptr(), num_tokens_per_expert.data_ptr())  # raises
         return pair_pos, expert_offsets, num_tokens_per_expert, num_out_rows or int(expert_offsets[-1]), None
     error_flag = torch.zeros(1, dtype=torch.int32, device=device)
-    with _on_device(device):
-        _C.cuda_permute_layout(*args, error_flag.data_ptr(), _stream(topk_idx))
+    _launch_on(topk_idx, _C.cuda_permute_layout, _C.PermuteLayoutArgs(
+        topk_idx=topk_idx.data_ptr(), num_rows=num_rows, num_topk=num_topk, num_local_experts=num_local_experts,
+        expert_alignment=expert_alignment, num_out_rows=num_out_rows, pair_pos=pair_pos.data_ptr(),
+        expert_offsets=expert_offsets.data_ptr(), num_tokens_per_expert=num_tokens_per_expert.data_ptr(),
+        error_flag=error_flag.data_ptr()))
     if num_out_rows > 0:
         return pair_pos, expert_offsets, num_tokens_per_expert, num_out_rows, error_flag
     # The one host read: the row count, with the error bits in the same transfer.
     total, bits = torch.stack([expert_offsets[-1], error_flag[0].to(torch.int64)]).tolist()
     _raise_errors(bits, num_local_experts, num_out_rows)
     return pair_pos, expert_offsets, num_tokens_per_expert, total, None
+
+
+# The CPU kernels' positional arguments are the CUDA argument structs' fields, in this order.
+_PERMUTE_ROWS_FIELDS = ("dtype", "x", "num_rows", "hidden", "num_topk", "pair_pos", "topk_weights", "expert_offsets",
+                        "num_tokens_per_expert", "num_local_experts", "num_out_rows", "out")
+_UNPERMUTE_ROWS_FIELDS = ("dtype", "y", "num_in_rows", "hidden", "num_topk", "pair_pos", "topk_weights", "num_rows",
+                          "out")
 
 
 def _permute_rows(x: Tensor, pair_pos: Tensor, topk_weights: Optional[Tensor], expert_offsets: Tensor,
@@ -113,8 +119,7 @@ def _permute_rows(x: Tensor, pair_pos: Tensor, topk_weights: Optional[Tensor], e
             ptr(topk_weights), expert_offsets.data_ptr(),
             num_tokens_per_expert.data_ptr(), num_tokens_per_expert.shape[0], num_out_rows, out.data_ptr())
     if x.is_cuda:
-        with _on_device(x.device):
-            _C.cuda_permute_rows(*args, _stream(x))
+        _launch_on(x, _C.cuda_permute_rows, _C.PermuteRowsArgs(**dict(zip(_PERMUTE_ROWS_FIELDS, args))))
     else:
         _C.permute_rows(*args)
     return out
@@ -127,8 +132,7 @@ def _unpermute_rows(y: Tensor, pair_pos: Tensor, topk_weights: Optional[Tensor])
     args = (KERNEL_DTYPE_CODES[y.dtype], y.data_ptr(), y.shape[0], y.shape[1], num_topk, pair_pos.data_ptr(),
             ptr(topk_weights), num_rows, out.data_ptr())
     if y.is_cuda:
-        with _on_device(y.device):
-            _C.cuda_unpermute_rows(*args, _stream(y))
+        _launch_on(y, _C.cuda_unpermute_rows, _C.UnpermuteRowsArgs(**dict(zip(_UNPERMUTE_ROWS_FIELDS, args))))
     else:
         _C.unpermute_rows(*args)
     return out

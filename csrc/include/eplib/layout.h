@@ -106,7 +106,7 @@ EPLIB_HOST_DEVICE int64_t region_row_of(const int64_t* compact_start, int num_ra
   return source * slot_rows + (i - compact_start[source]);
 }
 
-// Peer transport (rows written straight into the receivers' regions). rank_prefix_matrix is int32
+// ipc transport (rows written straight into the receivers' regions). rank_prefix_matrix is int32
 // [R, R] as in the dispatch handle: [i][j] = rows that ranks 0..i send to rank j.
 
 // Rows rank -> r: the row at send_pos p (send_positions' numbering, slot_rows as there) lands at row

@@ -4,7 +4,7 @@
 from .balancer import Balancer
 from .experts import Experts, SharedExperts, run_experts, swiglu
 from .layer import MoE, ep_bytes, tp_bytes
-from .router import Router, RouterOutput, max_violation
+from .router import Router, RouterOutput, max_violation, max_violation_floor
 
 __all__ = ["MoE", "Router", "RouterOutput", "Balancer", "Experts", "SharedExperts", "run_experts", "swiglu",
-           "max_violation", "ep_bytes", "tp_bytes"]
+           "max_violation", "max_violation_floor", "ep_bytes", "tp_bytes"]

@@ -13,7 +13,7 @@ from ..buffer import Buffer
 from ..collectives import all_reduce
 from ..validation import check_int, check_num_experts
 from .experts import Experts, SharedExperts, gather_expert_weights, run_experts
-from .router import Router, max_violation
+from .router import Router, max_violation, max_violation_floor
 
 Tensor = torch.Tensor
 
@@ -173,12 +173,17 @@ class MoE(nn.Module):
         Returns:
             ``tokens_per_expert`` int64 ``[E]`` (since the last ``reset_load_stats()``),
             ``max_vio_batch`` float32 scalar (MaxVio = max load / mean load - 1 of the last
-            Balancer step, i.e. the last batch when it steps every batch), ``max_vio_accumulated``
-            (of ``tokens_per_expert``), and ``parallel``: the mode the last forward used.
+            Balancer step, i.e. the last batch when it steps every batch), ``max_vio_floor``
+            (float32 scalar: the expected batch MaxVio of an ideal router that picks K distinct
+            experts uniformly at random for as many tokens as that step counted, the sampling-noise
+            floor; ``eplib.moe.max_violation_floor``), ``max_vio_accumulated`` (of
+            ``tokens_per_expert``), and ``parallel``: the mode the last forward used.
         """
         router = self.router
         return {"tokens_per_expert": router.accumulated_counts.clone(),
                 "max_vio_batch": max_violation(router.step_counts),
+                "max_vio_floor": max_violation_floor(router.step_counts.sum() // router.top_k, router.top_k,
+                                                     router.num_experts),
                 "max_vio_accumulated": max_violation(router.accumulated_counts),
                 "parallel": self.last_parallel}
 

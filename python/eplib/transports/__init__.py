@@ -6,7 +6,7 @@
 
 from .cpu import CpuTransport
 from .cuda import CudaTransport
-from .ipc import IpcTransport, PeerUnavailable
+from .ipc import IpcTransport, IpcUnavailable
 from .nccl import NcclTransport
 
-__all__ = ["CpuTransport", "CudaTransport", "IpcTransport", "NcclTransport", "PeerUnavailable"]
+__all__ = ["CpuTransport", "CudaTransport", "IpcTransport", "NcclTransport", "IpcUnavailable"]

@@ -2,24 +2,26 @@
 with no NCCL on the data path.
 
 Each rank cudaMallocs ``num_nvl_bytes`` once: a header of flags and count tables
-(``_C.peer_header_bytes()``), then one receive region. At construction the ranks all-gather their
+(``_C.ipc_header_bytes()``), then one receive region. At construction the ranks all-gather their
 IPC handles through the Buffer's process group (gloo or NCCL: the handles travel as bytes) and open
 each other's buffers. From then on the process group is not used again: kernels write rows straight
-into the destinations' regions and hand-shake through flags in peer memory (csrc/cuda/peer.h).
+into the destinations' regions and hand-shake through flags in peer memory (csrc/cuda/ipc.h).
 
 Per call (all on the Buffer's communication stream):
     dispatch, normal      notify kernel: each rank writes its record [error flag | format | R send
                           counts | counts of the receiver's experts] into every rank's table and
                           waits for every rank's; the host reads the table from mapped memory (the
-                          one host sync: the receive counts size the outputs). Then one send kernel
-                          writes every row into its destination's region, at rows known from the
-                          counts, and one receive kernel unpacks the own region into the outputs.
+                          one host sync: the receive counts size the outputs). Then one round
+                          (``_C.IpcBuffer.dispatch``): a send kernel writes every row into its
+                          destination's region, at rows known from the counts, and a receive kernel
+                          unpacks the own region into the outputs.
     dispatch, padded      (num_worst_tokens = W) the same without the host read: source s's rows
                           sit at rows [s*W, (s+1)*W) of each region, so R*W rows must fit; no host
                           sync, capturable in a CUDA graph.
-    cached dispatch       send + receive kernels along the handle's layout; no host sync.
-    combine               send (rows back to their sources' regions, where each source's send_pos
-                          put them) + receive (the fp32 reduction in ascending rank order); no sync.
+    cached dispatch       one dispatch round along the handle's layout; no host sync.
+    combine               one round (``_C.IpcBuffer.combine``): rows back to their sources' regions,
+                          where each source's send_pos put them, then the fp32 reduction in
+                          ascending rank order; no sync.
 
 Memory: direct writes into one region sized by the real counts (no ring buffer), so the region must
 hold a whole call: at most ``R * T`` rows of the larger of the dispatch and combine rows
@@ -28,9 +30,11 @@ before any row moves (normal dispatch: after the counts exchange, which tells ev
 rank's counts).
 
 Waits: every device-side wait gives up after ``EPLIB_TIMEOUT_S`` (read at each call), reports the
-phase and the rank it waited for through host-mapped memory and exits; the host raises
-RuntimeError naming both: at once in a normal-mode dispatch, else at the start of the next call.
-After that the Buffer refuses further calls (the ranks' flags are out of step).
+phase and the rank it waited for through host-mapped memory, and the kernels of that and every later
+round poison their outputs (NaN rows, -1 ids) instead of leaving stale ones; the host raises
+RuntimeError naming phase and rank: at once in a normal-mode dispatch, else at the start of the next
+call, or at ``Buffer.check_failed()`` (no sync: for CUDA graph replays). After that the Buffer
+refuses further calls (the ranks' flags are out of step).
 """
 
 import contextlib
@@ -46,8 +50,10 @@ from .. import _C
 from ..collectives import all_gather, timeout_seconds
 from ..event import EventOverlap
 from ..handle import DispatchHandle
-from .cuda import CallStreams, CudaTransport, NormalCounts
+from .cuda import CombineOutputs, CudaTransport, NormalCounts, UnpackOutputs, handle_tensors
+from .kernels import combine_pack_args, dispatch_pack_args
 from .records import format_values
+from .streams import CallStreams
 from .tensors import row_bytes
 
 Tensor = torch.Tensor
@@ -61,8 +67,8 @@ _HOST_NAME_BYTES = 128
 _IPC_HANDLE_BYTES = 64
 
 
-class PeerUnavailable(RuntimeError):
-    """The ranks of the group cannot share peer buffers here (several hosts, too many ranks, an
+class IpcUnavailable(RuntimeError):
+    """The ranks of the group cannot share ipc buffers here (several hosts, too many ranks, an
     allocation or an IPC open failed). Raised on every rank alike."""
 
 
@@ -76,26 +82,28 @@ def _all_gather_bytes(group: dist.ProcessGroup, payload: bytes, device: torch.de
     return [raw[r * len(payload):(r + 1) * len(payload)] for r in range(group.size())]
 
 
-def open_peer_buffer(group: dist.ProcessGroup, device: torch.device, num_nvl_bytes: int) -> "_C.PeerBuffer":
-    """Collective: allocates this rank's peer buffer, exchanges the IPC handles, opens the peers'.
+def open_ipc_buffer(group: dist.ProcessGroup, device: torch.device, device_index: int,
+                    num_nvl_bytes: int) -> "_C.IpcBuffer":
+    """Collective: allocates this rank's ipc buffer on ``device_index``, exchanges the IPC handles,
+    opens the peers'. ``device``: where the handle exchange's tensors go on a non-gloo group.
 
     Raises ValueError (every rank alike) for a ``num_nvl_bytes`` too small or not the same on all
-    ranks, PeerUnavailable when the ranks cannot share peer memory here.
+    ranks, IpcUnavailable when the ranks cannot share peer memory here.
     """
     num_ranks, rank = group.size(), group.rank()
-    if num_ranks > _C.PEER_MAX_RANKS:
-        raise PeerUnavailable(f"the group has {num_ranks} ranks; peer buffers serve at most {_C.PEER_MAX_RANKS} "
-                              f"(one node)")
-    minimum = _C.peer_header_bytes() + 16
+    if num_ranks > _C.IPC_MAX_RANKS:
+        raise IpcUnavailable(f"the group has {num_ranks} ranks; ipc buffers serve at most {_C.IPC_MAX_RANKS} "
+                             f"(one node)")
+    minimum = _C.ipc_header_bytes() + 16
     if num_nvl_bytes < minimum:
         raise ValueError(f"num_nvl_bytes: the ipc transport needs at least {minimum} bytes (size it with "
                          f"Buffer.get_nvl_buffer_size_hint), got {num_nvl_bytes}")
-    peer, problem = None, ""
+    buffer, problem = None, ""
     try:
-        peer = _C.PeerBuffer(rank, num_ranks, num_nvl_bytes, device.index)
-        handle = peer.ipc_handle()
+        buffer = _C.IpcBuffer(rank, num_ranks, num_nvl_bytes, device_index)
+        handle = buffer.ipc_handle()
     except RuntimeError as error:  # out of memory, or IPC unsupported here: the others must hear of it
-        peer, handle, problem = None, bytes(_IPC_HANDLE_BYTES), str(error)
+        buffer, handle, problem = None, bytes(_IPC_HANDLE_BYTES), str(error)
     host = socket.gethostname().encode()[:_HOST_NAME_BYTES].ljust(_HOST_NAME_BYTES, b"\0")
     record = host + struct.pack("<qB", num_nvl_bytes, 0 if problem else 1) + handle
     records = _all_gather_bytes(group, record, device, "ipc buffer (handle exchange)")
@@ -105,46 +113,47 @@ def open_peer_buffer(group: dist.ProcessGroup, device: torch.device, num_nvl_byt
     if len(set(sizes)) > 1:
         reason = ValueError(f"num_nvl_bytes: all ranks must pass the same, ranks 0..{num_ranks - 1} passed {sizes}")
     elif len({r[:_HOST_NAME_BYTES] for r in records}) > 1:
-        reason = PeerUnavailable("the ranks are on several hosts")
+        reason = IpcUnavailable("the ranks are on several hosts")
     elif not all(allocated):
-        reason = PeerUnavailable(f"rank(s) {[r for r, ok in enumerate(allocated) if not ok]} could not allocate or "
-                                 f"export a peer buffer{f' ({problem})' if problem else ''}")
+        reason = IpcUnavailable(f"rank(s) {[r for r, ok in enumerate(allocated) if not ok]} could not allocate or "
+                                f"export an ipc buffer{f' ({problem})' if problem else ''}")
     if reason is None:
         try:
-            peer.open_peers([r[_HOST_NAME_BYTES + 9:] for r in records])
+            buffer.open_peers([r[_HOST_NAME_BYTES + 9:] for r in records])
         except RuntimeError as error:
             problem = str(error)
         opened = _all_gather_bytes(group, bytes([0 if problem else 1]), device, "ipc buffer (open)")
         failed = [r for r, flag in enumerate(opened) if flag != bytes([1])]
         if not failed:
-            return peer
-        reason = PeerUnavailable(f"rank(s) {failed} could not open the peer buffers"
-                                 f"{f' ({problem})' if problem else ''}")
+            return buffer
+        reason = IpcUnavailable(f"rank(s) {failed} could not open the ipc buffers"
+                                f"{f' ({problem})' if problem else ''}")
         # Some ranks map the others' buffers: every rank closes its mappings before any rank frees.
-        peer.close_peers()
+        buffer.close_peers()
         _all_gather_bytes(group, bytes([1]), device, "ipc buffer (close)")
-    if peer is not None:
-        peer.destroy(0.0)  # 0: no barrier kernel (not every rank has its peers open)
+    if buffer is not None:
+        buffer.destroy(0.0)  # 0: no barrier kernel (not every rank has its peers open)
     raise reason
 
 
 class IpcTransport(CudaTransport):
-    """Dispatch and combine for CUDA tensors through the peer buffers of the group's ranks (one node)."""
+    """Dispatch and combine for CUDA tensors through the ipc buffers of the group's ranks (one node)."""
 
     name = "ipc"
     recovery = "create a new Buffer (the process group is not used after construction and is fine)"
 
-    def __init__(self, group: dist.ProcessGroup, device: torch.device, num_nvl_bytes: int) -> None:
-        super().__init__(group, device)
-        self.peer: Optional["_C.PeerBuffer"] = open_peer_buffer(group, device, num_nvl_bytes)
+    def __init__(self, group: dist.ProcessGroup, device: torch.device, num_nvl_bytes: int, context=None) -> None:
+        super().__init__(group, device, context)
+        self.ipc_buffer: Optional["_C.IpcBuffer"] = open_ipc_buffer(group, device, self.context.device_index,
+                                                                    num_nvl_bytes)
 
     def destroy(self) -> bool:
-        """Synchronizes, meets the other ranks at a barrier in peer memory, closes and frees the peer
+        """Synchronizes, meets the other ranks at a barrier in peer memory, closes and frees the ipc
         buffers. Returns False when the barrier timed out (the memory is released anyway)."""
-        if self.peer is None:
+        if self.ipc_buffer is None:
             return True
-        peer, self.peer = self.peer, None
-        clean = peer.destroy(timeout_seconds())
+        buffer, self.ipc_buffer = self.ipc_buffer, None
+        clean = buffer.destroy(timeout_seconds())
         if not clean:
             _LOG.warning("eplib: rank %d: the ipc Buffer's teardown barrier timed out or the buffer had failed; "
                          "released its memory anyway", self.rank)
@@ -154,48 +163,49 @@ class IpcTransport(CudaTransport):
     # Plumbing
     # ------------------------------------------------------------------------------------------
 
-    def _check_usable(self) -> None:
-        """Also raises when a device-side wait timed out (then for good) or the buffer was destroyed;
-        sets the device waits' limit for this call."""
+    def check_failed(self) -> None:
+        """Raises RuntimeError when a device-side wait of an earlier call timed out (then for good) or
+        the buffer was destroyed. Reads host-mapped memory: never synchronizes."""
         super()._check_usable()
-        if self.peer is None:
+        if self.ipc_buffer is None:
             raise RuntimeError("eplib: this Buffer was destroyed; create a new one")
-        phase, peer_rank = self.peer.timeout_report()
+        phase, peer_rank = self.ipc_buffer.timeout_report()
         if phase:
-            self._out_of_step = (f"rank {self.rank}: {_C.PEER_PHASES.get(phase, phase)} timed out waiting for rank "
+            self._out_of_step = (f"rank {self.rank}: {_C.IPC_PHASES.get(phase, phase)} timed out waiting for rank "
                                  f"{peer_rank}, which raised, exited or never reached the same call")
             super()._check_usable()
-        self.peer.set_timeout(timeout_seconds())
+
+    def _check_usable(self) -> None:
+        """check_failed, then the device waits' limit for this call."""
+        self.check_failed()
+        self.ipc_buffer.set_timeout(timeout_seconds())
 
     @contextlib.contextmanager
     def _launching(self) -> Iterator[None]:
-        """Around launches of peer kernels. Checks that fail on every rank alike come before it; a
+        """Around launches of ipc kernels. Checks that fail on every rank alike come before it; a
         failure inside it (out of memory, a failed launch) happens on this rank alone, whose round
         counters then lag its peers': the transport refuses further calls."""
         try:
             yield
         except BaseException as error:
             if self._out_of_step is None:
-                self._out_of_step = f"rank {self.rank}: {type(error).__name__} between peer kernels ({error})"
+                self._out_of_step = f"rank {self.rank}: {type(error).__name__} between ipc kernels ({error})"
             raise
-
-    def _peer_args(self, num_sms: int) -> dict:
-        return dict(peers=self.peer, max_blocks=num_sms)
 
     def _check_fit(self, rows: int, stride: int, what: str) -> None:
         """ValueError unless ``rows`` rows of ``stride`` bytes fit the receive region. Every rank
         passes the same rows and stride, so every rank raises alike."""
-        needed = _C.peer_header_bytes() + rows * stride
-        if needed > self.peer.num_bytes:
-            raise ValueError(f"num_nvl_bytes: this {what} needs {needed} bytes of peer buffer ({rows} rows of "
-                             f"{stride} bytes after the {_C.peer_header_bytes()}-byte header), the Buffer has "
-                             f"{self.peer.num_bytes}; size it with Buffer.get_nvl_buffer_size_hint")
+        needed = _C.ipc_header_bytes() + rows * stride
+        if needed > self.ipc_buffer.num_bytes:
+            raise ValueError(f"num_nvl_bytes: this {what} needs {needed} bytes of ipc buffer ({rows} rows of "
+                             f"{stride} bytes after the {_C.ipc_header_bytes()}-byte header), the Buffer has "
+                             f"{self.ipc_buffer.num_bytes}; size it with Buffer.get_nvl_buffer_size_hint")
 
     def _before_dispatch(self, x: Tensor, x_scales: Optional[Tensor], topk_idx: Optional[Tensor],
                          num_experts: int, num_worst_tokens: int) -> None:
         num_local = num_experts // self.num_ranks
-        if num_local > _C.PEER_MAX_LOCAL_EXPERTS:
-            raise ValueError(f"num_tokens_per_expert: the ipc transport takes at most {_C.PEER_MAX_LOCAL_EXPERTS} "
+        if num_local > _C.IPC_MAX_LOCAL_EXPERTS:
+            raise ValueError(f"num_tokens_per_expert: the ipc transport takes at most {_C.IPC_MAX_LOCAL_EXPERTS} "
                              f"experts per rank, got {num_experts} experts on {self.num_ranks} ranks")
         if num_worst_tokens > 0:
             num_topk = topk_idx.shape[1] if topk_idx is not None else 0
@@ -208,10 +218,17 @@ class IpcTransport(CudaTransport):
         the device counts int32 [R, R], [source, destination]."""
         num_experts = num_tokens_per_expert.shape[0]
         count_matrix = torch.empty(self.num_ranks, self.num_ranks, dtype=torch.int32, device=self.device)
-        self.peer.notify(self.error_flag.data_ptr(), list(format_values(x, x_scales, num_experts, num_topk).values()),
-                         send_counts.data_ptr(), num_tokens_per_expert.data_ptr(), num_experts,
-                         count_matrix.data_ptr(), host_wait, torch.cuda.current_stream().cuda_stream)
+        self.ipc_buffer.notify(self.error_flag.data_ptr(),
+                               list(format_values(x, x_scales, num_experts, num_topk).values()),
+                               send_counts.data_ptr(), num_tokens_per_expert.data_ptr(), num_experts,
+                               count_matrix.data_ptr(), host_wait, self.context.current_stream())
+        self.context.hold((self.error_flag, send_counts, num_tokens_per_expert, count_matrix))
         return count_matrix
+
+    def _exchange(self, pack, unpack, tensors, num_sms: int) -> None:
+        """One dispatch round through the ipc buffers (``_C.IpcBuffer.dispatch``)."""
+        self.ipc_buffer.dispatch(pack, unpack, num_sms, self.context.current_stream())
+        self.context.hold(tensors)
 
     # ------------------------------------------------------------------------------------------
     # Dispatch
@@ -224,7 +241,7 @@ class IpcTransport(CudaTransport):
         num_experts = num_tokens_per_expert.shape[0]
         with self._launching():
             count_matrix = self._notify(x, x_scales, num_tokens_per_expert, num_topk, send_counts, host_wait=True)
-            table = self.peer.wait_notify(timeout_seconds() + _HOST_WAIT_MARGIN_S)
+            table = self.ipc_buffer.wait_notify(timeout_seconds() + _HOST_WAIT_MARGIN_S)
         if not table:  # a peer never wrote its record: the device reported where
             self._check_usable()
         # Every rank reads the same records, so these raise on every rank alike (rounds stay in step).
@@ -235,15 +252,15 @@ class IpcTransport(CudaTransport):
         self._check_fit(counts.max_recv_rows, stride, "dispatch")
         with self._launching():
             rank_prefix_matrix, recv_counts = self._device_counts(call, count_matrix)
-            peer_args = self._peer_args(num_sms)
-            self.kernels.dispatch_pack(x, x_scales, topk_idx, topk_weights, num_experts, send_pos, None,
-                                       rank_prefix_matrix=rank_prefix_matrix, **peer_args)
-            outputs = self._unpack(call, self.peer.region, recv_counts, 0, counts.num_recv, x, x_scales, num_topk,
-                                   num_experts // self.num_ranks, None, **peer_args)
-        recv_x, recv_x_scales, recv_src_idx, recv_topk_idx, recv_topk_weights = outputs
-        handle = self._normal_handle(counts, rank_prefix_matrix, recv_counts, recv_src_idx, is_token_in_rank,
+            pack = dispatch_pack_args(x, x_scales, topk_idx, topk_weights, num_experts, send_pos, None,
+                                      self.error_flag, rank_prefix_matrix=rank_prefix_matrix)
+            outputs = UnpackOutputs(call, counts.num_recv, x, x_scales, num_topk, with_count=False)
+            unpack = outputs.args(None, recv_counts, 0, x, x_scales, num_experts // self.num_ranks, self.error_flag)
+            self._exchange(pack, unpack, (x, x_scales, topk_idx, topk_weights, send_pos, rank_prefix_matrix,
+                                          recv_counts) + outputs.tensors(), num_sms)
+        handle = self._normal_handle(counts, rank_prefix_matrix, recv_counts, outputs.recv_src_idx, is_token_in_rank,
                                      send_pos, x.shape[1])
-        return recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, counts.num_recv_tokens_per_expert_list, handle
+        return self._dispatch_result(outputs, counts.num_recv_tokens_per_expert_list, handle)
 
     def _dispatch_padded(self, call: CallStreams, x: Tensor, x_scales: Optional[Tensor], is_token_in_rank: Tensor,
                          num_tokens_per_expert: Tensor, topk_idx: Optional[Tensor], topk_weights: Optional[Tensor],
@@ -254,11 +271,17 @@ class IpcTransport(CudaTransport):
         num_experts = num_tokens_per_expert.shape[0]
         with self._launching():
             count_matrix = self._notify(x, x_scales, num_tokens_per_expert, num_topk, send_counts, host_wait=False)
-            peer_args = self._peer_args(num_sms)
-            self.kernels.dispatch_pack(x, x_scales, topk_idx, topk_weights, num_experts, send_pos, None,
-                                       slot_rows=num_worst_tokens, **peer_args)
-            return self._finish_padded(call, self.peer.region, count_matrix, x, x_scales, is_token_in_rank, num_topk,
-                                       num_experts, num_worst_tokens, send_pos, send_counts, peer_args)
+            rank_prefix_matrix, recv_counts = self._device_counts(call, count_matrix)
+            pack = dispatch_pack_args(x, x_scales, topk_idx, topk_weights, num_experts, send_pos, None,
+                                      self.error_flag, slot_rows=num_worst_tokens)
+            outputs = UnpackOutputs(call, num_worst_tokens, x, x_scales, num_topk, with_count=True)
+            unpack = outputs.args(None, recv_counts, num_worst_tokens, x, x_scales, num_experts // self.num_ranks,
+                                  self.error_flag)
+            self._exchange(pack, unpack, (x, x_scales, topk_idx, topk_weights, send_pos, recv_counts)
+                           + outputs.tensors(), num_sms)
+        handle = self._padded_handle(rank_prefix_matrix, recv_counts, outputs, is_token_in_rank, send_pos,
+                                     send_counts, x.shape[1], num_worst_tokens)
+        return self._dispatch_result(outputs, [], handle)
 
     # ------------------------------------------------------------------------------------------
     # Cached dispatch and combine
@@ -278,12 +301,15 @@ class IpcTransport(CudaTransport):
         with self._call(previous_event, allocate_on_comm_stream) as call:
             stride = _C.dispatch_row_stride(row_bytes(x), row_bytes(x_scales), 0)
             self._check_fit(handle.max_recv_rows, stride, "cached dispatch")
-            peer_args = self._peer_args(num_sms)
             with self._launching():
-                self.kernels.dispatch_pack(x, x_scales, None, None, 0, handle.send_pos, None,
-                                           **self._placement(handle), **peer_args)
-                outputs, in_flight = self._receive_cached(call, self.peer.region, x, x_scales, handle, **peer_args)
-            return outputs, call.finish(async_finish, in_flight)
+                pack = dispatch_pack_args(x, x_scales, None, None, 0, handle.send_pos, None, self.error_flag,
+                                          **self._placement(handle))
+                outputs = UnpackOutputs(call, handle.num_output_rows, x, x_scales, 0, with_count=False)
+                unpack = outputs.args(None, handle.device_recv_counts, handle.slot_rows, x, x_scales, 0,
+                                      self.error_flag)
+                in_flight = (x, x_scales, outputs.recv_x, outputs.recv_x_scales) + handle_tensors(handle)
+                self._exchange(pack, unpack, in_flight, num_sms)
+            return (outputs.recv_x, outputs.recv_x_scales), call.finish(async_finish, in_flight)
 
     def combine(self, x: Tensor, handle: DispatchHandle, topk_weights: Optional[Tensor], bias_0: Optional[Tensor],
                 bias_1: Optional[Tensor], *, previous_event: Optional[EventOverlap], async_finish: bool,
@@ -292,11 +318,13 @@ class IpcTransport(CudaTransport):
         with self._call(previous_event, allocate_on_comm_stream) as call:
             num_topk = topk_weights.shape[1] if topk_weights is not None else 0
             self._check_fit(handle.max_send_rows, _C.combine_row_stride(row_bytes(x), num_topk), "combine")
-            peer_args = self._peer_args(num_sms)
             with self._launching():
-                self.kernels.combine_pack(x, topk_weights, handle.device_recv_counts, handle.slot_rows, None,
-                                          rank_prefix_matrix=handle.rank_prefix_matrix, **peer_args)
-                outputs, in_flight = self._receive_combine(call, self.peer.region, x, handle, topk_weights, bias_0,
-                                                           bias_1, **peer_args)
-            return outputs, call.finish(async_finish, in_flight)
-
+                pack = combine_pack_args(x, topk_weights, handle.device_recv_counts, handle.slot_rows, None,
+                                         rank_prefix_matrix=handle.rank_prefix_matrix)
+                outputs = CombineOutputs(call, handle, x, num_topk)
+                in_flight = (x, topk_weights, bias_0, bias_1, outputs.combined_x,
+                             outputs.combined_topk_weights) + handle_tensors(handle)
+                self.ipc_buffer.combine(pack, outputs.args(None, handle, bias_0, bias_1), num_sms,
+                                        self.context.current_stream())
+                self.context.hold(in_flight)
+            return (outputs.combined_x, outputs.combined_topk_weights), call.finish(async_finish, in_flight)

@@ -26,7 +26,7 @@ Collectives per call (all on the communication stream):
     cached dispatch       one all-to-all (split sizes from the handle, or slots); no host sync.
     combine               one all-to-all (the inverse placement); no host sync.
 
-Errors found on the device travel as described in ``transports/cuda.py``.
+Errors found on the device travel as described in ``transports/device_errors.py``.
 
 Waits. The host waits on a peer only at the normal-mode counts exchange, with the
 ``EPLIB_TIMEOUT_S`` limit (collectives.py). The payload all-to-all and the whole padded path are
@@ -50,8 +50,10 @@ from .. import _C
 from ..collectives import CollectiveError, all_gather, all_to_all
 from ..event import EventOverlap
 from ..handle import DispatchHandle
-from .cuda import RECORD_FIELDS, CallStreams, CudaTransport, NormalCounts, normal_records_for_rank
+from .cuda import CombineOutputs, CudaTransport, NormalCounts, UnpackOutputs, handle_tensors, normal_records_for_rank
+from .device_errors import RECORD_FIELDS
 from .records import format_values
+from .streams import CallStreams
 from .tensors import as_bytes, row_bytes
 
 Tensor = torch.Tensor
@@ -66,7 +68,7 @@ class NcclTransport(CudaTransport):
 
     name = "nccl"
 
-    def __init__(self, group: dist.ProcessGroup, device: torch.device) -> None:
+    def __init__(self, group: dist.ProcessGroup, device: torch.device, context=None) -> None:
         backend = str(dist.get_backend(group))
         if "nccl" in backend:
             self.staged = False
@@ -75,7 +77,7 @@ class NcclTransport(CudaTransport):
         else:
             raise ValueError(f"group: CUDA tensors need a group with the nccl backend (or gloo, staged through host "
                              f"memory), this group uses {backend!r}")
-        super().__init__(group, device)
+        super().__init__(group, device, context)
 
     # ------------------------------------------------------------------------------------------
     # Collectives
@@ -152,12 +154,17 @@ class NcclTransport(CudaTransport):
         self._all_to_all(recv_buffer, send_buffer, [n * stride for n in counts.recv_counts],
                          [n * stride for n in counts.send_counts], "dispatch (payload)")
         rank_prefix_matrix, recv_counts = self._device_counts(call, device_counts)
-        outputs = self._unpack(call, recv_buffer, recv_counts, 0, counts.num_recv, x, x_scales, num_topk, num_local,
-                               None)
-        recv_x, recv_x_scales, recv_src_idx, recv_topk_idx, recv_topk_weights = outputs
-        handle = self._normal_handle(counts, rank_prefix_matrix, recv_counts, recv_src_idx, is_token_in_rank,
+        outputs = UnpackOutputs(call, counts.num_recv, x, x_scales, num_topk, with_count=False)
+        self._unpack(outputs, recv_buffer, recv_counts, 0, x, x_scales, num_local)
+        handle = self._normal_handle(counts, rank_prefix_matrix, recv_counts, outputs.recv_src_idx, is_token_in_rank,
                                      send_pos, x.shape[1])
-        return recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, counts.num_recv_tokens_per_expert_list, handle
+        return self._dispatch_result(outputs, counts.num_recv_tokens_per_expert_list, handle)
+
+    def _unpack(self, outputs: UnpackOutputs, recv_buffer: Tensor, recv_counts: Tensor, slot_rows: int, x: Tensor,
+                x_scales: Optional[Tensor], num_local_experts: int) -> None:
+        """The received rows of recv_buffer into the outputs."""
+        args = outputs.args(recv_buffer, recv_counts, slot_rows, x, x_scales, num_local_experts, self.error_flag)
+        self.kernels.dispatch_unpack(args, (recv_buffer, recv_counts) + outputs.tensors())
 
     def _dispatch_padded(self, call: CallStreams, x: Tensor, x_scales: Optional[Tensor], is_token_in_rank: Tensor,
                          num_tokens_per_expert: Tensor, topk_idx: Optional[Tensor], topk_weights: Optional[Tensor],
@@ -174,8 +181,12 @@ class NcclTransport(CudaTransport):
         counts = counts.view(self.num_ranks, self.num_ranks)  # [source, destination]
         recv_buffer = torch.empty_like(send_buffer)
         self._all_to_all(recv_buffer, send_buffer, None, None, "dispatch (payload)")
-        return self._finish_padded(call, recv_buffer, counts, x, x_scales, is_token_in_rank, num_topk, num_experts,
-                                   num_worst_tokens, send_pos, send_counts, {})
+        rank_prefix_matrix, recv_counts = self._device_counts(call, counts)
+        outputs = UnpackOutputs(call, num_worst_tokens, x, x_scales, num_topk, with_count=True)
+        self._unpack(outputs, recv_buffer, recv_counts, num_worst_tokens, x, x_scales, num_experts // self.num_ranks)
+        handle = self._padded_handle(rank_prefix_matrix, recv_counts, outputs, is_token_in_rank, send_pos,
+                                     send_counts, x.shape[1], num_worst_tokens)
+        return self._dispatch_result(outputs, [], handle)
 
     # ------------------------------------------------------------------------------------------
     # Cached dispatch and combine
@@ -207,8 +218,10 @@ class NcclTransport(CudaTransport):
             send_buffer = torch.empty(send_rows * stride, dtype=torch.uint8, device=self.device)
             self.kernels.dispatch_pack(x, x_scales, None, None, 0, handle.send_pos, send_buffer)
             recv_buffer = self._exchange_rows(send_buffer, stride, handle, False, "cached dispatch (payload)")
-            outputs, in_flight = self._receive_cached(call, recv_buffer, x, x_scales, handle)
-            return outputs, call.finish(async_finish, in_flight)
+            outputs = UnpackOutputs(call, handle.num_output_rows, x, x_scales, 0, with_count=False)
+            self._unpack(outputs, recv_buffer, handle.device_recv_counts, handle.slot_rows, x, x_scales, 0)
+            in_flight = (x, x_scales, outputs.recv_x, outputs.recv_x_scales) + handle_tensors(handle)
+            return (outputs.recv_x, outputs.recv_x_scales), call.finish(async_finish, in_flight)
 
     def combine(self, x: Tensor, handle: DispatchHandle, topk_weights: Optional[Tensor], bias_0: Optional[Tensor],
                 bias_1: Optional[Tensor], *, previous_event: Optional[EventOverlap], async_finish: bool,
@@ -224,5 +237,10 @@ class NcclTransport(CudaTransport):
                 send_buffer = torch.empty(send_rows * stride, dtype=torch.uint8, device=self.device)
                 self.kernels.combine_pack(x, topk_weights, handle.device_recv_counts, handle.slot_rows, send_buffer)
             recv_buffer = self._exchange_rows(send_buffer, stride, handle, True, "combine (payload)")
-            outputs, in_flight = self._receive_combine(call, recv_buffer, x, handle, topk_weights, bias_0, bias_1)
-            return outputs, call.finish(async_finish, in_flight)
+            outputs = CombineOutputs(call, handle, x, num_topk)
+            self.kernels.combine_reduce(outputs.args(recv_buffer, handle, bias_0, bias_1),
+                                        (recv_buffer, outputs.combined_x, outputs.combined_topk_weights, bias_0,
+                                         bias_1) + handle_tensors(handle))
+            in_flight = (x, topk_weights, bias_0, bias_1, outputs.combined_x,
+                         outputs.combined_topk_weights) + handle_tensors(handle)
+            return (outputs.combined_x, outputs.combined_topk_weights), call.finish(async_finish, in_flight)

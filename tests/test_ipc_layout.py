@@ -1,14 +1,35 @@
 """Row placement of the ipc transport, on the CPU: the shifts that its CUDA send kernels apply
-(eplib/layout.h, run through _C.peer_*_row_shifts by ipc_emulation's wrappers) put every row where
-the receiving kernel reads it. The expectation is built independently, by walking each rank's
+(eplib/layout.h, called here through _C.dispatch_row_shifts / _C.combine_row_shifts) put every row
+where the receiving kernel reads it. The expectation is built independently, by walking each rank's
 tokens in order."""
+
+from typing import Optional, Sequence
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ipc_emulation import _combine_row_shifts, _dispatch_row_shifts
+from eplib import _C
+
+
+def _dispatch_row_shifts(rank_prefix_matrix: Optional[torch.Tensor], rank: int, num_ranks: int,
+                         slot_rows: int) -> list:
+    shifts = torch.empty(num_ranks, dtype=torch.int64)
+    matrix = rank_prefix_matrix.to(torch.int32).contiguous() if rank_prefix_matrix is not None else None
+    _C.dispatch_row_shifts(matrix.data_ptr() if matrix is not None else 0, rank, num_ranks, slot_rows,
+                           shifts.data_ptr())
+    return shifts.tolist()
+
+
+def _combine_row_shifts(rank_prefix_matrix: Optional[torch.Tensor], rank: int, num_ranks: int, slot_rows: int,
+                        starts: Sequence[int]) -> list:
+    shifts = torch.empty(num_ranks, dtype=torch.int64)
+    compact_start = torch.tensor(list(starts), dtype=torch.int64)
+    matrix = rank_prefix_matrix.to(torch.int32).contiguous() if rank_prefix_matrix is not None else None
+    _C.combine_row_shifts(matrix.data_ptr() if matrix is not None else 0, rank, num_ranks, slot_rows,
+                          compact_start.data_ptr(), shifts.data_ptr())
+    return shifts.tolist()
 
 
 def _send_pos(in_rank: torch.Tensor, slot_rows: int) -> list:
@@ -34,7 +55,7 @@ def _send_pos(in_rank: torch.Tensor, slot_rows: int) -> list:
 @settings(max_examples=60, deadline=None)
 @given(num_ranks=st.integers(1, 8), tokens=st.lists(st.integers(0, 9), min_size=8, max_size=8),
        density=st.floats(0.0, 1.0), slot_rows=st.sampled_from([0, 0, 3, 12]), seed=st.integers(0, 2**16))
-def test_peer_rows_land_where_receivers_read(num_ranks, tokens, density, slot_rows, seed):
+def test_ipc_rows_land_where_receivers_read(num_ranks, tokens, density, slot_rows, seed):
     g = torch.Generator().manual_seed(seed)
     in_rank = [torch.rand(tokens[s], num_ranks, generator=g) < density for s in range(num_ranks)]
     send_pos = [_send_pos(in_rank[s], slot_rows) for s in range(num_ranks)]
@@ -70,7 +91,7 @@ def test_peer_rows_land_where_receivers_read(num_ranks, tokens, density, slot_ro
 
 
 @pytest.mark.parametrize("slot_rows", [0, 5])
-def test_peer_rows_of_one_rank_stay_in_place(slot_rows):
+def test_ipc_rows_of_one_rank_stay_in_place(slot_rows):
     """R = 1: rows go to the rank's own region, unshifted."""
     prefix = torch.tensor([[4]], dtype=torch.int32)
     assert _dispatch_row_shifts(prefix, 0, 1, slot_rows) == [0]

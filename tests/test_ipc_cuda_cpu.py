@@ -1,18 +1,17 @@
-"""The ipc transport's logic on the CPU (no GPU needed): IpcTransport with its peer buffers and the
-round protocol of csrc/cuda/peer.h emulated by tests/ipc_emulation.py (files in /dev/shm mapped by
-every rank process, the kernels' send and receive steps on CPU tensors), behind eplib.Buffer.
+"""The ipc transport on the CPU execution of the CUDA sources (marker cuda_cpu; eplib built with
+EPLIB_CUDA_CPU=1): the real IpcTransport, the real _C.IpcBuffer and the real ipc kernels of
+csrc/cuda, run by csrc/cuda_cpu (every CUDA thread a fiber, blocks shuffled, the host ahead of the
+device; the ranks' buffers are memfd allocations that the rank processes map through their IPC
+handles), behind eplib.Buffer.
 
-Covers what does not depend on CUDA itself: the handle exchange and its checks (open_peer_buffer),
-the counts records, row placement in the peers' regions (rank_prefix_matrix and slot layouts), round
-counting across normal, num_worst_tokens, cached and combine calls, the fit checks (exact to the
-byte), the error-flag protocol, ranks that disagree on the format (every rank raises after the
-counts exchange), the double-buffered notify tables, timeouts (phase and peer named, the Buffer
-refused afterwards) and teardown. The same contract runs on a GPU in tests/test_gpu_buffer.py and
-tests/test_ipc.py.
-
-A test fails when the emulated protocol is broken on purpose (tried by hand: a row shift off by one in
-dispatch or combine, a fit check one row short, a receiver that does not wait for `done`, a sender
-that does not wait for `ready`, single-buffered notify tables, `done` published one round behind).
+Covers: results bit for bit against eplib.reference on 1, 2 and 4 ranks; the handle exchange and its
+checks (open_ipc_buffer); row placement in the peers' regions (rank_prefix_matrix and slot layouts);
+round counting across normal, num_worst_tokens, cached and combine calls, read from the device; the
+fit checks (exact to the byte); the error-flag protocol; ranks that disagree on the format; the
+double-buffered notify tables under a slow reader; timeouts (phase and peer named, outputs poisoned,
+the Buffer refused afterwards, check_failed without a sync); launch sequences with no host work in
+between, as a CUDA graph replays them; teardown. The same contract runs on a GPU in
+tests/test_gpu_buffer.py and tests/test_ipc.py.
 """
 
 import gc
@@ -25,17 +24,19 @@ import torch
 import torch.distributed as dist
 
 import eplib
+from cuda_cpu import IPC_NVL_BYTES, cuda_cpu_buffer, cuda_cpu_transport
 from dist_harness import (all_ranks_idx, base_case, captured_logs, describe_diff, eplib_timeout, fill_case,
                           make_random_rows, make_topk_idx, make_topk_weights, outcome, same, timed_outcome)
 from eplib import _C
 from eplib.reference import ReferenceBuffer
-from eplib.transports.ipc import PeerUnavailable, open_peer_buffer
+from eplib.transports.ipc import IpcUnavailable, open_ipc_buffer
 from gpu_harness import REFUSED, check_timeout_report, dispatch_with_layout, job_gpu_compare
-from ipc_emulation import (HEADER_BYTES, EmulatedIpcTransport, EmulatedMemoryError, EmulatedPeerBuffer, _shm_dir,
-                           emulated_ipc_buffer, emulated_peer_buffers)
 from test_gpu_buffer import GPU_CASES, check_error_flag
 
-BACKEND = "emulated-ipc"
+pytestmark = pytest.mark.cuda_cpu
+
+BACKEND = "cuda_cpu-ipc"
+HEADER_BYTES = _C.ipc_header_bytes() if hasattr(_C, "ipc_header_bytes") else 0
 
 # A subset of the GPU contract cases: every layout path (normal, num_worst_tokens slots, FP8 scales,
 # x only, empty ranks, duplicate ids, bias forms).
@@ -44,70 +45,100 @@ COMPARE_CASES = ["fp32-uniform", "bf16-zipf", "fp8-masked", "fp32-dup-bias_singl
 
 
 @pytest.mark.parametrize("name", COMPARE_CASES)
-def test_emulated_ipc_equals_reference(pool, name):
+def test_ipc_cuda_cpu_equals_reference(pool, name):
     case = fill_case(base_case(**GPU_CASES[name]), pool.world_size)
-    errs = pool.run(job_gpu_compare, BACKEND, case, "ref", timeout=60)
+    errs = pool.run(job_gpu_compare, BACKEND, case, "ref", timeout=120)
     assert not any(errs), "\n".join(e for rank_errs in errs for e in rank_errs)
 
 
 @pytest.mark.parametrize("name", ["fp32-uniform", "bf16-hot-bias_tuple-num_worst", "fp8-x_only-num_worst"])
-def test_emulated_ipc_one_rank_equals_reference(pool_cache, name):
+def test_ipc_cuda_cpu_one_rank_equals_reference(pool_cache, name):
     """R=1: every row goes through the rank's own region, inside the same round hand-shake."""
     case = fill_case(base_case(**GPU_CASES[name]), 1)
-    errs = pool_cache(1).run(job_gpu_compare, BACKEND, case, "ref", timeout=60)
+    errs = pool_cache(1).run(job_gpu_compare, BACKEND, case, "ref", timeout=120)
     assert not any(errs), "\n".join(e for rank_errs in errs for e in rank_errs)
 
 
 @pytest.mark.parametrize("world_size", [1, 2])
-def test_emulated_ipc_error_flag(pool_cache, world_size):
+def test_ipc_cuda_cpu_error_flag(pool_cache, world_size):
     check_error_flag(pool_cache, BACKEND, world_size)
 
 
 # ------------------------------------------------------------------------------------ helpers
 
 
-def transport_of(buf) -> EmulatedIpcTransport:
+def ipc_buffer(group, num_nvl_bytes: int, **kwargs):
+    """An eplib.Buffer on the ipc transport with num_nvl_bytes of buffer per rank (a collective)."""
+    return cuda_cpu_buffer(group, "ipc", num_nvl_bytes=num_nvl_bytes, **kwargs)
+
+
+def transport_of(buf):
     return buf._cpu
 
 
 def counters_everywhere(buf, group) -> list:
-    """[rank] -> the peer header's local counters of that rank (gathered over the gloo group)."""
+    """[rank] -> the ipc header's local counters of that rank (read from the device, gathered over gloo)."""
     out = [None] * group.size()
-    dist.all_gather_object(out, transport_of(buf).peer.counters(), group=group)
+    dist.all_gather_object(out, transport_of(buf).ipc_buffer.counters(), group=group)
     return out
 
 
-def own_shm_files() -> list:
-    """This process's emulated peer-buffer files still in the directory the emulation puts them in
-    (ipc_emulation._shm_dir(): /dev/shm, else the temporary directory); names are unlinked once opened."""
-    prefix = f"eplib-emu-{os.getpid()}-"
-    return [n for n in os.listdir(_shm_dir()) if n.startswith(prefix)]
+def open_memfds() -> int:
+    """Device allocations of the CPU execution this process still holds (memfds it created)."""
+    fd_dir = "/proc/self/fd"
+    count = 0
+    for name in os.listdir(fd_dir):
+        try:
+            count += os.readlink(os.path.join(fd_dir, name)).startswith("/memfd:eplib-cuda-cpu")
+        except OSError:
+            pass
+    return count
 
 
 # ------------------------------------------------------------------------------------ construction
 
 
+class _FailingOpen:
+    """An _C.IpcBuffer whose open_peers fails as a refused cudaIpcOpenMemHandle would."""
+
+    def __init__(self, *args) -> None:
+        self.buffer = _REAL_IPC_BUFFER(*args)
+
+    def __getattr__(self, name):
+        return getattr(self.buffer, name)
+
+    def open_peers(self, handles) -> None:
+        raise RuntimeError("eplib: cannot open the ipc buffer of rank 1 (cudaIpcOpenMemHandle: refused by the test)")
+
+
+def _failing_allocation(*args):
+    raise RuntimeError("eplib: cudaMalloc (ipc buffer) failed: out of memory (the test)")
+
+
+_REAL_IPC_BUFFER = _C.IpcBuffer if hasattr(_C, "IpcBuffer") else None
+
+
 def job_open_checks(rank, R, group):
-    """open_peer_buffer through EmulatedIpcTransport: each failure raises alike on every rank and the
-    group stays in step (a good construction follows each). Returns {step: outcome}."""
+    """open_ipc_buffer through IpcTransport: each failure raises alike on every rank and the group stays in
+    step (a good construction follows each); nothing stays allocated. Returns {step: outcome}."""
     good = HEADER_BYTES + 4096
     out = {}
+    memfds_before = open_memfds()
 
     def make(nbytes):
-        return EmulatedIpcTransport(group, nbytes)
+        return cuda_cpu_transport(group, "ipc", nbytes)
+
+    def with_ipc_buffer(factory, step):
+        _C.IpcBuffer = factory
+        try:
+            out[step] = outcome(lambda: make(good))
+        finally:
+            _C.IpcBuffer = _REAL_IPC_BUFFER
 
     out["sizes differ"] = outcome(lambda: make(good + 16 * rank))
     out["too small"] = outcome(lambda: make(HEADER_BYTES + 15))
-    EmulatedPeerBuffer.fail_allocation = rank == R - 1
-    try:
-        out["allocation fails on the last rank"] = outcome(lambda: make(good))
-    finally:
-        EmulatedPeerBuffer.fail_allocation = False
-    EmulatedPeerBuffer.fail_open = rank == 0
-    try:
-        out["open fails on rank 0"] = outcome(lambda: make(good))
-    finally:
-        EmulatedPeerBuffer.fail_open = False
+    with_ipc_buffer(_failing_allocation if rank == R - 1 else _REAL_IPC_BUFFER, "allocation fails on the last rank")
+    with_ipc_buffer(_FailingOpen if rank == 0 else _REAL_IPC_BUFFER, "open fails on rank 0")
     import socket
 
     saved = socket.gethostname
@@ -118,51 +149,53 @@ def job_open_checks(rank, R, group):
     finally:
         socket.gethostname = saved
     gc.collect()
-    out["files left after the failures"] = repr(own_shm_files())
+    out["allocations left after the failures"] = open_memfds() - memfds_before
     transport = make(good)
-    peer = transport.peer
-    out["good"] = (type(peer).__name__, peer.is_open, peer.num_bytes, peer.region_bytes,
-                   len(peer.ipc_handle()), repr(own_shm_files()))
+    buffer = transport.ipc_buffer
+    out["good"] = (type(buffer).__name__, buffer.is_open, buffer.num_bytes, buffer.region_bytes,
+                   len(buffer.ipc_handle()), open_memfds() - memfds_before)
     out["destroy"] = transport.destroy()
     out["destroy again"] = transport.destroy()
     out["after destroy"] = outcome(lambda: transport._check_usable())
-    out["peer after destroy"] = (peer.is_open, peer.timeout_report())
+    out["buffer after destroy"] = (buffer.is_open, buffer.timeout_report())
+    out["allocations left after destroy"] = open_memfds() - memfds_before
     return out
 
 
-def test_emulated_ipc_open_checks(pool):
+def test_ipc_cuda_cpu_open_checks(pool):
     R = pool.world_size
     results = pool.run(job_open_checks, timeout=60)
     for rank, out in enumerate(results):
         assert re.match(r"ValueError: num_nvl_bytes: all ranks must pass the same", out["sizes differ"]), out
         assert re.match(rf"ValueError: num_nvl_bytes: .*at least {HEADER_BYTES + 16}\b", out["too small"]), out
-        assert re.match(rf"PeerUnavailable: rank\(s\) \[{R - 1}\] could not allocate",
+        assert re.match(rf"IpcUnavailable: rank\(s\) \[{R - 1}\] could not allocate",
                         out["allocation fails on the last rank"]), out
-        assert re.match(r"PeerUnavailable: rank\(s\) \[0\] could not open", out["open fails on rank 0"]), out
-        assert re.match(r"PeerUnavailable: the ranks are on several hosts", out["several hosts"]), out
-        assert out["files left after the failures"] == "[]", out
-        assert out["good"] == ("EmulatedPeerBuffer", True, HEADER_BYTES + 4096, 4096, 64, "[]"), out
+        assert re.match(r"IpcUnavailable: rank\(s\) \[0\] could not open", out["open fails on rank 0"]), out
+        assert re.match(r"IpcUnavailable: the ranks are on several hosts", out["several hosts"]), out
+        assert out["allocations left after the failures"] == 0, out
+        assert out["good"] == ("IpcBuffer", True, HEADER_BYTES + 4096, 4096, 64, 1), out
         assert out["destroy"] is True and out["destroy again"] is True, out
         assert re.match(r"RuntimeError: eplib: this Buffer was destroyed", out["after destroy"]), out
-        assert out["peer after destroy"] == (False, (0, -1)), out
+        assert out["buffer after destroy"] == (False, (0, -1)), out
+        assert out["allocations left after destroy"] == 0, out
 
 
-def test_emulated_ipc_too_many_ranks():
-    class Group:  # open_peer_buffer asks only for the size and rank before refusing
+def test_ipc_cuda_cpu_too_many_ranks():
+    class Group:  # open_ipc_buffer asks only for the size and rank before refusing
         def size(self):
-            return _C.PEER_MAX_RANKS + 1
+            return _C.IPC_MAX_RANKS + 1
 
         def rank(self):
             return 0
 
-    with emulated_peer_buffers(), pytest.raises(PeerUnavailable, match=rf"{_C.PEER_MAX_RANKS + 1} ranks"):
-        open_peer_buffer(Group(), torch.device("cpu"), HEADER_BYTES + 4096)
+    with pytest.raises(IpcUnavailable, match=rf"{_C.IPC_MAX_RANKS + 1} ranks"):
+        open_ipc_buffer(Group(), torch.device("cpu"), 0, HEADER_BYTES + 4096)
 
 
 # ------------------------------------------------------------------------------------ a peer that never arrives
 
 TIMEOUT_S = 0.5
-PHASES = _C.PEER_PHASES
+PHASES = _C.IPC_PHASES if hasattr(_C, 'IPC_PHASES') else {}
 
 
 def job_peer_never_arrives(rank, R, group):
@@ -174,20 +207,20 @@ def job_peer_never_arrives(rank, R, group):
     idx, w = make_topk_idx(5, rank, T, K, E, "uniform"), make_topk_weights(5, rank, T, K)
     x = make_random_rows(5, rank, T, H, "fp32")
     names = ("normal", "worst", "cached", "combine", "slow")
-    bufs = {name: emulated_ipc_buffer(group, HEADER_BYTES + (1 << 16)) for name in names}
+    bufs = {name: ipc_buffer(group, HEADER_BYTES + (1 << 16)) for name in names}
     handles = {}
     for name in ("cached", "combine"):
         out = dispatch_with_layout(bufs[name], x, idx, w, E)
         handles[name] = out
     out = {}
-    # A sender that stalls after its ready hand-shake: rank 0's receive gives up first.
+    # A sender that stalls at its barriers (after its ready hand-shake too): rank 0's receive gives up first.
     if rank == 1:
-        EmulatedPeerBuffer.stall_in_send_s = 4 * TIMEOUT_S
+        _C.cuda_cpu_stall("dispatch_pack_kernel", 4 * TIMEOUT_S)
     try:
         with eplib_timeout(TIMEOUT_S if rank == 0 else 20):
             out["stalled sender: dispatch"] = timed_outcome(lambda: dispatch_with_layout(bufs["slow"], x, idx, w, E))
     finally:
-        EmulatedPeerBuffer.stall_in_send_s = 0.0
+        _C.cuda_cpu_stall("dispatch_pack_kernel", 0)
     if rank != 0:
         dist.barrier(group)
         return None
@@ -205,17 +238,17 @@ def job_peer_never_arrives(rank, R, group):
         recv_x, _, recv_w, _, handle, _ = handles["combine"]
         out["combine"] = timed_outcome(lambda: bufs["combine"].combine(recv_x, handle, topk_weights=recv_w))
         out["combine: next call"] = timed_outcome(lambda: bufs["combine"].combine(recv_x, handle, topk_weights=recv_w))
-        out["aborted"] = {name: transport_of(b).peer.counters()["aborted"] for name, b in bufs.items()}
+        out["aborted"] = {name: transport_of(b).ipc_buffer.counters()["aborted"] for name, b in bufs.items()}
     dist.barrier(group)
     return out
 
 
 def check_timeout(step, result, phase: int, max_s: float, min_s: float = 0.0) -> None:
-    """gpu_harness.check_timeout_report, the phase named exactly as _C.PEER_PHASES[phase] (case included)."""
+    """gpu_harness.check_timeout_report, the phase named exactly as _C.IPC_PHASES[phase] (case included)."""
     check_timeout_report(step, result, re.escape(PHASES[phase]), max_s=max_s, min_s=min_s)
 
 
-def test_emulated_ipc_peer_never_arrives(pool2):
+def test_ipc_cuda_cpu_peer_never_arrives(pool2):
     out = pool2.run(job_peer_never_arrives, timeout=60)[0]
     # Receive-phase timeout: not raised by the dispatch itself (only the counts exchange is waited
     # for on the host), but by the next call.
@@ -237,7 +270,7 @@ def test_emulated_ipc_peer_never_arrives(pool2):
 
 # ------------------------------------------------------------------------------------ buffer too small
 
-NEEDS = re.compile(r"num_nvl_bytes: this (.*) needs (\d+) bytes of peer buffer.*the Buffer has (\d+); "
+NEEDS = re.compile(r"num_nvl_bytes: this (.*) needs (\d+) bytes of ipc buffer.*the Buffer has (\d+); "
                    r"size it with Buffer.get_nvl_buffer_size_hint", re.S)
 
 
@@ -253,7 +286,7 @@ def job_buffer_too_small(rank, R, group):
     x = make_random_rows(20, rank, T, H, "bf16")
     stride = _C.dispatch_row_stride(2 * H, 0, K)
     nvl = HEADER_BYTES + R * T * stride
-    buf, ref = emulated_ipc_buffer(group, nvl), ReferenceBuffer(group)
+    buf, ref = ipc_buffer(group, nvl), ReferenceBuffer(group)
     res = {"num_nvl_bytes": nvl, "outcomes": {}, "errors": [], "needed": {}}
 
     def check(name, got, want):
@@ -283,7 +316,7 @@ def job_buffer_too_small(rank, R, group):
     res["needed"]["combine"] = HEADER_BYTES + R * T * _C.combine_row_stride(4 * H, K)
     y32 = make_random_rows(22, rank, R * T, H, "fp32")
     res["outcomes"]["combine"] = outcome(lambda: buf.combine(y32, handle, topk_weights=d[2]))
-    counters_after_errors = transport_of(buf).peer.counters()
+    counters_after_errors = transport_of(buf).ipc_buffer.counters()
 
     # The Buffer works after: cached dispatch and combine on the first handle, a smaller round.
     x2 = make_random_rows(23, rank, T, H, "bf16")
@@ -300,7 +333,7 @@ def job_buffer_too_small(rank, R, group):
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
-def test_emulated_ipc_buffer_too_small(pool_cache, world_size):
+def test_ipc_cuda_cpu_buffer_too_small(pool_cache, world_size):
     results = pool_cache(world_size).run(job_buffer_too_small, timeout=60)
     for rank, res in enumerate(results):
         assert not res["errors"], "\n".join(res["errors"])
@@ -322,9 +355,8 @@ def test_emulated_ipc_buffer_too_small(pool_cache, world_size):
 
 
 def job_exact_fit(rank, R, group, mode, slack):
-    """A Buffer of exactly the bytes one call needs, plus `slack` (0 or -1): the call runs within the
-    region (the emulation raises EmulatedMemoryError on any row outside) and equals eplib.reference
-    (slack 0), or raises ValueError on every rank (slack -1). Uneven routing (zipf, an empty rank), so
+    """A Buffer of exactly the bytes one call needs, plus `slack` (0 or -1): the call equals
+    eplib.reference (slack 0), or raises ValueError on every rank (slack -1). Uneven routing (zipf, an empty rank), so
     receive and send totals differ per rank. Cached dispatch and combine move fp32 rows on the handle
     of a bf16 dispatch, so theirs is the larger need. Returns (outcome, errors)."""
     T, H, K, E = [9, 0, 14, 5][rank % 4], 48, 3, 3 * R
@@ -343,7 +375,7 @@ def job_exact_fit(rank, R, group, mode, slack):
               "combine": HEADER_BYTES + send_max * _C.combine_row_stride(4 * H, K)}[mode]
     if not single:
         assert needed + slack >= HEADER_BYTES + recv_max * _C.dispatch_row_stride(2 * H, 0, K)
-    # The reference first: its collectives must not wait for a rank that the emulation stopped.
+    # The reference first: its collectives must not wait for a rank that stopped at an error.
     x2 = make_random_rows(32, rank, T, H, "fp32")
     y = make_random_rows(33, rank, d_ref[0].shape[0], H, "fp32")
     kwargs = dict(num_worst_tokens=W) if mode == "num_worst" else {}
@@ -357,21 +389,17 @@ def job_exact_fit(rank, R, group, mode, slack):
         def call(b, dd):
             return dispatch_with_layout(b, x, idx, w, E, **kwargs)[:4]
     want = call(ref, d_ref)
-    buf = emulated_ipc_buffer(group, needed + slack)
+    buf = ipc_buffer(group, needed + slack)
     errs, got = [], []
-    try:
-        d = None if single else dispatch_with_layout(buf, x, idx, w, E)
-        result = outcome(lambda: got.append(call(buf, d)))
-        if result == "ok" and not same(got[0], want):
-            errs.append(describe_diff(mode, got[0], want))
-    except EmulatedMemoryError as error:
-        result = "out of bounds"
-        errs.append(str(error))
+    d = None if single else dispatch_with_layout(buf, x, idx, w, E)
+    result = outcome(lambda: got.append(call(buf, d)))
+    if result == "ok" and not same(got[0], want):
+        errs.append(describe_diff(mode, got[0], want))
     return result, errs
 
 
 @pytest.mark.parametrize("mode", ["dispatch", "num_worst", "cached", "combine"])
-def test_emulated_ipc_exact_fit(pool4, mode):
+def test_ipc_cuda_cpu_exact_fit(pool4, mode):
     """Exactly enough bytes: the call runs (inside the region, right results); one byte less: ValueError
     on every rank. A cached dispatch needs the most rows any rank receives, a combine the most any
     rank sends (they come back)."""
@@ -400,7 +428,7 @@ def job_many_rounds(rank, R, group, num_rounds):
     T_MAX, H, K = 24, 32, 3
     E = 3 * R
     W = R * T_MAX
-    buf = emulated_ipc_buffer(group, eplib.Buffer.get_nvl_buffer_size_hint(W, 2 * H, R, num_topk=K))
+    buf = ipc_buffer(group, eplib.Buffer.get_nvl_buffer_size_hint(W, 2 * H, R, num_topk=K))
     ref = ReferenceBuffer(group)
     skews = ("uniform", "masked", "zipf", "hot", "dup", "all_masked")
     errors, num_errors = [], 0
@@ -453,7 +481,7 @@ def job_many_rounds(rank, R, group, num_rounds):
 
 
 @pytest.mark.parametrize("world_size,num_rounds", [(2, 2 * NUM_ROUNDS), (4, NUM_ROUNDS)], ids=["R2", "R4"])
-def test_emulated_ipc_many_rounds(pool_cache, world_size, num_rounds):
+def test_ipc_cuda_cpu_many_rounds(pool_cache, world_size, num_rounds):
     results = pool_cache(world_size).run(job_many_rounds, num_rounds, timeout=60)
     for rank, (errors, num_errors, counters, expected) in enumerate(results):
         assert num_errors == 0, f"rank {rank}: {num_errors} mismatches in {num_rounds} rounds, first:\n" + \
@@ -478,16 +506,17 @@ def job_destroy(rank, R, group):
     idx, w = make_topk_idx(3, rank, T, K, E, "uniform"), make_topk_weights(3, rank, T, K)
     x = make_random_rows(3, rank, T, H, "fp32")
     with captured_logs(logging.WARNING) as warnings:
-        buf = emulated_ipc_buffer(group, HEADER_BYTES + (1 << 16), explicitly_destroy=True)
+        memfds_before = open_memfds()
+        buf = ipc_buffer(group, HEADER_BYTES + (1 << 16), explicitly_destroy=True)
         dispatch_with_layout(buf, x, idx, w, E)
-        peer = transport_of(buf).peer
+        ipc = transport_of(buf).ipc_buffer
         buf.destroy()
         out["explicit: warnings"] = list(warnings)
-        out["explicit: peer"] = (peer.is_open, peer.timeout_report())
+        out["explicit: buffer"] = (ipc.is_open, ipc.timeout_report())
         out["explicit: call after"] = outcome(lambda: dispatch_with_layout(buf, x, idx, w, E))
 
         # Rank 0 destroys alone first.
-        transports = [EmulatedIpcTransport(group, HEADER_BYTES + 4096) for _ in range(2)]
+        transports = [cuda_cpu_transport(group, "ipc", HEADER_BYTES + 4096) for _ in range(2)]
         warnings.clear()
         with eplib_timeout(TIMEOUT_S):
             if rank == 0:
@@ -499,36 +528,43 @@ def job_destroy(rank, R, group):
         out["together: clean"] = transports[1].destroy()
 
         # Garbage collection: no barrier, so one rank alone does not wait.
-        buf = emulated_ipc_buffer(group, HEADER_BYTES + 4096)
+        buf = ipc_buffer(group, HEADER_BYTES + 4096)
         dispatch_with_layout(buf, x, idx, w, E)
-        alive = weakref.ref(transport_of(buf).peer)
+        alive = weakref.ref(transport_of(buf))
         dist.barrier(group)
         if rank == 0:
+            gc.collect()  # earlier garbage first: a full collection of this process takes its own time
             t0 = time.monotonic()
             del buf
             gc.collect()
+            with_buffer = time.monotonic() - t0
+            t0 = time.monotonic()
+            gc.collect()
             out["gc: freed"] = alive() is None
-            out["gc: seconds"] = time.monotonic() - t0
+            out["gc: seconds beyond a plain collection"] = with_buffer - (time.monotonic() - t0)
         dist.barrier(group)
-        out["files left"] = own_shm_files()
+        if rank != 0:
+            del buf
+        gc.collect()
+        out["allocations left"] = open_memfds() - memfds_before
     return out
 
 
-def test_emulated_ipc_destroy(pool):
+def test_ipc_cuda_cpu_destroy(pool):
     results = pool.run(job_destroy, timeout=60)
     for rank, out in enumerate(results):
         assert out["explicit: warnings"] == [], out
-        assert out["explicit: peer"] == (False, (0, -1)), out
+        assert out["explicit: buffer"] == (False, (0, -1)), out
         assert re.match(r"RuntimeError: .*destroyed", out["explicit: call after"]), out
         if rank == 0:
             assert out["alone: clean"] is False and out["alone"][0] == "ok", out
             assert TIMEOUT_S <= out["alone"][1] < TIMEOUT_S + 3, out
             assert any("teardown barrier timed out" in m for m in out["alone: warnings"]), out
-            assert out["gc: freed"] and out["gc: seconds"] < 0.5 * TIMEOUT_S, out
+            assert out["gc: freed"] and out["gc: seconds beyond a plain collection"] < 0.5 * TIMEOUT_S, out
         else:
             assert out["late: clean"] is True, out
         assert out["together: clean"] is True, out
-        assert out["files left"] == [], out
+        assert out["allocations left"] == 0, out
 
 
 # ------------------------------------------------------------------------------------ notify tables
@@ -538,10 +574,10 @@ def job_notify_tables(rank, R, group):
     """Two counts exchanges back to back with no row round between them (the first dispatch does not
     fit the buffer and raises after its exchange), while the last rank lingers between its wait and
     the read of its table: the others write their next records meanwhile, which must not land in the
-    table being read (peer.h: tables double-buffered by the notify round's parity). Returns
+    table being read (ipc.h: tables double-buffered by the notify round's parity). Returns
     (outcome of the large dispatch, errors of the small one against eplib.reference)."""
     T, H, K, E = 12, 32, 2, 2 * R
-    buf, ref = emulated_ipc_buffer(group, HEADER_BYTES + 4 * T * _C.dispatch_row_stride(4 * H, 0, K)), \
+    buf, ref = ipc_buffer(group, HEADER_BYTES + 4 * T * _C.dispatch_row_stride(4 * H, 0, K)), \
         ReferenceBuffer(group)
     idx, w = make_topk_idx(8, rank, T, K, E, "uniform"), make_topk_weights(8, rank, T, K)
     # Only rank 0's record makes the first dispatch too large (its 4T tokens all go to the last rank):
@@ -551,12 +587,14 @@ def job_notify_tables(rank, R, group):
     idx_large = make_topk_idx(9, rank, T_large, K, E, "hot" if rank == 0 else "uniform")
     w_large = make_topk_weights(9, rank, T_large, K)
     x = make_random_rows(10, rank, T, H, "fp32")
-    EmulatedPeerBuffer.stall_in_notify_s = 0.3 if rank == R - 1 else 0.0
+    # The last rank's notify kernel lingers at each barrier, its wait for the others' records included.
+    if rank == R - 1:
+        _C.cuda_cpu_stall("notify_kernel", 0.3)
     try:
         with eplib_timeout(5):
             large = outcome(lambda: dispatch_with_layout(buf, x_large, idx_large, w_large, E))
     finally:
-        EmulatedPeerBuffer.stall_in_notify_s = 0.0
+        _C.cuda_cpu_stall("notify_kernel", 0)
     with eplib_timeout(5):
         got = dispatch_with_layout(buf, x, idx, w, E)
     want = dispatch_with_layout(ref, x, idx, w, E)
@@ -564,7 +602,7 @@ def job_notify_tables(rank, R, group):
     return large, errs
 
 
-def test_emulated_ipc_notify_tables(pool):
+def test_ipc_cuda_cpu_notify_tables(pool):
     for rank, (large, errs) in enumerate(pool.run(job_notify_tables, timeout=60)):
         assert large.startswith("ValueError: num_nvl_bytes: this dispatch needs"), f"rank {rank}: {large}"
         assert not errs, f"rank {rank}: " + "\n".join(errs)
@@ -574,13 +612,12 @@ def test_emulated_ipc_notify_tables(pool):
 
 
 def job_mismatch_ipc(rank, R, group, name):
-    """test_peer_errors.job_mismatch (one rank's input differs from the others') on the emulated ipc
-    transport: every rank must raise after the counts exchange, before any row moves, and the Buffer
+    """test_peer_errors.job_mismatch (one rank's input differs from the others') on the ipc transport: every rank must raise after the counts exchange, before any row moves, and the Buffer
     must keep working."""
     from test_peer_errors import job_mismatch
 
     saved = eplib.Buffer
-    eplib.Buffer = lambda group, **kwargs: emulated_ipc_buffer(group, HEADER_BYTES + (1 << 16))
+    eplib.Buffer = lambda group, **kwargs: ipc_buffer(group, HEADER_BYTES + (1 << 16))
     try:
         return job_mismatch(rank, R, group, name, timeout_s=10)
     finally:
@@ -590,7 +627,157 @@ def job_mismatch_ipc(rank, R, group, name):
 # Not "dtype_differs_same_width": its odd rank passes fp16, which CUDA transports refuse on that rank alone
 # (TypeError before any exchange), so the others' exchange pairs with that rank's next call.
 @pytest.mark.parametrize("name", ["nan_weight_on_last_rank", "top_k_differs", "hidden_differs", "num_experts_differs"])
-def test_emulated_ipc_mismatch(pool, name):
+def test_ipc_cuda_cpu_mismatch(pool, name):
     from test_peer_errors import check_mismatch_results
 
     check_mismatch_results(pool.run(job_mismatch_ipc, name, timeout=60), name, max_seconds=5)
+
+
+# ------------------------------------------------------------------------------------ after a timeout
+
+
+def job_poisoned_after_timeout(rank, R, group):
+    """Rank 1 stops calling after the first dispatch. Rank 0's next rounds go on without any host check
+    in between, as the replay of a captured CUDA graph does (IpcBuffer.dispatch and .combine straight
+    away): their receive waits time out, and every output of the timed-out rounds and of the later ones
+    is poisoned (NaN rows, -1 ids and counts) instead of left at the last good values.
+    Buffer.check_failed() reports it without a sync; the next call is refused. Returns rank 0's results."""
+    from eplib.transports.cuda import CombineOutputs, UnpackOutputs
+    from eplib.transports.kernels import combine_pack_args, dispatch_pack_args
+
+    T, H, K, E = 16, 32, 2, 2 * R
+    idx, w = make_topk_idx(6, rank, T, K, E, "uniform"), make_topk_weights(6, rank, T, K)
+    x = make_random_rows(6, rank, T, H, "fp32")
+    buf = ipc_buffer(group, HEADER_BYTES + (1 << 16))
+    recv_x, _, recv_w, _, handle, _ = dispatch_with_layout(buf, x, idx, w, E, num_worst_tokens=R * T)
+    if rank != 0:
+        dist.barrier(group)
+        return None
+    transport = transport_of(buf)
+    out = {"before": outcome(buf.check_failed)}
+    with eplib_timeout(0.3):
+        transport._check_usable()  # sets the device waits' limit, as every call does
+        with transport.context.call(None, False) as call:
+            cached = UnpackOutputs(call, handle.num_output_rows, x, None, 0, with_count=False)
+            combined = CombineOutputs(call, handle, recv_x, K)
+        for _ in range(2):  # a timed-out round, then one on the aborted buffer
+            transport.ipc_buffer.dispatch(
+                dispatch_pack_args(x, None, None, None, 0, handle.send_pos, None, transport.error_flag,
+                                   slot_rows=handle.slot_rows),
+                cached.args(None, handle.device_recv_counts, handle.slot_rows, x, None, 0, transport.error_flag),
+                0, transport.context.current_stream())
+            transport.ipc_buffer.combine(
+                combine_pack_args(recv_x, recv_w, handle.device_recv_counts, handle.slot_rows, None,
+                                  rank_prefix_matrix=handle.rank_prefix_matrix),
+                combined.args(None, handle, None, None), 0, transport.context.current_stream())
+        transport.context.synchronize()
+        out["cached x all NaN"] = bool(torch.isnan(cached.recv_x).all())
+        out["cached src_idx"] = sorted(set(cached.recv_src_idx.tolist()))
+        out["combined x all NaN"] = bool(torch.isnan(combined.combined_x).all())
+        out["combined weights all NaN"] = bool(torch.isnan(combined.combined_topk_weights).all())
+        out["check_failed"] = outcome(buf.check_failed)
+        out["next call"] = outcome(lambda: buf.dispatch(x, handle=handle))
+    dist.barrier(group)
+    return out
+
+
+def test_ipc_cuda_cpu_outputs_poisoned_after_timeout(pool2):
+    out = pool2.run(job_poisoned_after_timeout, timeout=60)[0]
+    assert out["before"] == "ok", out
+    assert out["cached x all NaN"] and out["cached src_idx"] == [-1], out
+    assert out["combined x all NaN"] and out["combined weights all NaN"], out
+    # Rank 1 never reaches the round: rank 0's send kernel gives up waiting for it to be ready.
+    assert re.match(r"RuntimeError: .*dispatch \(send: waiting for a receiver to be ready\) timed out waiting for "
+                    r"rank 1\b", out["check_failed"]), out
+    assert REFUSED.match(out["next call"]), out
+
+
+# ------------------------------------------------------------------------------------ graph-like replays
+
+
+def job_replayed_rounds(rank, R, group, num_replays):
+    """A num_worst_tokens dispatch, then num_replays rounds of (new x into the same input tensors, cached
+    dispatch, combine) launched back to back with no host sync and no host check between them, on fixed
+    input and output tensors (what replaying a captured CUDA graph does); each replay's outputs are
+    copied aside on the stream. Every replay must equal eplib.reference. Returns errors."""
+    from eplib.transports.cuda import CombineOutputs, UnpackOutputs
+    from eplib.transports.kernels import combine_pack_args, dispatch_pack_args
+
+    T, H, K, E = 12, 24, 2, 2 * R
+    idx, w = make_topk_idx(40, rank, T, K, E, "zipf"), make_topk_weights(40, rank, T, K)
+    x0 = make_random_rows(40, rank, T, H, "bf16")
+    buf, ref = ipc_buffer(group, HEADER_BYTES + (1 << 18)), ReferenceBuffer(group)
+    d = dispatch_with_layout(buf, x0, idx, w, E, num_worst_tokens=R * T)
+    d_ref = dispatch_with_layout(ref, x0, idx, w, E, num_worst_tokens=R * T)
+    handle, recv_w = d[4], d[2]
+    transport = transport_of(buf)
+    context, stream = transport.context, transport.context.current_stream()
+    x = x0.clone()
+    y = torch.zeros(R * T, H, dtype=torch.bfloat16)
+    with context.call(None, False) as call:
+        cached = UnpackOutputs(call, handle.num_output_rows, x, None, 0, with_count=False)
+        combined = CombineOutputs(call, handle, y, 0)
+    inputs = [make_random_rows(41 + i, rank, T, H, "bf16") for i in range(num_replays)]
+    kept = [(torch.empty_like(cached.recv_x), torch.empty_like(combined.combined_x)) for _ in range(num_replays)]
+    flag = transport.error_flag
+    for i in range(num_replays):  # no host work between the replays: stream-ordered copies only
+        _memcpy_async(x, inputs[i], stream)
+        transport.ipc_buffer.dispatch(
+            dispatch_pack_args(x, None, None, None, 0, handle.send_pos, None, flag, slot_rows=handle.slot_rows),
+            cached.args(None, handle.device_recv_counts, handle.slot_rows, x, None, 0, flag), 0, stream)
+        _memcpy_async(y, cached.recv_x, stream)  # the expert output is the dispatched rows themselves
+        transport.ipc_buffer.combine(
+            combine_pack_args(y, None, handle.device_recv_counts, handle.slot_rows, None,
+                              rank_prefix_matrix=handle.rank_prefix_matrix),
+            combined.args(None, handle, None, None), 0, stream)
+        _memcpy_async(kept[i][0], cached.recv_x, stream)
+        _memcpy_async(kept[i][1], combined.combined_x, stream)
+    context.synchronize()
+    errs = []
+    for i in range(num_replays):
+        want_x = ref.dispatch(inputs[i], handle=d_ref[4])[0]
+        want_c = ref.combine(want_x, d_ref[4])[0]
+        if not same(kept[i][0], want_x):
+            errs.append(f"rank {rank} replay {i}: " + describe_diff("cached dispatch", kept[i][0], want_x))
+        if not same(kept[i][1], want_c):
+            errs.append(f"rank {rank} replay {i}: " + describe_diff("combine", kept[i][1], want_c))
+    return errs, recv_w is not None and int(flag.item()) == 0
+
+
+def _memcpy_async(dst: torch.Tensor, src: torch.Tensor, stream: int) -> None:
+    """A stream-ordered copy on the CPU execution's device (what a captured copy node does)."""
+    _C.cuda_cpu_memcpy_async(dst.data_ptr(), src.data_ptr(), src.numel() * src.element_size(), stream)
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 4])
+def test_ipc_cuda_cpu_replayed_rounds(pool_cache, world_size):
+    for rank, (errs, clean) in enumerate(pool_cache(world_size).run(job_replayed_rounds, 6, timeout=120)):
+        assert not errs, "\n".join(errs)
+        assert clean, f"rank {rank}: the error flag was set"
+
+
+# ------------------------------------------------------------------------------------ runtime state
+
+
+def job_runtime_state(rank, R, group):
+    """The last rank reaches its dispatch late, so the others' hosts wait for the counts exchange past
+    the spin phase and query the notify kernel's event (cudaErrorNotReady); the launches after that
+    query must not fail on the stale answer. No kernel is loaded lazily (the transports preload them)."""
+    T, H, K, E = 8, 16, 2, 2 * R
+    idx, w = make_topk_idx(50, rank, T, K, E, "uniform"), make_topk_weights(50, rank, T, K)
+    x = make_random_rows(50, rank, T, H, "fp32")
+    buf, ref = ipc_buffer(group, HEADER_BYTES + (1 << 16)), ReferenceBuffer(group)
+    if rank == R - 1:
+        time.sleep(0.5)
+    got = dispatch_with_layout(buf, x, idx, w, E)
+    want = dispatch_with_layout(ref, x, idx, w, E)
+    errs = [describe_diff(f"[{i}]", g, v) for i, (g, v) in enumerate(zip(got[:4], want[:4])) if not same(g, v)]
+    statistics = _C.cuda_cpu_statistics()
+    return errs, _C.cuda_cpu_peek_last_error(), statistics["lazy_load_waits"]
+
+
+def test_ipc_cuda_cpu_not_ready_answers_and_preloaded_kernels(pool):
+    for rank, (errs, last_error, lazy_load_waits) in enumerate(pool.run(job_runtime_state, timeout=60)):
+        assert not errs, f"rank {rank}: " + "\n".join(errs)
+        assert last_error == 0, f"rank {rank}: a stale error ({last_error}) is left for the next launch"
+        assert lazy_load_waits == {}, f"rank {rank}: launches waited for lazy module loading: {lazy_load_waits}"

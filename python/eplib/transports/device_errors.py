@@ -1,0 +1,71 @@
+"""Errors that the CUDA transports find on the device, and how the host reports them.
+
+Argument checks that need the values (expert ids in range, finite weights, the layout tensors
+agreeing with each other, rows beyond num_worst_tokens) run on the device and OR bits into the
+transport's device error flag (int32 [1]) instead of stopping the host. The flag travels in the
+record of the next normal-mode dispatch and is read at its host sync: the rank whose flag is set
+raises ValueError naming the problem (then clears the flag), every other rank raises RuntimeError,
+and no payload moves, so the group stays usable. Calls that never sync (get_dispatch_layout,
+num_worst_tokens and cached dispatch, combine) therefore report bad input at the next normal-mode
+dispatch; inputs flagged bad are treated as masked (-1 ids) or dropped (rows past W), never read
+out of bounds.
+"""
+
+from typing import List
+
+import torch
+
+from .. import _C
+from .records import FORMAT_FIELDS, check_format_agreement
+
+# Error bits of csrc/include/eplib/errors.h.
+ERR_EXPERT_ID = _C.ERR_EXPERT_ID
+ERR_WEIGHT = _C.ERR_WEIGHT
+ERR_OVERFLOW = _C.ERR_OVERFLOW
+ERR_RANK_COUNTS = _C.ERR_RANK_COUNTS
+ERR_EXPERT_COUNTS = _C.ERR_EXPERT_COUNTS
+
+_ERROR_MESSAGES = {
+    ERR_EXPERT_ID: "topk_idx: an expert id outside [-1, num_experts)",
+    ERR_WEIGHT: "topk_weights: a weight that is not finite",
+    ERR_OVERFLOW: "num_worst_tokens: a num_worst_tokens dispatch had more rows for one rank than "
+                  "num_worst_tokens (the extra rows were dropped)",
+    ERR_RANK_COUNTS: "num_tokens_per_rank: differs from the per-rank counts of is_token_in_rank",
+    ERR_EXPERT_COUNTS: "num_tokens_per_expert: differs from the per-expert counts of topk_idx (or, without "
+                       "topk_idx, holds a negative count)",
+}
+
+# Fields at the head of each rank's normal-mode record: each rank's own error flag, then the format
+# fields that must agree on all ranks (records.FORMAT_FIELDS). Then R send counts, then per-expert counts.
+RECORD_FIELDS = ("error_flag", *FORMAT_FIELDS)
+
+
+def describe_error_flag(flag: int) -> str:
+    """The problems named by the bits of a device error flag, joined with '; '."""
+    known = [message for bit, message in _ERROR_MESSAGES.items() if flag & bit]
+    unknown = flag & ~sum(_ERROR_MESSAGES)
+    if unknown:
+        known.append(f"unknown error bits {unknown:#x}")
+    return "; ".join(known)
+
+
+def check_records(records: torch.Tensor, rank: int, error_flag: torch.Tensor) -> None:
+    """Raises on every rank alike when a rank's error flag is set or the ranks' formats differ.
+
+    records: host int64 [R, L] starting with RECORD_FIELDS. The rank whose own flag is set raises
+    ValueError (and its device flag is cleared: reported now, the next call starts clean); the others
+    raise RuntimeError naming it.
+    """
+    def column(name: str) -> List[int]:
+        return records[:, RECORD_FIELDS.index(name)].tolist()
+
+    flags = column("error_flag")
+    if flags[rank]:
+        error_flag.zero_()
+        raise ValueError(f"{describe_error_flag(flags[rank])} (found on the device by this or an earlier "
+                         f"call of this Buffer on rank {rank} since the last normal-mode dispatch)")
+    flagged = [r for r, flag in enumerate(flags) if flag]
+    if flagged:
+        raise RuntimeError(f"eplib: dispatch abandoned on rank {rank}: rank(s) {flagged} found bad input "
+                           f"on the device (their ValueError says what)")
+    check_format_agreement(column, records.shape[0])
