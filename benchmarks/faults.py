@@ -19,6 +19,11 @@ six collectives of a round where a case runs at each), and what follows it:
                     arrival there
     store killed    rank 0 is killed before the dispatch: from the kill
     shutdown        the last rank stops for good; the others' eplib.abort + destroy_process_group
+    exit            2 ranks started as torchrun would: rank 1 stops for good, rank 0 times out (at
+                    EPLIB_TIMEOUT_S=1.5) and returns from main without eplib.abort: from its error
+                    to its exit (eplib's exit hook)
+
+--cases picks some of them (default: all).
 """
 
 import argparse
@@ -38,6 +43,9 @@ if _TESTS not in sys.path:
 import test_faults as faults  # noqa: E402
 from dist_harness import RankPool  # noqa: E402
 from report import machine_info  # noqa: E402
+
+
+_CASES = ("bad input", "stopped", "killed", "store host stopped", "store host killed", "shutdown", "exit")
 
 
 def _pool(R: int, limit: float) -> RankPool:
@@ -109,6 +117,12 @@ def _since(result: tuple, fault: float) -> float:
     return raised - max(op_started, fault)
 
 
+def process_exit() -> float:
+    returncode, seconds, out = faults.exit_after_stuck_peer()
+    assert returncode == 0 and seconds is not None, out
+    return seconds
+
+
 def _waited(result: tuple) -> float:
     """Seconds from the rank's arrival at the failed collective to its error: what a timeout counts."""
     _, _, op_started, raised, _ = result
@@ -124,6 +138,7 @@ def main(argv: List[str] = None) -> None:
     parser.add_argument("--ranks", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--timeout", type=float, default=5.0, help="EPLIB_TIMEOUT_S of the cases")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--cases", nargs="+", choices=_CASES, default=list(_CASES))
     args = parser.parse_args(argv)
     limit = args.timeout
     machine = machine_info(1, "cpu", torch.device("cpu"))
@@ -131,23 +146,31 @@ def main(argv: List[str] = None) -> None:
           f"EPLIB_TIMEOUT_S={args.timeout:g}; min / median / max over {args.repeats} repeats")
     stamps = Path(tempfile.mkdtemp(prefix="eplib-faults-"))
     for R in args.ranks:
-        runs = {"bad input": [], "stopped: others": [], "stopped: the stopped rank, once continued": [],
-                "killed": [], "store host stopped": [], "store host killed": [], "shutdown": []}
+        runs: Dict[str, List[float]] = {}
         next_round_right = True
         for repeat in range(args.repeats):
-            runs["bad input"] += bad_input(R, limit)
-            stop = stopped(R, limit, stamps / f"r{repeat}")
-            runs["stopped: others"] += stop["others"]
-            runs["stopped: the stopped rank, once continued"] += stop["stopped rank"]
-            next_round_right &= all(stop["next round right"])
-            runs["killed"] += killed(R, Path(tempfile.mkdtemp(dir=stamps)))
-            runs["store host stopped"].append(store_host(R, "stop", limit, stamps))
-            runs["store host killed"].append(store_host(R, "kill", limit, stamps))
-            runs["shutdown"].append(shutdown(R, limit, stamps))
+            for case in args.cases:
+                if case == "bad input":
+                    runs.setdefault(case, []).extend(bad_input(R, limit))
+                elif case == "stopped":
+                    stop = stopped(R, limit, stamps / f"r{repeat}")
+                    runs.setdefault("stopped: others", []).extend(stop["others"])
+                    runs.setdefault("stopped: the stopped rank, once continued", []).extend(stop["stopped rank"])
+                    next_round_right &= all(stop["next round right"])
+                elif case == "killed":
+                    runs.setdefault(case, []).extend(killed(R, Path(tempfile.mkdtemp(dir=stamps))))
+                elif case in ("store host stopped", "store host killed"):
+                    action = "stop" if case == "store host stopped" else "kill"
+                    runs.setdefault(case, []).append(store_host(R, action, limit, stamps))
+                elif case == "shutdown":
+                    runs.setdefault(case, []).append(shutdown(R, limit, stamps))
+                elif case == "exit" and R == 2:
+                    runs.setdefault(case, []).append(process_exit())
         print(f"\n{R} ranks:")
         for name, values in runs.items():
             print(f"  {name:45s} {_spread(values)}   ({len(values)} samples)")
-        print(f"  the round after each stop right on every rank: {next_round_right}")
+        if "stopped" in args.cases:
+            print(f"  the round after each stop right on every rank: {next_round_right}")
 
 
 if __name__ == "__main__":

@@ -183,3 +183,20 @@ def test_timeout_names_phase():
     mro, second_message, second_elapsed = second
     assert "RuntimeError" in mro and "rank 1 did not come back" in second_message, second
     assert 1.5 < second_elapsed < 10, second
+
+
+def test_check_allocation_bounds():
+    """Sizes that cannot exist raise ValueError naming the argument, before any allocation: beyond
+    int64, or beyond the device's memory; a size that fits passes."""
+    import torch
+
+    from eplib.validation import INT64_LIMIT, check_allocation, device_memory_bytes
+
+    cpu = torch.device("cpu")
+    with pytest.raises(ValueError, match=r"^num_worst_tokens: .* more than int64 can count"):
+        check_allocation("num_worst_tokens", "rows", INT64_LIMIT + 1, cpu)
+    memory = device_memory_bytes(cpu)
+    if memory is not None:
+        with pytest.raises(ValueError, match=r"^num_experts: .* GiB, more than the .* GiB of memory on cpu"):
+            check_allocation("num_experts", "counts", memory + 1, cpu)
+    check_allocation("num_experts", "counts", 1 << 20, cpu)

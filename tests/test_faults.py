@@ -3,7 +3,7 @@
 
 - bad input on one rank, of every kind, in every call: that rank raises its ValueError/TypeError,
   the others PeerInputError naming it and quoting it within a second, and the next round of every
-  call is right on every rank;
+  call is right on every rank; a rank that skips a call makes every rank raise at once;
 - a rank that stops (SIGSTOP) before each collective of a round, or inside one, and is continued:
   the others raise after EPLIB_TIMEOUT_S naming it, it raises once continued, and the next round is
   right on the same Buffer;
@@ -24,6 +24,7 @@ import signal
 import subprocess
 import sys
 import time
+from typing import Optional, Tuple
 
 import pytest
 import torch
@@ -206,6 +207,42 @@ def test_one_rank_bad_input(pool, name):
         # From the moment both ranks were in their calls.
         seconds = ended - max(started, bad_started)
         assert seconds < 1.0, f"rank {rank} raised {seconds:.2f} s after rank {bad_rank} started its call"
+
+
+def job_skipped_call(rank, R, group, skipping_rank):
+    """After a dispatch, rank ``skipping_rank`` skips the cached dispatch that the others make and
+    goes on to combine. Returns (outcome of that call, its seconds, errors of the next round)."""
+    import eplib
+
+    with eplib_timeout(20):
+        buf = eplib.Buffer(group)
+        case = _round_case(R, seed=13)
+        T, H, K, E = case["Ts"][rank], case["H"], case["K"], case["E"]
+        x, w = make_payload(13, rank, T, H, "fp32"), make_topk_weights(13, rank, T, K)
+        idx = make_topk_idx(13, rank, T, K, E, "uniform")
+        lay = buf.get_dispatch_layout(idx, E)
+        recv_x, _, _, _, handle, _ = buf.dispatch(x, num_tokens_per_rank=lay[0], is_token_in_rank=lay[3],
+                                                  num_tokens_per_expert=lay[2], topk_idx=idx, topk_weights=w)
+        if rank == skipping_rank:
+            outcome, started, ended = _outcome(buf.combine, recv_x, handle)
+        else:
+            outcome, started, ended = _outcome(lambda: buf.dispatch(x, handle=handle))
+        return outcome, ended - started, closed_form_errors(buf, rank, R, "eplib", _round_case(R, seed=14))
+
+
+def test_skipped_call_is_detected(pool):
+    """A rank that skips a call never pairs its next call with the others' one: every rank raises at
+    once naming the calls of every rank, and the next round is right on the same Buffers."""
+    R = pool.world_size
+    results = pool.run(job_skipped_call, R - 1, timeout=90)
+    calls = ["cached dispatch"] * (R - 1) + ["combine"]
+    for rank, (outcome, seconds, next_round) in enumerate(results):
+        assert outcome is not None, f"rank {rank}: no error although rank {R - 1} skipped a call"
+        mro, message, _ = outcome
+        assert "RuntimeError" in mro and f"the ranks are in different calls ({calls}" in message, \
+            f"rank {rank}: {outcome}"
+        assert seconds < 1.0, f"rank {rank} raised after {seconds:.2f} s"
+        assert not next_round, f"rank {rank}: the round after the skipped call went wrong: {next_round}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -511,6 +548,14 @@ def test_process_exits_after_stuck_peer():
     """Real interpreters (tests/fault_exit_rank.py, as torchrun would start them): rank 1 stops for
     good; rank 0 times out and returns from main without calling eplib.abort. It exits within seconds
     (eplib's exit hook aborts the group); without it, it would wait for gloo's timeout (here 600 s)."""
+    returncode, seconds, out = exit_after_stuck_peer()
+    assert returncode == 0 and seconds is not None, out
+    assert seconds < 5, f"rank 0 exited {seconds:.1f} s after its error:\n{out}"
+
+
+def exit_after_stuck_peer() -> Tuple[int, Optional[float], str]:
+    """Runs the two interpreters of test_process_exits_after_stuck_peer; returns rank 0's exit code,
+    the seconds from its error to its exit (None when it did not raise) and its output."""
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fault_exit_rank.py")
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE="2",
                EPLIB_TIMEOUT_S=str(LIMIT_S), OMP_NUM_THREADS="1")
@@ -520,8 +565,7 @@ def test_process_exits_after_stuck_peer():
         out, _ = ranks[0].communicate(timeout=120)
         exited = time.time()
         raised = [float(line.split()[1]) for line in out.splitlines() if line.startswith("raised")]
-        assert ranks[0].returncode == 0 and raised, out
-        assert exited - raised[0] < 5, f"rank 0 exited {exited - raised[0]:.1f} s after its error:\n{out}"
+        return ranks[0].returncode, exited - raised[0] if raised else None, out
     finally:
         for process in ranks:
             process.kill()

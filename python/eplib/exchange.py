@@ -227,7 +227,9 @@ class GroupChannel:
                 self._abandoned = _Abandoned(op, work, None)  # pending for good: the exit hook ends it
                 _exit_hook.register()
                 self._broken = f"rank {self.rank} timed out in {phase} after {limit:g} s: {reason}"
-                raise CollectiveError(f"eplib: {self._broken}. Call eplib.abort(group) and build a new group "
+                then = ("restart the job: without its store no new group can be built" if mark is None
+                        else "build a new group")
+                raise CollectiveError(f"eplib: {self._broken}. Call eplib.abort(group), then {then} "
                                       f"(README, 'Failure behaviour')")
             deadline += limit  # every rank has issued it, a late one just now: it completes
             extended = True
@@ -618,8 +620,8 @@ def _close_gloo_connections(group: dist.ProcessGroup) -> None:
 
 
 class _ExitHook:
-    """At interpreter exit, aborts the groups where a collective that eplib abandoned is still
-    pending (see ``abort``); registered with ``atexit`` on the first abandoned collective."""
+    """At interpreter exit, aborts and destroys the groups where a collective that eplib abandoned
+    is still pending (see ``abort``); registered with ``atexit`` on the first abandoned collective."""
 
     def __init__(self) -> None:
         self._registered = False
@@ -635,6 +637,9 @@ class _ExitHook:
             if channel.has_pending_collective():
                 try:
                     abort(group)
+                    # A gloo group still referenced at interpreter exit can end the process with
+                    # "terminate called without an active exception" (torch 2.13).
+                    dist.destroy_process_group(group)
                 except Exception:  # noqa: BLE001 - exiting anyway
                     pass
 
