@@ -310,7 +310,9 @@ class GroupChannel:
         an all-gather, the ranks behind join it with zeros; otherwise the group is broken."""
         op, work, gather_words = self._abandoned
         keys = [_key("resync", self._resyncs, r) for r in range(self.num_ranks)]
-        self._set(keys[self.rank], op, limit, f"{op}:{gather_words if gather_words is not None and work is not None else '-'}")
+        # "op:words": where this rank gave up, and the all-gather size a rank behind may join it with.
+        joinable = gather_words is not None and work is not None
+        self._set(keys[self.rank], op, limit, f"{op}:{gather_words if joinable else '-'}")
         deadline = time.monotonic() + limit
         while not self._store_check(keys, limit):
             if time.monotonic() > deadline:

@@ -277,7 +277,8 @@ class CpuTransport:
         """Sum over source ranks of their num_tokens_per_expert for this rank's experts (int64)."""
         num_experts = num_tokens_per_expert.shape[0]
         gathered = torch.empty(self.num_ranks * num_experts, dtype=torch.int64)
-        self.channel.all_gather(gathered, num_tokens_per_expert.to(torch.int64), phase="dispatch (expert counts exchange)")
+        self.channel.all_gather(gathered, num_tokens_per_expert.to(torch.int64),
+                                phase="dispatch (expert counts exchange)")
         num_local = num_experts // self.num_ranks
         return gathered.view(self.num_ranks, num_experts)[:, self.rank * num_local:(self.rank + 1) * num_local].sum(0)
 
