@@ -9,6 +9,8 @@ from typing import Dict
 import pytest
 import torch
 
+from eplib.transports.records import header_words
+
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _BENCH = os.path.join(_ROOT, "benchmarks")
 if _BENCH not in sys.path:
@@ -20,9 +22,6 @@ from routing import RoutingSpec  # noqa: E402
 ELEMENT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 OPS = ("layout", "dispatch", "combine", "end_to_end")
 IMPLS = ("eplib", "reference", "framework")
-# eplib's cpu transport exchanges one int64 record per rank in dispatch: R send counts + 7 fields
-# (README, "Collectives per call").
-EPLIB_RECORD_FIELDS = 7
 
 
 def _align16(n: int) -> int:
@@ -69,8 +68,10 @@ def expected_bytes(point: dict, num_ranks: int, seed: int) -> Dict[str, Dict[str
     result = {name: {op: [] for op in OPS} for name in IMPLS}
     for rank in range(num_ranks):
         per_impl = {
-            "eplib": (gather * 8 * (num_ranks + EPLIB_RECORD_FIELDS) + int(sent_tokens[rank]) * eplib_stride,
-                      int(returned_tokens[rank]) * hidden_bytes),
+            # eplib's cpu transport starts dispatch and combine with its call header (README,
+            # "Collectives per call").
+            "eplib": (gather * 8 * header_words(num_ranks) + int(sent_tokens[rank]) * eplib_stride,
+                      gather * 8 * header_words(num_ranks) + int(returned_tokens[rank]) * hidden_bytes),
             "reference": (gather * 8 * (num_ranks + experts + 1) + int(sent_tokens[rank]) * (hidden_bytes + 12 * top_k),
                           int(returned_tokens[rank]) * hidden_bytes),
             "framework": (8 * (experts - experts_per_rank) + int(sent_slots[rank]) * hidden_bytes,

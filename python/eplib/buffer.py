@@ -4,8 +4,9 @@ Code written for DeepEP runs on eplib by changing the import. The Buffer checks 
 then hands the call to a transport (``eplib.transports``) that moves the rows between ranks.
 """
 
+import contextlib
 import logging
-from typing import Any, List, Optional, Tuple, Union
+from typing import Any, Iterator, List, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -16,8 +17,8 @@ from .config import Config, nvl_buffer_size_hint
 from .event import EventOverlap
 from .handle import DispatchHandle
 from .transports import CpuTransport, CudaTransport, IpcTransport, IpcUnavailable, NcclTransport
-from .validation import (check_bias, check_int, check_int32_product, check_num_experts, check_tensor,
-                         check_topk, check_x)
+from .validation import (check_allocation, check_bias, check_int, check_int32_product, check_num_experts,
+                         check_tensor, check_topk, check_x)
 
 Tensor = torch.Tensor
 XType = Union[Tensor, Tuple[Tensor, Tensor]]
@@ -65,6 +66,16 @@ class Buffer:
     for it; ``allocate_on_comm_stream`` allocates the outputs on the communication stream and needs
     ``previous_event`` and ``async_finish``. On CPU the calls finish before returning and the event
     is a completed no-op.
+
+    Errors on one rank are every rank's (cpu transport): a rank whose input fails any check of
+    ``get_dispatch_layout``, ``dispatch`` (cached or not) or ``combine`` tells the other ranks,
+    through the exchange they wait in or reach next, then raises its ValueError/TypeError; they raise
+    ``eplib.PeerInputError`` (a RuntimeError) naming it and quoting its message, and every Buffer stays
+    usable. So the other ranks' next collective on the group after a failed ``get_dispatch_layout``
+    must be an eplib call (as in layout, then dispatch). A rank that is stuck or gone makes the others
+    raise after ``EPLIB_TIMEOUT_S`` naming it; README "Failure behaviour" says what each fault does
+    and what to do next (``eplib.abort``). CUDA transports report bad device values as below; their
+    argument checks raise on the failing rank only.
 
     Device-side errors (CUDA): bad values found by kernels (expert ids out of range, non-finite
     weights, inconsistent layout tensors, more rows than ``num_worst_tokens``) are raised as
@@ -280,6 +291,28 @@ class Buffer:
                              f"got previous_event={'set' if previous_event is not None else None}, "
                              f"async_finish={async_finish}")
 
+    @contextlib.contextmanager
+    def _failures_shared(self, call: str, tensor: Any) -> Iterator[None]:
+        """Around the Buffer's checks of a call: a failure is told to the other ranks (through the
+        transport the call would take, when it can: ``share_error``) before it propagates. ``tensor``
+        is the call's main argument, which says where the other ranks are."""
+        try:
+            yield
+        except Exception as error:
+            share = getattr(self._peer_transport(tensor), "share_error", None)
+            if share is not None:
+                share(call, error)
+            raise
+
+    def _peer_transport(self, tensor: Any) -> Optional[Transport]:
+        """The transport this call takes on ranks whose arguments are right: CUDA calls on a Buffer
+        made for CUDA, or on CUDA tensors under "auto"; the cpu transport otherwise."""
+        if isinstance(tensor, tuple) and tensor:
+            tensor = tensor[0]
+        on_cuda = self.transport in ("nccl", "ipc") or (
+            self.transport == "auto" and isinstance(tensor, Tensor) and tensor.device.type == "cuda")
+        return self._cuda if on_cuda else self._cpu
+
     def _run(self, transport: Transport, method: str, *args: Any, previous_event: Optional[EventOverlap],
              async_finish: bool, allocate_on_comm_stream: bool,
              config: Optional[Config] = None) -> Tuple[Any, EventOverlap]:
@@ -310,12 +343,15 @@ class Buffer:
             ValueError here on CPU; on CUDA the device flags it and the next normal-mode dispatch raises.
         """
         self._check_alive()
-        check_num_experts(num_experts, self.group_size)
-        topk_idx = check_tensor("topk_idx", topk_idx, [torch.int64], [None, None])
-        check_int32_product("topk_idx", "T * K", *topk_idx.shape)
-        check_int32_product("topk_idx", "T * R", topk_idx.shape[0], self.group_size)
-        transport = self._transport_for("topk_idx", topk_idx)
-        self._check_stream_args(transport, previous_event, async_finish, allocate_on_comm_stream)
+        with self._failures_shared("get_dispatch_layout", topk_idx):
+            check_num_experts(num_experts, self.group_size)
+            topk_idx = check_tensor("topk_idx", topk_idx, [torch.int64], [None, None])
+            check_int32_product("topk_idx", "T * K", *topk_idx.shape)
+            check_int32_product("topk_idx", "T * R", topk_idx.shape[0], self.group_size)
+            transport = self._transport_for("topk_idx", topk_idx)
+            self._check_stream_args(transport, previous_event, async_finish, allocate_on_comm_stream)
+            check_allocation("num_experts", "the layout outputs", 4 * (num_experts + self.group_size)
+                             + topk_idx.shape[0] * self.group_size, topk_idx.device)
         (num_tokens_per_rank, num_tokens_per_expert, is_token_in_rank), event = self._run(
             transport, "get_dispatch_layout", topk_idx, num_experts, previous_event=previous_event,
             async_finish=async_finish, allocate_on_comm_stream=allocate_on_comm_stream)
@@ -361,45 +397,15 @@ class Buffer:
             ``handle``; an ``EventOverlap``. In cached mode only ``recv_x`` and the event are set.
         """
         self._check_alive()
-        values, scales = check_x(x, list(KERNEL_DTYPE_CODES), allow_fp8=True)
-        transport = self._transport_for("x", values)
-        if scales is None:
-            self._check_x_dtype(values, transport)
-        self._check_stream_args(transport, previous_event, async_finish, allocate_on_comm_stream)
+        with self._failures_shared("dispatch" if handle is None else "cached dispatch", x):
+            values, scales, topk_idx, topk_weights, transport = self._check_dispatch(
+                x, handle, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert, topk_idx, topk_weights,
+                expert_alignment, num_worst_tokens, config, previous_event, async_finish, allocate_on_comm_stream)
         streams = dict(previous_event=previous_event, async_finish=async_finish,
                        allocate_on_comm_stream=allocate_on_comm_stream, config=config)
-        num_tokens = values.shape[0]
-        check_int32_product("x", "T * R", num_tokens, self.group_size)
-        check_int("expert_alignment", expert_alignment, 1)
-        check_int("num_worst_tokens", num_worst_tokens, 0)
-        if config is not None and not isinstance(config, Config):
-            raise TypeError(f"config: expected an eplib.Config or None, got {type(config).__name__}")
-
         if handle is not None:
-            given = [name for name, value in (("num_tokens_per_rank", num_tokens_per_rank),
-                                              ("is_token_in_rank", is_token_in_rank),
-                                              ("num_tokens_per_expert", num_tokens_per_expert),
-                                              ("topk_idx", topk_idx), ("topk_weights", topk_weights))
-                     if value is not None]
-            if given:
-                raise ValueError(f"{given[0]}: a cached dispatch (handle given) takes x only, got {', '.join(given)}")
-            self._check_handle(handle, values)
             (recv_x, recv_scales), event = self._run(transport, "cached_dispatch", values, scales, handle, **streams)
             return (recv_x, recv_scales) if scales is not None else recv_x, None, None, None, None, event
-
-        for name, value in (("num_tokens_per_rank", num_tokens_per_rank), ("is_token_in_rank", is_token_in_rank),
-                            ("num_tokens_per_expert", num_tokens_per_expert)):
-            if value is None:
-                raise ValueError(f"{name}: required when no handle is given (compute it with get_dispatch_layout)")
-        if num_worst_tokens == 0 and values.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise ValueError("num_worst_tokens: a normal-mode dispatch (num_worst_tokens=0) reads the receive counts "
-                             "on the host, which a CUDA graph capture cannot do; pass num_worst_tokens > 0")
-        device = values.device
-        check_tensor("num_tokens_per_rank", num_tokens_per_rank, [torch.int32], [self.group_size], device)
-        check_tensor("is_token_in_rank", is_token_in_rank, [torch.bool], [num_tokens, self.group_size], device)
-        check_tensor("num_tokens_per_expert", num_tokens_per_expert, [torch.int32], [None], device)
-        check_num_experts(num_tokens_per_expert.shape[0], self.group_size)
-        topk_idx, topk_weights = check_topk(topk_idx, topk_weights, num_tokens, device, require_weights=True)
 
         (recv_x, recv_scales, recv_topk_idx, recv_topk_weights, per_expert, new_handle), event = self._run(
             transport, "dispatch", values, scales, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert,
@@ -426,23 +432,79 @@ class Buffer:
             an ``EventOverlap``.
         """
         self._check_alive()
-        values, _ = check_x(x, list(KERNEL_DTYPE_CODES), allow_fp8=False)
-        transport = self._transport_for("x", values)
-        self._check_x_dtype(values, transport)
-        self._check_stream_args(transport, previous_event, async_finish, allocate_on_comm_stream)
-        if config is not None and not isinstance(config, Config):
-            raise TypeError(f"config: expected an eplib.Config or None, got {type(config).__name__}")
-        self._check_handle(handle, values, combine=True)
-        if values.shape[0] != handle.num_output_rows:
-            raise ValueError(f"x: expected {handle.num_output_rows} rows (the dispatch output of this handle), "
-                             f"got {values.shape[0]}")
-        if topk_weights is not None:
-            check_tensor("topk_weights", topk_weights, [torch.float32], [values.shape[0], None], values.device)
-        bias_0, bias_1 = check_bias(bias, handle.num_tokens, values.shape[1], values.dtype, values.device)
+        with self._failures_shared("combine", x):
+            values, _ = check_x(x, list(KERNEL_DTYPE_CODES), allow_fp8=False)
+            transport = self._transport_for("x", values)
+            self._check_x_dtype(values, transport)
+            self._check_stream_args(transport, previous_event, async_finish, allocate_on_comm_stream)
+            if config is not None and not isinstance(config, Config):
+                raise TypeError(f"config: expected an eplib.Config or None, got {type(config).__name__}")
+            self._check_handle(handle, values, combine=True)
+            if values.shape[0] != handle.num_output_rows:
+                raise ValueError(f"x: expected {handle.num_output_rows} rows (the dispatch output of this handle), "
+                                 f"got {values.shape[0]}")
+            if topk_weights is not None:
+                check_tensor("topk_weights", topk_weights, [torch.float32], [values.shape[0], None], values.device)
+            bias_0, bias_1 = check_bias(bias, handle.num_tokens, values.shape[1], values.dtype, values.device)
         (combined_x, combined_topk_weights), event = self._run(
             transport, "combine", values, handle, topk_weights, bias_0, bias_1, previous_event=previous_event,
             async_finish=async_finish, allocate_on_comm_stream=allocate_on_comm_stream, config=config)
         return combined_x, combined_topk_weights, event
+
+    def _check_dispatch(self, x: XType, handle: Optional[DispatchHandle], num_tokens_per_rank: Optional[Tensor],
+                        is_token_in_rank: Optional[Tensor], num_tokens_per_expert: Optional[Tensor],
+                        topk_idx: Optional[Tensor], topk_weights: Optional[Tensor], expert_alignment: int,
+                        num_worst_tokens: int, config: Optional[Config], previous_event: Optional[EventOverlap],
+                        async_finish: bool, allocate_on_comm_stream: bool):
+        """The argument checks of ``dispatch``, before anything runs -> (x values, FP8 scales or None,
+        topk_idx, topk_weights, the transport)."""
+        values, scales = check_x(x, list(KERNEL_DTYPE_CODES), allow_fp8=True)
+        transport = self._transport_for("x", values)
+        if scales is None:
+            self._check_x_dtype(values, transport)
+        self._check_stream_args(transport, previous_event, async_finish, allocate_on_comm_stream)
+        num_tokens = values.shape[0]
+        check_int32_product("x", "T * R", num_tokens, self.group_size)
+        check_int("expert_alignment", expert_alignment, 1)
+        check_int("num_worst_tokens", num_worst_tokens, 0)
+        if config is not None and not isinstance(config, Config):
+            raise TypeError(f"config: expected an eplib.Config or None, got {type(config).__name__}")
+
+        if handle is not None:
+            given = [name for name, value in (("num_tokens_per_rank", num_tokens_per_rank),
+                                              ("is_token_in_rank", is_token_in_rank),
+                                              ("num_tokens_per_expert", num_tokens_per_expert),
+                                              ("topk_idx", topk_idx), ("topk_weights", topk_weights))
+                     if value is not None]
+            if given:
+                raise ValueError(f"{given[0]}: a cached dispatch (handle given) takes x only, got {', '.join(given)}")
+            self._check_handle(handle, values)
+            return values, scales, None, None, transport
+
+        for name, value in (("num_tokens_per_rank", num_tokens_per_rank), ("is_token_in_rank", is_token_in_rank),
+                            ("num_tokens_per_expert", num_tokens_per_expert)):
+            if value is None:
+                raise ValueError(f"{name}: required when no handle is given (compute it with get_dispatch_layout)")
+        if num_worst_tokens == 0 and values.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise ValueError("num_worst_tokens: a normal-mode dispatch (num_worst_tokens=0) reads the receive counts "
+                             "on the host, which a CUDA graph capture cannot do; pass num_worst_tokens > 0")
+        device = values.device
+        check_tensor("num_tokens_per_rank", num_tokens_per_rank, [torch.int32], [self.group_size], device)
+        check_tensor("is_token_in_rank", is_token_in_rank, [torch.bool], [num_tokens, self.group_size], device)
+        check_tensor("num_tokens_per_expert", num_tokens_per_expert, [torch.int32], [None], device)
+        num_experts = check_num_experts(num_tokens_per_expert.shape[0], self.group_size)
+        topk_idx, topk_weights = check_topk(topk_idx, topk_weights, num_tokens, device, require_weights=True)
+        if num_worst_tokens > 0:
+            num_topk = topk_idx.shape[1] if topk_idx is not None else 0
+            # Per output row: x, FP8 scales, the int32 source index, int64 ids and float32 weights.
+            out_row_bytes = (values.shape[1] * values.element_size() + (scales.shape[1] * 4 if scales is not None
+                                                                         else 0) + 4 + 12 * num_topk)
+            check_allocation("num_worst_tokens", f"{num_worst_tokens} output rows of {out_row_bytes} bytes",
+                             num_worst_tokens * out_row_bytes, device)
+        elif topk_idx is None:
+            check_allocation("num_tokens_per_expert", f"the per-expert counts of {self.group_size} ranks",
+                             8 * self.group_size * num_experts, device)
+        return values, scales, topk_idx, topk_weights, transport
 
     @staticmethod
     def _check_x_dtype(x: Tensor, transport: Transport) -> None:

@@ -5,11 +5,14 @@ naming the argument, the expected form and what was given. Checks that need a sc
 (expert ids in range, finite weights) run in the native kernels, still before any collective.
 """
 
+import os
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
 from ._dtypes import FP8_BLOCK, FP8_DTYPE, INT32_LIMIT
+
+INT64_LIMIT = 2**63 - 1
 
 Tensor = torch.Tensor
 
@@ -75,6 +78,28 @@ def check_int32_product(name: str, what: str, *factors: int) -> None:
         product *= factor
     if product > INT32_LIMIT:
         raise ValueError(f"{name}: {what} = {product} exceeds the int32 limit {INT32_LIMIT}")
+
+
+def device_memory_bytes(device: torch.device) -> Optional[int]:
+    """Bytes of memory the device has (CPU: physical memory; CUDA: the GPU's), None if unknown."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def check_allocation(name: str, what: str, num_bytes: int, device: torch.device) -> None:
+    """Raises ValueError naming the argument ``name`` before anything is allocated when ``what`` (the
+    allocation it sizes, e.g. "2147483647 output rows of 4100 bytes") needs ``num_bytes`` bytes that
+    cannot exist: more than int64 counts, or more than the device's memory."""
+    if num_bytes > INT64_LIMIT:
+        raise ValueError(f"{name}: {what} need {num_bytes} bytes, more than int64 can count")
+    capacity = device_memory_bytes(device)
+    if capacity is not None and num_bytes > capacity:
+        raise ValueError(f"{name}: {what} need {num_bytes / 2**30:.1f} GiB, more than the {capacity / 2**30:.1f} GiB "
+                         f"of memory on {device}")
 
 
 def check_num_experts(num_experts, num_ranks: int) -> int:
