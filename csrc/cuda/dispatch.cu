@@ -10,6 +10,21 @@ namespace eplib::cuda {
 
 namespace {
 
+// Scales [t, :] through their strides into a packed row: row-major ones as one warp copy, others one
+// 4-byte scale per lane.
+__device__ void warp_copy_scales(uint8_t* row_scales, const DispatchPackArgs& args, const DispatchRowLayout& layout,
+                                 int64_t t, int lane) {
+  const uint8_t* first = args.x_scales + scale_offset(t, 0, args.scales_token_stride, args.scales_column_stride);
+  if (args.scales_column_stride == 1) {
+    warp_copy(row_scales, first, layout.scales_bytes, lane);
+    return;
+  }
+  const int64_t num_scales = layout.scales_bytes / kScaleBytes;
+  for (int64_t j = lane; j < num_scales; j += kWarpSize)
+    vector_store(reinterpret_cast<int32_t*>(row_scales) + j,
+                 vector_load(reinterpret_cast<const int32_t*>(first + scale_offset(0, j, 0, args.scales_column_stride))));
+}
+
 // One warp per token: checks its ids and weights once, then writes its row to every destination
 // rank: into send_buffer, or (ipc) straight into the destinations' receive regions within the round
 // hand-shake of ipc.cuh. The repeated reads of x hit L2 after the first, so HBM sees x once.
@@ -48,8 +63,7 @@ __global__ void __launch_bounds__(kMaxThreadsPerBlock)
         row = args.send_buffer + static_cast<int64_t>(pos) * layout.stride;
       }
       warp_copy(row, args.x + t * layout.x_bytes, layout.x_bytes, lane);
-      if (layout.scales_bytes > 0)
-        warp_copy(row + layout.scales_offset, args.x_scales + t * layout.scales_bytes, layout.scales_bytes, lane);
+      if (layout.scales_bytes > 0) warp_copy_scales(row + layout.scales_offset, args, layout, t, lane);
       if (lane == 0) *reinterpret_cast<int32_t*>(row + layout.src_idx_offset) = static_cast<int32_t>(t);
       for (int k = lane; k < num_topk; k += kWarpSize) {
         const int64_t expert = token_topk_idx[k];

@@ -26,7 +26,7 @@ from .._dtypes import KERNEL_DTYPE_CODES
 from ..collectives import CollectiveError, all_gather, all_to_all
 from ..handle import DispatchHandle
 from .records import FORMAT_FIELDS, check_format_agreement, check_receive_totals, format_values
-from .tensors import as_bytes, ptr, row_bytes
+from .tensors import as_bytes, ptr, row_bytes, scale_strides
 
 Tensor = torch.Tensor
 
@@ -116,8 +116,8 @@ class CpuTransport:
         num_topk = topk_idx.shape[1] if topk_idx is not None else 0
         stride = _C.dispatch_row_stride(row_bytes(x), row_bytes(x_scales), num_topk)
         send_buffer = self._staging_bytes("send", num_send_rows * stride)
-        _C.dispatch_pack(ptr(x), row_bytes(x), ptr(x_scales), row_bytes(x_scales), ptr(topk_idx),
-                         ptr(topk_weights), num_topk, num_experts, send_pos.data_ptr(), x.shape[0], self.num_ranks,
+        _C.dispatch_pack(ptr(x), row_bytes(x), ptr(x_scales), row_bytes(x_scales), *scale_strides(x_scales),
+                         ptr(topk_idx), ptr(topk_weights), num_topk, num_experts, send_pos.data_ptr(), x.shape[0], self.num_ranks,
                          send_buffer.data_ptr())
         return send_buffer, stride
 
@@ -240,6 +240,7 @@ class CpuTransport:
                                                for n in per_expert.tolist()]
         handle = DispatchHandle(
             rank_prefix_matrix=counts_matrix.cumsum(0).to(torch.int32),
+            device_send_counts=send_counts,
             send_counts=host_send_counts,
             recv_counts=recv_counts,
             recv_src_idx=recv_src_idx,

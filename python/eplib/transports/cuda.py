@@ -140,10 +140,11 @@ class CudaTransport:
 
     @staticmethod
     def _normal_handle(counts: NormalCounts, rank_prefix_matrix: Tensor, recv_counts: Tensor, recv_src_idx: Tensor,
-                       is_token_in_rank: Tensor, send_pos: Tensor, hidden: int) -> DispatchHandle:
-        """The handle of a normal-mode dispatch: host counts, device prefix matrix and receive counts."""
+                       is_token_in_rank: Tensor, send_pos: Tensor, send_counts: Tensor, hidden: int) -> DispatchHandle:
+        """The handle of a normal-mode dispatch: host counts, device prefix matrix and send and receive counts."""
         return DispatchHandle(
             rank_prefix_matrix=rank_prefix_matrix,
+            device_send_counts=send_counts,
             send_counts=counts.send_counts,
             recv_counts=counts.recv_counts,
             recv_src_idx=recv_src_idx,
@@ -163,6 +164,7 @@ class CudaTransport:
         """The handle of a num_worst_tokens dispatch (slot layout): device counts only."""
         return DispatchHandle(
             rank_prefix_matrix=rank_prefix_matrix,
+            device_send_counts=send_counts,
             send_counts=send_counts,
             recv_counts=recv_counts,
             recv_src_idx=outputs.recv_src_idx,
@@ -223,7 +225,7 @@ class CudaTransport:
             else:
                 result = self._dispatch_normal(call, *layout, expert_alignment, send_pos, send_counts, num_sms)
             recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, _, handle = result
-            in_flight = inputs + (recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights) + handle_tensors(handle)
+            in_flight = inputs + (recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights) + handle.tensors()
             return result, call.finish(async_finish, in_flight)
 
     def _before_dispatch(self, x: Tensor, x_scales: Optional[Tensor], topk_idx: Optional[Tensor],
@@ -233,11 +235,6 @@ class CudaTransport:
     def _check_records(self, records: Tensor) -> None:
         """Raises on every rank alike when a rank's error flag is set or the ranks' formats differ."""
         check_records(records, self.rank, self.error_flag)
-
-
-def handle_tensors(handle: DispatchHandle) -> Tuple[Tensor, ...]:
-    """The device tensors of a handle (the others are host values)."""
-    return tuple(value for value in handle if isinstance(value, torch.Tensor))
 
 
 def normal_records_for_rank(records: Tensor, rank: int, num_ranks: int) -> Tensor:

@@ -50,7 +50,7 @@ from .. import _C
 from ..collectives import all_gather, timeout_seconds
 from ..event import EventOverlap
 from ..handle import DispatchHandle
-from .cuda import CombineOutputs, CudaTransport, NormalCounts, UnpackOutputs, handle_tensors
+from .cuda import CombineOutputs, CudaTransport, NormalCounts, UnpackOutputs
 from .kernels import combine_pack_args, dispatch_pack_args
 from .records import format_values
 from .streams import CallStreams
@@ -259,7 +259,7 @@ class IpcTransport(CudaTransport):
             self._exchange(pack, unpack, (x, x_scales, topk_idx, topk_weights, send_pos, rank_prefix_matrix,
                                           recv_counts) + outputs.tensors(), num_sms)
         handle = self._normal_handle(counts, rank_prefix_matrix, recv_counts, outputs.recv_src_idx, is_token_in_rank,
-                                     send_pos, x.shape[1])
+                                     send_pos, send_counts, x.shape[1])
         return self._dispatch_result(outputs, counts.num_recv_tokens_per_expert_list, handle)
 
     def _dispatch_padded(self, call: CallStreams, x: Tensor, x_scales: Optional[Tensor], is_token_in_rank: Tensor,
@@ -307,7 +307,7 @@ class IpcTransport(CudaTransport):
                 outputs = UnpackOutputs(call, handle.num_output_rows, x, x_scales, 0, with_count=False)
                 unpack = outputs.args(None, handle.device_recv_counts, handle.slot_rows, x, x_scales, 0,
                                       self.error_flag)
-                in_flight = (x, x_scales, outputs.recv_x, outputs.recv_x_scales) + handle_tensors(handle)
+                in_flight = (x, x_scales, outputs.recv_x, outputs.recv_x_scales) + handle.tensors()
                 self._exchange(pack, unpack, in_flight, num_sms)
             return (outputs.recv_x, outputs.recv_x_scales), call.finish(async_finish, in_flight)
 
@@ -323,7 +323,7 @@ class IpcTransport(CudaTransport):
                                          rank_prefix_matrix=handle.rank_prefix_matrix)
                 outputs = CombineOutputs(call, handle, x, num_topk)
                 in_flight = (x, topk_weights, bias_0, bias_1, outputs.combined_x,
-                             outputs.combined_topk_weights) + handle_tensors(handle)
+                             outputs.combined_topk_weights) + handle.tensors()
                 self.ipc_buffer.combine(pack, outputs.args(None, handle, bias_0, bias_1), num_sms,
                                         self.context.current_stream())
                 self.context.hold(in_flight)
