@@ -371,8 +371,9 @@ class Buffer:
         """Send each token to every rank that owns one of its experts, once per rank.
 
         Args:
-            x: ``[T, H]`` contiguous bf16/fp16/fp32, or the FP8 tuple (float8_e4m3fn ``[T, H]``,
-                float32 scales ``[T, H/128]``). A non-contiguous x raises ValueError (no silent copy).
+            x: ``[T, H]`` contiguous bf16/fp16/fp32, or the FP8 tuple (contiguous float8_e4m3fn ``[T, H]``,
+                float32 or int32 (UE8M0) scales ``[T, S]`` of any strides, e.g. column-major, which are read
+                through their strides). A non-contiguous x raises ValueError (no silent copy).
             handle: the handle of an earlier dispatch: cached mode, only x travels, along the same layout.
             num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert: from ``get_dispatch_layout``;
                 required without a handle, and checked against each other and topk_idx (ValueError

@@ -117,8 +117,8 @@ class CpuTransport:
         stride = _C.dispatch_row_stride(row_bytes(x), row_bytes(x_scales), num_topk)
         send_buffer = self._staging_bytes("send", num_send_rows * stride)
         _C.dispatch_pack(ptr(x), row_bytes(x), ptr(x_scales), row_bytes(x_scales), *scale_strides(x_scales),
-                         ptr(topk_idx), ptr(topk_weights), num_topk, num_experts, send_pos.data_ptr(), x.shape[0], self.num_ranks,
-                         send_buffer.data_ptr())
+                         ptr(topk_idx), ptr(topk_weights), num_topk, num_experts, send_pos.data_ptr(), x.shape[0],
+                         self.num_ranks, send_buffer.data_ptr())
         return send_buffer, stride
 
     def _exchange_rows(self, send_buffer: Tensor, stride: int, send_counts: Tuple[int, ...],
