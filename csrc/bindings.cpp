@@ -155,7 +155,8 @@ void def_kernel_args(py::module_& m) {
       EPLIB_FIELD(DispatchCheckArgs, num_experts) EPLIB_FIELD(DispatchCheckArgs, error_flag);
   ArgsBinding<DispatchPackArgs>(m, "DispatchPackArgs") EPLIB_FIELD(DispatchPackArgs, x)
       EPLIB_FIELD(DispatchPackArgs, x_bytes) EPLIB_FIELD(DispatchPackArgs, x_scales)
-      EPLIB_FIELD(DispatchPackArgs, scales_bytes) EPLIB_FIELD(DispatchPackArgs, topk_idx)
+      EPLIB_FIELD(DispatchPackArgs, scales_bytes) EPLIB_FIELD(DispatchPackArgs, scales_token_stride)
+      EPLIB_FIELD(DispatchPackArgs, scales_column_stride) EPLIB_FIELD(DispatchPackArgs, topk_idx)
       EPLIB_FIELD(DispatchPackArgs, topk_weights) EPLIB_FIELD(DispatchPackArgs, num_topk)
       EPLIB_FIELD(DispatchPackArgs, num_experts) EPLIB_FIELD(DispatchPackArgs, send_pos)
       EPLIB_FIELD(DispatchPackArgs, num_tokens) EPLIB_FIELD(DispatchPackArgs, num_ranks)
@@ -485,11 +486,11 @@ PYBIND11_MODULE(_C, m) {
 
   m.def(
       "dispatch_pack",
-      [](uintptr_t x, int64_t x_bytes, uintptr_t x_scales, int64_t scales_bytes, uintptr_t topk_idx,
-         uintptr_t topk_weights, int num_topk, int num_experts, uintptr_t send_pos, int64_t num_tokens, int num_ranks,
-         uintptr_t send_buffer) {
+      [](uintptr_t x, int64_t x_bytes, uintptr_t x_scales, int64_t scales_bytes, int64_t scales_token_stride,
+         int64_t scales_column_stride, uintptr_t topk_idx, uintptr_t topk_weights, int num_topk, int num_experts,
+         uintptr_t send_pos, int64_t num_tokens, int num_ranks, uintptr_t send_buffer) {
         cpu::dispatch_pack(as_ptr<const uint8_t>(x), x_bytes, as_ptr<const uint8_t>(x_scales), scales_bytes,
-                           as_ptr<const int64_t>(topk_idx), as_ptr<const float>(topk_weights), num_topk, num_experts,
+                           scales_token_stride, scales_column_stride, as_ptr<const int64_t>(topk_idx), as_ptr<const float>(topk_weights), num_topk, num_experts,
                            as_ptr<const int32_t>(send_pos), num_tokens, num_ranks, as_ptr<uint8_t>(send_buffer));
       },
       release_gil);

@@ -743,6 +743,21 @@ def closed_form_errors(buf, rank: int, R: int, impl: str, case: dict) -> List[st
     return errs
 
 
+# The FP8 scale forms DeepEP accepts: float32 [T, H/128] or int32 [T, H/512] (four UE8M0 exponents
+# each), row-major or column-major (DeepEP's intranode test passes x[1].T.contiguous().T).
+SCALE_FORMS = ("row_major", "column_major", "int32", "int32_column_major")
+
+
+def make_scales(g: torch.Generator, T: int, H: int, form: str) -> torch.Tensor:
+    """Random FP8 scales for T tokens of hidden size H in one of SCALE_FORMS."""
+    if form.startswith("int32"):
+        scales = torch.randint(0, 256, (T, 4 * max(1, H // (4 * FP8_BLOCK))), dtype=torch.uint8,
+                               generator=g).view(torch.int32)
+    else:
+        scales = torch.rand((T, max(1, H // FP8_BLOCK)), generator=g) + 0.5
+    return scales.T.contiguous().T if form.endswith("column_major") else scales
+
+
 def _compare_sequence(buf, rank: int, R: int, case: dict):
     """The call sequence job_compare runs on one implementation; returns its outputs."""
     seed, Ts, H, K, E = case["seed"], case["Ts"], case["H"], case["K"], case["E"]
@@ -753,8 +768,7 @@ def _compare_sequence(buf, rank: int, R: int, case: dict):
     w = make_topk_weights(seed, rank, T, K)
     if dtype == "fp8":
         g = _gen(seed, rank, 30)
-        x = ((torch.randn((T, H), generator=g) * 4).to(FP8),
-             torch.rand((T, max(1, H // FP8_BLOCK)), generator=g) + 0.5)
+        x = ((torch.randn((T, H), generator=g) * 4).to(FP8), make_scales(g, T, H, case.get("scales", "row_major")))
     else:
         x = make_random_rows(seed, rank, T, H, dtype, salt=30)
     lay = buf.get_dispatch_layout(idx, E)

@@ -15,6 +15,7 @@ MISMATCHES = {
     "dtype_differs_same_width": "x",
     "hidden_differs": "x",
     "num_experts_differs": "num_tokens_per_expert",
+    "fp8_scales_dtype_differs": "x[1]",
 }
 
 
@@ -44,6 +45,9 @@ def _run_mismatch(rank, R, group, name):
     if name == "nan_weight_on_last_rank" and odd:
         w[5, 1] = float("nan")
     x = make_payload(7, rank, T, H, dtype)
+    if name == "fp8_scales_dtype_differs":  # float32 scales here, int32 (UE8M0) ones of the same count there
+        values, scales = make_payload(7, rank, T, H, "fp8")
+        x = (values, scales.view(torch.int32) if odd else scales)
     lay = buf.get_dispatch_layout(idx, E)
     start = time.monotonic()
     try:

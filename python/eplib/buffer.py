@@ -14,7 +14,7 @@ import torch.distributed as dist
 from . import _C
 from ._dtypes import CUDA_KERNEL_DTYPES, KERNEL_DTYPE_CODES
 from .config import Config, nvl_buffer_size_hint
-from .event import EventOverlap
+from .event import EventHandle, EventOverlap
 from .handle import DispatchHandle
 from .transports import CpuTransport, CudaTransport, IpcTransport, IpcUnavailable, NcclTransport
 from .validation import (check_allocation, check_bias, check_int, check_int32_product, check_num_experts,
@@ -120,6 +120,7 @@ class Buffer:
         self._cuda: Optional[CudaTransport] = self._open_ipc() if transport in ("ipc", "auto") else None
         self._backend = backend
         self._destroyed = False
+        self._local_buffers = {}  # get_local_buffer_tensor's memory, made at its first call
 
     def _open_ipc(self) -> Optional[IpcTransport]:
         """The ipc transport on the current device, or None where "auto" falls back to nccl."""
@@ -152,6 +153,7 @@ class Buffer:
                                "released when it is garbage-collected")
         self._destroyed = True
         self._cpu = None  # frees the staging bytes
+        self._local_buffers = {}
         if isinstance(self._cuda, IpcTransport):
             self._cuda.destroy()  # a barrier with the other ranks, then the ipc memory is freed
         self._cuda = None  # its communication stream and error flag
@@ -180,11 +182,50 @@ class Buffer:
     @staticmethod
     def capture() -> EventOverlap:
         """An event on the current CUDA stream, or a completed no-op event without CUDA."""
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            event = torch.cuda.Event()
-            event.record(torch.cuda.current_stream())
-            return EventOverlap(event)
-        return EventOverlap()
+        return EventOverlap(EventHandle())
+
+    @staticmethod
+    def is_sm90_compiled() -> bool:
+        """True. DeepEP says whether its build has the SM90 features that its FP8 dispatch needs, and its
+        callers test FP8 only then; eplib takes the FP8 tuple on every transport, GPU or not."""
+        return True
+
+    def get_local_buffer_tensor(self, dtype: torch.dtype, size: Optional[torch.Size] = None, offset: int = 0,
+                                use_rdma_buffer: bool = False) -> Tensor:
+        """This rank's ``num_nvl_bytes`` (``use_rdma_buffer``: ``num_rdma_bytes``) of buffer as a 1-D
+        tensor of ``dtype`` from byte ``offset`` on, or its first ``size.numel()`` elements viewed as
+        ``size``, as DeepEP's. The memory is made at the first call and stays the same for the Buffer's
+        life: scratch memory for the caller, which eplib's calls never touch (eplib does not hand out
+        the ipc buffer its transport moves rows through, where a write would corrupt a call in flight).
+        It is on the device of the Buffer's CUDA calls (the current CUDA device before the first one),
+        or on the CPU with ``transport='cpu'`` or without a usable GPU."""
+        self._check_alive()
+        if not isinstance(dtype, torch.dtype):
+            raise TypeError(f"dtype: expected a torch.dtype, got {type(dtype).__name__}")
+        num_bytes = self.num_rdma_bytes if use_rdma_buffer else self.num_nvl_bytes
+        check_int("offset", offset, 0, num_bytes)
+        key = "rdma" if use_rdma_buffer else "nvl"
+        if key not in self._local_buffers:
+            self._local_buffers[key] = torch.empty(num_bytes, dtype=torch.uint8, device=self._local_device())
+        element_size = dtype.itemsize
+        if offset % element_size != 0:
+            raise ValueError(f"offset: expected a multiple of the {element_size}-byte size of {dtype}, got {offset}")
+        num_elements = (num_bytes - offset) // element_size
+        tensor = self._local_buffers[key][offset:offset + num_elements * element_size].view(dtype)
+        if size is None:
+            return tensor
+        size = torch.Size(size)
+        if size.numel() > num_elements:
+            raise ValueError(f"size: {list(size)} needs {size.numel()} elements of {dtype}, the buffer has "
+                             f"{num_elements} from byte {offset} on")
+        return tensor[:size.numel()].view(size)
+
+    def _local_device(self) -> torch.device:
+        if self._cuda is not None:
+            return self._cuda.device
+        if self.transport == "cpu" or not _cuda_usable():
+            return torch.device("cpu")
+        return torch.device("cuda", torch.cuda.current_device())
 
     def get_comm_stream(self) -> Optional["torch.cuda.Stream"]:
         """The communication stream of CUDA calls (created on the current device if no CUDA call ran
@@ -369,8 +410,9 @@ class Buffer:
         """Send each token to every rank that owns one of its experts, once per rank.
 
         Args:
-            x: ``[T, H]`` contiguous bf16/fp16/fp32, or the FP8 tuple (float8_e4m3fn ``[T, H]``,
-                float32 scales ``[T, H/128]``). A non-contiguous x raises ValueError (no silent copy).
+            x: ``[T, H]`` contiguous bf16/fp16/fp32, or the FP8 tuple (contiguous float8_e4m3fn ``[T, H]``,
+                float32 or int32 (UE8M0) scales ``[T, S]`` of any strides, e.g. column-major, which are read
+                through their strides). A non-contiguous x raises ValueError (no silent copy).
             handle: the handle of an earlier dispatch: cached mode, only x travels, along the same layout.
             num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert: from ``get_dispatch_layout``;
                 required without a handle, and checked against each other and topk_idx (ValueError

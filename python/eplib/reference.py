@@ -11,7 +11,8 @@ Conventions (shared with eplib.Buffer, bit for bit):
 - R = group size, E experts with E % R == 0; rank r owns experts [r*E/R, (r+1)*E/R).
 - topk_idx int64 [T, K] in [-1, E) (-1 = masked slot), topk_weights float32 [T, K].
 - x is [T, H] float32 / bfloat16 / float16 / float64, or the FP8 tuple
-  (float8_e4m3fn [T, H], float32 scales [T, S]) whose scales travel with their token.
+  (float8_e4m3fn [T, H], float32 or int32 scales [T, S] of any strides) whose scales travel with
+  their token.
 - A token goes to a rank at most once; received rows are ordered by source rank, then by
   source token index.
 - combine sums in fp32 (fp64 for float64 x): 0, then bias_0, then bias_1, then the rows sent back by the
@@ -90,10 +91,12 @@ def _check_dispatch_x(x: object) -> Tuple[Tensor, Optional[Tensor]]:
             _fail(ValueError, "x", "a tensor or the FP8 tuple (values, scales)", f"a tuple of {len(x)}")
         values, scales = x
         _check_tensor(values, "x[0]", _FP8_DTYPE, (None, None))
-        _check_tensor(scales, "x[1]", torch.float32, (values.shape[0], None))
-        for part, name in ((values, "x[0]"), (scales, "x[1]")):
-            if not part.is_contiguous():
-                _fail(ValueError, name, "a contiguous tensor", f"strides {part.stride()}")
+        if not values.is_contiguous():
+            _fail(ValueError, "x[0]", "a contiguous tensor", f"strides {values.stride()}")
+        # Scales of any strides, float32 or int32 (four UE8M0 exponents each), as DeepEP takes them.
+        if not isinstance(scales, Tensor) or scales.dtype not in (torch.float32, torch.int32):
+            _fail(TypeError, "x[1]", "a float32 or int32 tensor", scales)
+        _check_tensor(scales, "x[1]", scales.dtype, (values.shape[0], None))
         return values, scales
     return _check_float_x(x, "x"), None
 
@@ -204,7 +207,7 @@ class ReferenceBuffer:
         """Sends every token to each rank that owns one of its experts (at most once per rank).
 
         Args:
-            x: [T, H] float32/bfloat16/float16/float64, or (float8_e4m3fn [T, H], float32 scales [T, S]).
+            x: [T, H] float32/bfloat16/float16/float64, or (float8_e4m3fn [T, H], float32 or int32 scales [T, S]).
             handle: a handle from an earlier dispatch (cached mode: the layout is reused and only
                 x travels; every other argument is ignored).
             num_tokens_per_rank: int32 [R], is_token_in_rank: bool [T, R],

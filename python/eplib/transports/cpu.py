@@ -38,7 +38,7 @@ from ..collectives import CollectiveError
 from ..exchange import channel_for
 from ..handle import DispatchHandle
 from .records import Headers, check_headers, check_receive_totals, format_values, header_words, make_header
-from .tensors import as_bytes, ptr, row_bytes
+from .tensors import as_bytes, ptr, row_bytes, scale_strides
 
 Tensor = torch.Tensor
 
@@ -143,9 +143,9 @@ class CpuTransport:
         num_topk = topk_idx.shape[1] if topk_idx is not None else 0
         stride = _C.dispatch_row_stride(row_bytes(x), row_bytes(x_scales), num_topk)
         send_buffer = self._staging_bytes("send", num_send_rows * stride)
-        _C.dispatch_pack(ptr(x), row_bytes(x), ptr(x_scales), row_bytes(x_scales), ptr(topk_idx),
-                         ptr(topk_weights), num_topk, num_experts, send_pos.data_ptr(), x.shape[0], self.num_ranks,
-                         send_buffer.data_ptr())
+        _C.dispatch_pack(ptr(x), row_bytes(x), ptr(x_scales), row_bytes(x_scales), *scale_strides(x_scales),
+                         ptr(topk_idx), ptr(topk_weights), num_topk, num_experts, send_pos.data_ptr(), x.shape[0],
+                         self.num_ranks, send_buffer.data_ptr())
         return send_buffer, stride
 
     def _exchange_rows(self, send_buffer: Tensor, stride: int, send_counts: Tuple[int, ...],
@@ -246,6 +246,7 @@ class CpuTransport:
                                                for n in per_expert.tolist()]
         handle = DispatchHandle(
             rank_prefix_matrix=counts_matrix.cumsum(0).to(torch.int32),
+            device_send_counts=send_counts,
             send_counts=host_send_counts,
             recv_counts=recv_counts,
             recv_src_idx=recv_src_idx,

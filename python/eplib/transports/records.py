@@ -12,15 +12,22 @@ from ..collectives import CollectiveError
 from ..exchange import GroupChannel, PeerInputError, describe_ranks
 
 # Format fields of a dispatch record, and the argument to blame when the ranks disagree on one.
+# "scales": FP8 scales per token, negative for int32 (UE8M0-packed) scales, 0 without scales.
 FORMAT_FIELDS = {"num_experts": "num_tokens_per_expert", "num_topk": "topk_idx", "x_dtype": "x", "hidden": "x",
-                 "scales_per_token": "x[1]"}
+                 "scales": "x[1]"}
 
 
 def format_values(x: torch.Tensor, x_scales: Optional[torch.Tensor], num_experts: int,
                   num_topk: int) -> Dict[str, int]:
     """This rank's values of the FORMAT_FIELDS, in their order."""
     return {"num_experts": num_experts, "num_topk": num_topk, "x_dtype": WIRE_DTYPE_IDS[x.dtype], "hidden": x.shape[1],
-            "scales_per_token": x_scales.shape[1] if x_scales is not None else 0}
+            "scales": _scales_format(x_scales)}
+
+
+def _scales_format(x_scales: Optional[torch.Tensor]) -> int:
+    if x_scales is None:
+        return 0
+    return -x_scales.shape[1] if x_scales.dtype == torch.int32 else x_scales.shape[1]
 
 
 def check_format_agreement(column: Callable[[str], List[int]], num_ranks: int,
