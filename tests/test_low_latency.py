@@ -162,3 +162,190 @@ def test_low_latency_equals_reference(ll_pool, name):
     case = fill(CASES[name], ll_pool.world_size)
     errs = ll_pool.run(job_ll, case, timeout=60)
     assert not any(errs), "\n".join(e for rank_errs in errs for e in rank_errs)
+
+
+def job_ll_gloo(rank, R, group, case):
+    """job_ll with the engine's messages on gloo point-to-point (the exchange between hosts)."""
+    import eplib
+    from eplib.transports.low_latency_cpu import CpuLowLatency
+
+    buffer = eplib.Buffer(group, 0, 0, low_latency_mode=True, num_qps_per_rank=1)
+    buffer._low_latency[buffer._transport_for("x", torch.empty(0))] = CpuLowLatency(group, False, 0, [False] * R,
+                                                                                     exchange="gloo")
+    errs = []
+    for round_ in range(case["rounds"]):
+        errs += _ll_round(buffer, rank, R, case, round_)
+    return errs
+
+
+@pytest.mark.parametrize("name", ["bf16-zero_copy-rounds", "fp8-ue8m0-H640", "empty-ranks"])
+def test_low_latency_gloo_exchange(ll_pool, name):
+    case = fill(CASES[name], ll_pool.world_size)
+    errs = ll_pool.run(job_ll_gloo, case, timeout=60)
+    assert not any(errs), "\n".join(e for rank_errs in errs for e in rank_errs)
+
+
+# ------------------------------------------------------------------------------ hooks, stats, mixing
+
+
+def job_two_hooks_and_stats(rank, R, group, case):
+    """Two dispatches await their hooks at once (buffers 0 and 1); a third LL call is refused until a hook
+    runs; hooks run in reverse order; the receive statistics accumulate; then both combines, hooked too."""
+    import eplib
+
+    buffer = eplib.Buffer(group, 0, 0, low_latency_mode=True, num_qps_per_rank=1)
+    cases = [case, dict(case, seed=case["seed"] + 100)]
+    stats = torch.zeros(case["E"] // R, dtype=torch.int32)
+    waits = torch.zeros(R, dtype=torch.int64)
+    calls = []
+    for c in cases:
+        x, idx, _ = ll_inputs(c, rank)
+        calls.append(buffer.low_latency_dispatch(x, idx, c["num_max"], c["E"], use_fp8=c["use_fp8"],
+                                                 cumulative_local_expert_recv_stats=stats,
+                                                 dispatch_wait_recv_cost_stats=waits, return_recv_hook=True))
+    errs = []
+    try:
+        buffer.low_latency_dispatch(*ll_inputs(case, rank)[:2], case["num_max"], case["E"], use_fp8=False)
+        errs.append(f"rank {rank}: a third low-latency call while two await their hooks was accepted")
+    except RuntimeError as error:
+        if "hook" not in str(error):
+            errs.append(f"rank {rank}: unclear error for a third pending call: {error}")
+    for call in reversed(calls):
+        call[4]()
+    for c, call in zip(cases, calls):
+        errs += check_dispatch(rank, R, c, call[:3])
+    total = calls[0][1] + calls[1][1]
+    if not torch.equal(stats, total):
+        errs.append(f"rank {rank}: cumulative_local_expert_recv_stats {stats.tolist()} != {total.tolist()}")
+    if (waits < 0).any():
+        errs.append(f"rank {rank}: negative wait statistics {waits.tolist()}")
+    hooks = []
+    for round_, (c, call) in enumerate(zip(cases, calls)):
+        _, idx, w = ll_inputs(c, rank)
+        combined, _, hook = buffer.low_latency_combine(expert_outputs(c, rank, R, round_), idx, w, call[2],
+                                                       return_recv_hook=True)
+        hooks.append((hook, combined, c, round_))
+    for hook, combined, c, round_ in hooks:
+        hook()
+        errs += check_combine(rank, R, c, combined, round_)
+    return errs
+
+
+def test_low_latency_two_pending_hooks(ll_pool):
+    case = fill(ll_case(use_fp8=True), ll_pool.world_size)
+    errs = ll_pool.run(job_two_hooks_and_stats, case, timeout=60)
+    assert not any(errs), "\n".join(e for rank_errs in errs for e in rank_errs)
+
+
+def _normal_round(buffer, rank: int, R: int, seed: int) -> list:
+    """A normal-mode dispatch + combine with identity experts: integer payloads come back times the number
+    of ranks each token went to, exactly."""
+    from dist_harness import make_payload
+
+    T, E = 9 + rank, 2 * R
+    x = make_payload(seed, rank, T, 32, "bf16")
+    idx = make_topk_idx(seed, rank, T, 2, E, "uniform")
+    per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(idx, E)
+    recv_x, _, _, _, handle, _ = buffer.dispatch(x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
+                                                num_tokens_per_expert=per_expert, topk_idx=idx,
+                                                topk_weights=make_topk_weights(seed, rank, T, 2))
+    combined = buffer.combine(recv_x, handle)[0]
+    expected = (x.float() * in_rank.sum(1, keepdim=True).float()).to(torch.bfloat16)
+    return [] if torch.equal(combined, expected) else [f"rank {rank}: normal-mode round {seed} wrong"]
+
+
+def job_mixed(rank, R, group, case):
+    """Normal and LL calls on one Buffer, with clean_low_latency_buffer between them (as DeepEP asks)."""
+    import eplib
+
+    buffer = eplib.Buffer(group, 0, 0, low_latency_mode=True, num_qps_per_rank=1)
+    errs = _normal_round(buffer, rank, R, 1)
+    for round_ in range(2):
+        buffer.clean_low_latency_buffer(case["num_max"], case["H"], case["E"])
+        errs += _ll_round(buffer, rank, R, case, round_)
+        errs += _normal_round(buffer, rank, R, 2 + round_)
+    return errs
+
+
+def test_low_latency_mixed_with_normal_mode(pool):
+    case = fill(ll_case(hook=True), pool.world_size)
+    errs = pool.run(job_mixed, case, timeout=60)
+    assert not any(errs), "\n".join(e for rank_errs in errs for e in rank_errs)
+
+
+# ------------------------------------------------------------------------------------ bad input
+
+BAD_CALLS = {
+    # name: (overrides of the dispatch call, the argument the error must name)
+    "num_max_too_small": (dict(num_max=4), "num_max_dispatch_tokens_per_rank"),
+    "fp8_hidden_not_128": (dict(H=200, use_fp8=True), "x"),
+    "topk_over_32": (dict(K=33), "topk_idx"),
+    "ue8m0_without_round_scale": (dict(use_fp8=True, use_ue8m0=True), "use_ue8m0"),
+    "experts_not_multiple_of_ranks": (dict(E_plus=1), "num_experts"),
+}
+
+
+def _dispatch_args(rank: int, R: int, bad: dict):
+    T, H, K = 6, bad.get("H", 128), bad.get("K", 2)
+    E = 40 * R + bad.get("E_plus", 0)
+    x = torch.randn(T, H).to(torch.bfloat16)
+    idx = torch.randint(0, E, (T, K), dtype=torch.int64)
+    return (x, idx, bad.get("num_max", 8), E), dict(use_fp8=bad.get("use_fp8", False),
+                                                    use_ue8m0=bad.get("use_ue8m0", False))
+
+
+def job_bad_call(rank, R, group, name, bad_ranks, case):
+    """A good LL round, then a call that is bad on `bad_ranks`: those raise the ValueError naming the
+    argument, the others a RuntimeError naming a bad rank (at once, not after the timeout); then a good
+    round again on every rank."""
+    import time
+
+    import eplib
+
+    bad, argument = BAD_CALLS[name]
+    buffer = eplib.Buffer(group, 0, 0, low_latency_mode=True, num_qps_per_rank=1)
+    errs = _ll_round(buffer, rank, R, case, 0)
+    args, kwargs = _dispatch_args(rank, R, bad if rank in bad_ranks else {})
+    start = time.monotonic()
+    try:
+        buffer.low_latency_dispatch(*args, **kwargs)
+        errs.append(f"rank {rank}: {name}: no error")
+    except ValueError as error:
+        if rank not in bad_ranks or not str(error).startswith(argument + ":"):
+            errs.append(f"rank {rank}: {name}: ValueError {error}")
+    except RuntimeError as error:
+        if rank in bad_ranks or f"rank {bad_ranks[0]}" not in str(error):
+            errs.append(f"rank {rank}: {name}: RuntimeError {error}")
+    if time.monotonic() - start > 10:
+        errs.append(f"rank {rank}: {name}: the error took {time.monotonic() - start:.1f} s")
+    return errs + _ll_round(buffer, rank, R, case, 1)
+
+
+@pytest.mark.parametrize("name", list(BAD_CALLS))
+def test_low_latency_bad_call(pool, name):
+    R = pool.world_size
+    case = fill(ll_case(), R)
+    for bad_ranks in ([R - 1], list(range(R))):
+        errs = pool.run(job_bad_call, name, bad_ranks, case, timeout=60)
+        assert not any(errs), "\n".join(e for rank_errs in errs for e in rank_errs)
+
+
+def job_bad_first_call(rank, R, group):
+    """Bad sizes on every rank at the first call: ValueError before anything is exchanged."""
+    import eplib
+
+    buffer = eplib.Buffer(group, 0, 0, low_latency_mode=True, num_qps_per_rank=1)
+    args, kwargs = _dispatch_args(rank, R, dict(num_max=2))
+    with pytest.raises(ValueError, match="num_max_dispatch_tokens_per_rank: x has 6 tokens"):
+        buffer.low_latency_dispatch(*args, **kwargs)
+    engine = buffer._low_latency[buffer._cpu]
+    calls_after_error = engine.state.num_calls
+    handle = buffer.low_latency_dispatch(*_dispatch_args(rank, R, {})[0])[2]
+    with pytest.raises(ValueError, match="use_logfmt"):  # all ranks reject: the round completes at once
+        buffer.low_latency_combine(torch.zeros(1, 1, 1, dtype=torch.bfloat16), args[1], torch.zeros(6, 2), handle,
+                                   use_logfmt=True)
+    return calls_after_error, engine._exchange is None or engine._exchange.kind
+
+
+def test_low_latency_bad_first_call(pool2):
+    assert pool2.run(job_bad_first_call) == [(0, "shared memory")] * 2

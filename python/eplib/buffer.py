@@ -473,15 +473,15 @@ class Buffer:
     def _low_latency_engine(self, name: str, tensor: Tensor):
         """The low-latency engine of the transport for tensors on ``tensor``'s device (made at first use)."""
         self._check_alive()
+        if not isinstance(tensor, Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(tensor).__name__}")
         transport = self._transport_for(name, tensor)
+        if not isinstance(transport, CpuTransport):
+            raise NotImplementedError(f"{name}: eplib's low-latency mode runs on the cpu transport (CPU tensors) "
+                                      f"only so far; the nccl and ipc transports do not have it yet")
         engine = self._low_latency.get(transport)
         if engine is None:
-            if isinstance(transport, CpuTransport):
-                engine = CpuLowLatency(self.group, self.enable_shrink, self.num_rdma_bytes, self._masked)
-            else:
-                from .transports.low_latency_cuda import cuda_low_latency_engine
-
-                engine = cuda_low_latency_engine(transport, self.enable_shrink, self.num_rdma_bytes, self._masked)
+            engine = CpuLowLatency(self.group, self.enable_shrink, self.num_rdma_bytes, self._masked)
             self._low_latency[transport] = engine
         return engine
 
@@ -513,9 +513,12 @@ class Buffer:
             None. Rows of expert le: by source rank, then source token; ``handle[1][le, s] = begin << 32 | count``.
         """
         engine = self._low_latency_engine("x", x)
-        call = DispatchCall(x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, self.group_size,
-                            cumulative_local_expert_recv_stats, dispatch_wait_recv_cost_stats, use_fp8, round_scale,
-                            use_ue8m0)
+        try:
+            call = DispatchCall(x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, self.group_size,
+                                cumulative_local_expert_recv_stats, dispatch_wait_recv_cost_stats, use_fp8,
+                                round_scale, use_ue8m0)
+        except (ValueError, TypeError) as error:
+            engine.reject("low_latency_dispatch", error)
         return engine.dispatch(call, async_finish=async_finish, return_recv_hook=return_recv_hook)
 
     def low_latency_combine(self, x: Tensor, topk_idx: Tensor, topk_weights: Tensor, handle: LowLatencyHandle,
@@ -537,8 +540,11 @@ class Buffer:
             or None.
         """
         engine = self._low_latency_engine("x", x)
-        call = CombineCall(x, topk_idx, topk_weights, handle, self.group_size, use_logfmt, zero_copy, out,
-                           combine_wait_recv_cost_stats)
+        try:
+            call = CombineCall(x, topk_idx, topk_weights, handle, self.group_size, use_logfmt, zero_copy, out,
+                               combine_wait_recv_cost_stats)
+        except (ValueError, TypeError) as error:
+            engine.reject("low_latency_combine", error)
         return engine.combine(call, async_finish=async_finish, return_recv_hook=return_recv_hook)
 
     def get_next_low_latency_combine_buffer(self, handle: LowLatencyHandle) -> Tensor:

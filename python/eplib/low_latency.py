@@ -1,7 +1,7 @@
 """Low-latency (LL) mode: DeepEP's ``low_latency_dispatch`` / ``low_latency_combine``. What every
 transport shares: the handle, the argument checks, and the state of the two alternating buffers,
-the receive hooks and the failed-rank mask. The transports' engines: ``transports/low_latency_cpu.py``,
-``transports/low_latency_cuda.py``. Layout and message format: ``csrc/include/eplib/low_latency.h``.
+the receive hooks. The transports' engines: ``transports/low_latency_cpu.py`` (the nccl and ipc
+transports have none yet). Layout and message format: ``csrc/include/eplib/low_latency.h``.
 
 Rows and their order (every transport, bit for bit):
 - A token travels once to each distinct expert among its top-k slots (a slot that repeats an expert
@@ -30,7 +30,6 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 
 from . import _C
-from .event import EventOverlap
 from .validation import check_int, check_int32_product, check_num_experts, check_tensor
 
 Tensor = torch.Tensor
@@ -297,17 +296,3 @@ def run_receive(state: LowLatencyState, buffer_index: int, what: str, receive: C
         return hook
     hook()
     return None
-
-
-class RankMask:
-    """The failed-rank mask of an engine (DeepEP's mask buffer): host bools, read by the engine before a call."""
-
-    def __init__(self, num_ranks: int, masked: Sequence[bool] = ()) -> None:
-        self.masked = list(masked) if masked else [False] * num_ranks
-
-    def live(self) -> List[int]:
-        return [r for r, masked in enumerate(self.masked) if not masked]
-
-
-def completed_event() -> EventOverlap:
-    return EventOverlap()

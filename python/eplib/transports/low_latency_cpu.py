@@ -29,7 +29,7 @@ from .. import _C
 from ..collectives import timeout_seconds
 from ..event import EventOverlap
 from ..low_latency import (CombineCall, DispatchCall, LowLatencyHandle, LowLatencyState, flags_bytes,
-                           message_problem, region_bytes, run_receive)
+                           header_fields, message_problem, region_bytes, run_receive)
 from .ipc import _all_gather_bytes
 
 Tensor = torch.Tensor
@@ -45,7 +45,9 @@ class PeerTimeout(RuntimeError):
 class SharedMemoryExchange:
     """Messages through shared host memory (see the module docstring). Region of rank r:
     freed[b] at 64 * b, arrived[b][s] at 128 + 8 * (b * R + s), then buffer b's slot s at
-    flags_bytes(R) + (b * R + s) * message_bytes."""
+    flags_bytes(R) + (b * R + s) * slot_bytes. slot_bytes is fixed when the regions are made (the
+    smallest region's share), so that a sender and a receiver whose calls disagree still meet in the
+    same slot, where the header tells the receiver of the disagreement."""
 
     kind = "shared memory"
 
@@ -54,12 +56,15 @@ class SharedMemoryExchange:
         self.region = _C.SharedRegion(num_bytes)
         records = _all_gather_bytes(group, self.region.handle().encode().ljust(_HANDLE_BYTES, b"\0"),
                                     torch.device("cpu"), "low-latency shared memory (handle exchange)")
-        self.bases = [self.region.address if r == self.rank else self.region.open_peer(record.rstrip(b"\0").decode())
-                      for r, record in enumerate(records)]
+        handles = [record.rstrip(b"\0").decode() for record in records]
+        self.bases = [self.region.address if r == self.rank else self.region.open_peer(handle)
+                      for r, handle in enumerate(handles)]
+        smallest = min(int(handle.split()[2]) for handle in handles)
+        self.slot_bytes = (smallest - flags_bytes(self.num_ranks)) // (2 * self.num_ranks) // 16 * 16
         self.num_bytes = num_bytes
 
     def fits(self, message_bytes: int) -> bool:
-        return region_bytes(self.num_ranks, message_bytes) <= self.num_bytes
+        return message_bytes <= self.slot_bytes
 
     def _freed(self, rank: int, buffer_index: int) -> int:
         return self.bases[rank] + 64 * buffer_index
@@ -67,8 +72,8 @@ class SharedMemoryExchange:
     def _arrived(self, rank: int, buffer_index: int, source: int) -> int:
         return self.bases[rank] + 128 + 8 * (buffer_index * self.num_ranks + source)
 
-    def _slot(self, rank: int, buffer_index: int, source: int, message_bytes: int) -> int:
-        return self.bases[rank] + flags_bytes(self.num_ranks) + (buffer_index * self.num_ranks + source) * message_bytes
+    def _slot(self, rank: int, buffer_index: int, source: int) -> int:
+        return self.bases[rank] + flags_bytes(self.num_ranks) + (buffer_index * self.num_ranks + source) * self.slot_bytes
 
     def send(self, buffer_index: int, round_: int, message_bytes: int, live: Sequence[bool],
              timeout_s: float) -> Tuple[List[int], List[int]]:
@@ -77,7 +82,7 @@ class SharedMemoryExchange:
         flags = [self._freed(r, buffer_index) if live[r] and r != self.rank else 0 for r in range(self.num_ranks)]
         waited = _C.wait_flags(flags, round_ - 1, timeout_s)
         failed = [r for r in range(self.num_ranks) if flags[r] and waited[r] < 0]
-        slots = [self._slot(r, buffer_index, self.rank, message_bytes) if live[r] and r not in failed else 0
+        slots = [self._slot(r, buffer_index, self.rank) if live[r] and r not in failed else 0
                  for r in range(self.num_ranks)]
         return slots, failed
 
@@ -93,7 +98,7 @@ class SharedMemoryExchange:
         flags = [self._arrived(self.rank, buffer_index, s) if live[s] else 0 for s in range(self.num_ranks)]
         waited = _C.wait_flags(flags, round_, timeout_s)
         failed = [s for s in range(self.num_ranks) if flags[s] and waited[s] < 0]
-        slots = [self._slot(self.rank, buffer_index, s, message_bytes) if waited[s] >= 0 else 0
+        slots = [self._slot(self.rank, buffer_index, s) if waited[s] >= 0 else 0
                  for s in range(self.num_ranks)]
         return slots, waited, failed
 
@@ -196,6 +201,7 @@ class CpuLowLatency:
         self.state = LowLatencyState()
         self.exchange_kind = exchange  # "auto", "shared memory" or "gloo" (tests)
         self._exchange = None
+        self._message_bytes = 0  # the largest message of a call so far (what a rejecting rank may receive)
         self._zero_copy: List[Optional[Tensor]] = [None, None]
         self._out_of_step: Optional[str] = None
 
@@ -222,6 +228,7 @@ class CpuLowLatency:
                 self._exchange = SharedMemoryExchange(self.group, num_bytes)
             else:
                 self._exchange = GlooExchange(self.group)
+        self._message_bytes = max(self._message_bytes, message_bytes)
         if not self._exchange.fits(message_bytes):
             raise ValueError(f"num_rdma_bytes: this low-latency call needs "
                              f"{region_bytes(self.num_ranks, message_bytes)} bytes of shared memory per rank, the "
@@ -377,6 +384,29 @@ class CpuLowLatency:
                              "this combine (it belongs to the next low-latency call's buffer); none of this shape "
                              "was handed out for it")
         return source
+
+    def reject(self, what: str, error: Exception) -> None:
+        """Raises ``error``, a check that this rank's call failed, after taking part in the call's round with a
+        header that says so: the peers then raise at once (RuntimeError naming this rank) instead of waiting out
+        the timeout, and every rank stays in step for the next call. Before the first call (no exchange yet)
+        it raises at once."""
+        if self._exchange is None or self._out_of_step is not None or any(self.state.awaiting):
+            raise error
+        exchange = self._exchange
+        buffer_index, round_ = self.state.next_call(what)
+        slots, failed = exchange.send(buffer_index, round_, self._message_bytes, self._live(), timeout_seconds())
+        fields = header_fields(1, 1, 1, 1, 0, 0, rejected=True)
+        for slot in slots:
+            if slot:
+                _C.ll_write_header(slot, 1, 1, 1, 0, False, fields, [])
+        exchange.publish(buffer_index, round_, slots, [_C.LL_HEADER_FIELDS * 4 if slot else 0 for slot in slots])
+        _, _, failed_receive = exchange.receive(buffer_index, round_, self._message_bytes, self._live(),
+                                                timeout_seconds())
+        exchange.release(buffer_index, round_)
+        if self.enable_shrink:
+            for r in set(failed) | set(failed_receive):
+                self.masked[r] = True
+        raise error
 
     def clean(self) -> None:
         self._start()
