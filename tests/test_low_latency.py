@@ -7,8 +7,12 @@ to combine are random bf16 per (seed, expert rank), independent of what was disp
 row read from the wrong place is caught.
 """
 
+import os
+
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dist_harness import make_topk_idx, make_topk_weights
 
@@ -54,15 +58,23 @@ def fill(case: dict, R: int) -> dict:
 # ------------------------------------------------------------------------------------- checks
 
 
+_EXPECTED_DISPATCH: dict = {}
+
+
 def check_dispatch(rank: int, R: int, case: dict, out, masked=()) -> list:
     """Errors of low_latency_dispatch's outputs (recv, recv_count, handle) against the reference."""
     from eplib.reference import low_latency_dispatch_expected
 
     recv, recv_count, handle = out
-    inputs = [ll_inputs(case, r) for r in range(R)]
-    exp_recv, exp_count, exp_src, exp_range = low_latency_dispatch_expected(
-        rank, [i[0] for i in inputs], [i[1] for i in inputs], case["num_max"], case["E"], case["use_fp8"],
-        case["round_scale"], case["use_ue8m0"], masked)
+    key = (repr(sorted(case.items())), rank, R, tuple(masked))
+    if key not in _EXPECTED_DISPATCH:  # loops repeat a case: its dispatch outputs do not change
+        inputs = [ll_inputs(case, r) for r in range(R)]
+        if len(_EXPECTED_DISPATCH) > 8:
+            _EXPECTED_DISPATCH.clear()
+        _EXPECTED_DISPATCH[key] = low_latency_dispatch_expected(
+            rank, [i[0] for i in inputs], [i[1] for i in inputs], case["num_max"], case["E"], case["use_fp8"],
+            case["round_scale"], case["use_ue8m0"], masked)
+    exp_recv, exp_count, exp_src, exp_range = _EXPECTED_DISPATCH[key]
     errs = []
     if not torch.equal(recv_count, exp_count):
         errs.append(f"rank {rank}: recv_count {recv_count.tolist()} != {exp_count.tolist()}")
@@ -76,7 +88,7 @@ def check_dispatch(rank: int, R: int, case: dict, out, masked=()) -> list:
         errs.append(f"rank {rank}: recv_x shape {list(values.shape)}")
         return errs
     if scales is not None and (scales.dtype != exp_scales.dtype or scales.shape != exp_scales.shape
-                               or scales.stride() != exp_scales.stride()):
+                               or _layout(scales) != _layout(exp_scales)):
         errs.append(f"rank {rank}: scales {scales.dtype} {list(scales.shape)} strides {scales.stride()}, expected "
                     f"{exp_scales.dtype} {list(exp_scales.shape)} strides {exp_scales.stride()}")
         return errs
@@ -88,6 +100,11 @@ def check_dispatch(rank: int, R: int, case: dict, out, masked=()) -> list:
         if scales is not None and not torch.equal(scales[le, :n], exp_scales[le, :n]):
             errs.append(f"rank {rank}: scales of local expert {le} differ")
     return errs
+
+
+def _layout(t: torch.Tensor) -> list:
+    """The strides that matter (those of dimensions longer than 1)."""
+    return [stride for size, stride in zip(t.shape, t.stride()) if size > 1]
 
 
 def check_combine(rank: int, R: int, case: dict, combined, round_: int = 0, masked=()) -> list:
@@ -105,7 +122,7 @@ def check_combine(rank: int, R: int, case: dict, combined, round_: int = 0, mask
 # ------------------------------------------------------------------------------------- jobs
 
 
-def _ll_round(buffer, rank: int, R: int, case: dict, round_: int) -> list:
+def _ll_round(buffer, rank: int, R: int, case: dict, round_: int, masked=()) -> list:
     """One dispatch + combine on `buffer`, checked; the options come from the case."""
     x, idx, weights = ll_inputs(case, rank)
     recv, recv_count, handle, event, hook = buffer.low_latency_dispatch(
@@ -113,7 +130,7 @@ def _ll_round(buffer, rank: int, R: int, case: dict, round_: int) -> list:
         use_ue8m0=case["use_ue8m0"], return_recv_hook=case["hook"])
     if case["hook"]:
         hook()
-    errs = check_dispatch(rank, R, case, (recv, recv_count, handle))
+    errs = check_dispatch(rank, R, case, (recv, recv_count, handle), masked)
     y = expert_outputs(case, rank, R, round_)
     if case["zero_copy"]:
         buffer.get_next_low_latency_combine_buffer(handle).copy_(y)
@@ -124,7 +141,7 @@ def _ll_round(buffer, rank: int, R: int, case: dict, round_: int) -> list:
         hook()
     if out is not None and combined.data_ptr() != out.data_ptr():
         errs.append(f"rank {rank}: combine did not write into out=")
-    return errs + check_combine(rank, R, case, combined, round_)
+    return errs + check_combine(rank, R, case, combined, round_, masked)
 
 
 def job_ll(rank, R, group, case):
@@ -349,3 +366,36 @@ def job_bad_first_call(rank, R, group):
 
 def test_low_latency_bad_first_call(pool2):
     assert pool2.run(job_bad_first_call) == [(0, "shared memory")] * 2
+
+
+# ------------------------------------------------------------------------------------ properties
+
+SETTINGS = settings(max_examples=12, deadline=None, derandomize=bool(os.environ.get("CI")), print_blob=True)
+
+
+@st.composite
+def ll_cases(draw, R: int) -> dict:
+    fp8 = draw(st.booleans())
+    round_scale = fp8 and draw(st.booleans())
+    num_max = draw(st.integers(1, 24))
+    E = R * draw(st.integers(1, 6))
+    return dict(
+        seed=draw(st.integers(0, 2**20)),
+        Ts=draw(st.lists(st.integers(0, num_max), min_size=R, max_size=R)),
+        H=128 * draw(st.integers(1, 3)) if fp8 else draw(st.integers(1, 300)),
+        K=draw(st.integers(1, min(E, 9))),
+        E=E,
+        num_max=num_max,
+        skew=draw(st.sampled_from(["uniform", "zipf", "hot", "masked", "dup", "all_masked", "one"])),
+        use_fp8=fp8, round_scale=round_scale, use_ue8m0=round_scale and draw(st.booleans()),
+        hook=draw(st.booleans()), zero_copy=draw(st.booleans()), use_out=draw(st.booleans()), rounds=2,
+        scale=draw(st.sampled_from([1e-6, 1.0, 1e4])),
+    )
+
+
+@SETTINGS
+@given(data=st.data())
+def test_low_latency_property(ll_pool, data):
+    case = data.draw(ll_cases(ll_pool.world_size), label="case")
+    errs = ll_pool.run(job_ll, case, timeout=60)
+    assert not any(errs), f"case {case}:\n" + "\n".join(e for rank_errs in errs for e in rank_errs)
