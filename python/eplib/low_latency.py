@@ -25,7 +25,7 @@ instead of raising: the call completes for the live ranks, a masked source contr
 masked expert rank nothing to combine. The mask is per Buffer and transport.
 """
 
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 

@@ -20,7 +20,7 @@ the call raises RuntimeError naming the rank and the phase, and the Buffer refus
 
 import socket
 import time
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
