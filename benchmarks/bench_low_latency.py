@@ -3,8 +3,11 @@ on the same inputs, in the same run, iteration by iteration interleaved.
 
 Per point (tokens per rank T, dtype bf16 or fp8) it times on every rank, each right after a barrier:
     ll       low_latency_dispatch (FP8 cast inside for fp8), low_latency_combine, and both in a row;
-    normal   get_dispatch_layout + dispatch (for fp8: the (e4m3, scales) tuple, cast beforehand and
-             not timed), combine, and the three in a row.
+    normal   get_dispatch_layout + dispatch (for fp8: the cast to the (e4m3, scales) tuple by
+             eplib.reference.fp8_quantize, then the dispatch of the tuple), combine, and the three in
+             a row.
+Both modes start from the same bf16 x and end with the same rows (bf16, or FP8 with the same scales)
+on the expert side.
 Medians and p10/p90 over iterations of the slowest rank. The LL Buffer is sized once for the largest
 point (``Buffer.get_low_latency_rdma_size_hint``); ``num_max_dispatch_tokens_per_rank`` is the largest
 T of the sweep at every point, as a decode server sets it once.
@@ -47,7 +50,6 @@ class Inputs:
         self.x = torch.randint(-4, 5, (tokens, hidden), generator=generator).to(torch.bfloat16)
         self.topk_idx, self.topk_weights = routing.generate(spec, tokens, seed, rank)
         self.num_experts = spec.num_experts
-        self.fp8 = fp8_quantize(self.x) if hidden % 128 == 0 else None
 
 
 def ll_round(buffer: eplib.Buffer, inputs: Inputs, num_max: int, use_fp8: bool):
@@ -62,7 +64,7 @@ def ll_combine(buffer: eplib.Buffer, inputs: Inputs, expert_out: torch.Tensor, h
 
 def normal_dispatch(buffer: eplib.Buffer, inputs: Inputs, use_fp8: bool):
     per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(inputs.topk_idx, inputs.num_experts)
-    return buffer.dispatch(inputs.fp8 if use_fp8 else inputs.x, num_tokens_per_rank=per_rank,
+    return buffer.dispatch(fp8_quantize(inputs.x) if use_fp8 else inputs.x, num_tokens_per_rank=per_rank,
                            is_token_in_rank=in_rank, num_tokens_per_expert=per_expert, topk_idx=inputs.topk_idx,
                            topk_weights=inputs.topk_weights)
 
@@ -107,10 +109,15 @@ def time_point(buffer: eplib.Buffer, inputs: Inputs, num_max: int, use_fp8: bool
     """Per mode and op, this rank's times (ms) of the timed iterations."""
     device = torch.device("cpu")
     times = {mode: {op: [] for op in OPS} for mode in ("ll", "normal")}
-    # Expert outputs: the rows themselves (bf16), or zeros of their shape for FP8 (combine reads only the
-    # recv_count rows; dequantizing all E_local * R * num_max rows would take gigabytes at H=7168).
-    recv = ll_round(buffer, inputs, num_max, use_fp8)[0]
-    ll_out = torch.zeros(recv[0].shape, dtype=torch.bfloat16) if use_fp8 else recv
+    # Expert outputs: the rows themselves (bf16), or for FP8 zeros in the recv_count rows that combine reads
+    # (dequantizing all E_local * R * num_max rows would take gigabytes at H=7168). The dispatches below
+    # reuse recv's memory (two buffers alternate), which changes nothing that is timed.
+    recv, recv_count, _ = ll_round(buffer, inputs, num_max, use_fp8)
+    ll_out = recv
+    if use_fp8:
+        ll_out = torch.empty(recv[0].shape, dtype=torch.bfloat16)
+        for expert, count in enumerate(recv_count.tolist()):
+            ll_out[expert, :count] = 0
     normal_out = dequantized(normal_dispatch(buffer, inputs, use_fp8)[0])
     for iteration in range(warmup + iters):
         samples = {}

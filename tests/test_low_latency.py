@@ -399,3 +399,28 @@ def test_low_latency_property(ll_pool, data):
     case = data.draw(ll_cases(ll_pool.world_size), label="case")
     errs = ll_pool.run(job_ll, case, timeout=60)
     assert not any(errs), f"case {case}:\n" + "\n".join(e for rank_errs in errs for e in rank_errs)
+
+
+# ------------------------------------------------------------------------------------ FP8 cast
+
+
+@pytest.mark.parametrize("round_scale", [False, True])
+def test_fp8_cast_of_every_bf16_value(round_scale):
+    """The native cast (eplib/fp8.h) equals eplib.reference.fp8_quantize bit for bit on every finite bf16
+    value, in blocks of 128 whose largest magnitudes span the whole range (so the scaled values cover
+    normals, subnormals, halfway cases and the saturation at 448)."""
+    from eplib import _C
+    from eplib.reference import fp8_quantize
+
+    bits = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16)
+    values = bits.view(torch.bfloat16)
+    values = values[values.float().isfinite()]
+    assert values.numel() == 510 * 128
+    # Shuffled, so that every block mixes large and tiny values; rows of 5 blocks.
+    x = values[torch.randperm(values.numel(), generator=torch.Generator().manual_seed(0))].view(102, 640).contiguous()
+    got_values = torch.empty(x.shape, dtype=torch.uint8)
+    got_scales = torch.empty(x.shape[0], x.shape[1] // 128, dtype=torch.float32)
+    _C.ll_quantize(x.data_ptr(), x.shape[0], x.shape[1], round_scale, got_values.data_ptr(), got_scales.data_ptr())
+    expected_values, expected_scales = fp8_quantize(x, round_scale)
+    assert torch.equal(got_scales, expected_scales)
+    assert torch.equal(got_values, expected_values.view(torch.uint8))

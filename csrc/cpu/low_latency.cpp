@@ -64,9 +64,7 @@ void ll_layout(const int64_t* topk_idx, int64_t num_tokens, int num_topk, int nu
 void ll_quantize_row(const bf16_t* x, int64_t hidden, bool round_scale, uint8_t* values, float* scales) {
   for (int64_t block = 0; block < hidden / kFp8BlockSize; ++block) {
     const bf16_t* in = x + block * kFp8BlockSize;
-    float amax = kFp8AmaxFloor;
-    for (int i = 0; i < kFp8BlockSize; ++i) amax = fp8_amax_step(amax, to_float(in[i]));
-    const Fp8BlockScale scale = fp8_block_scale(amax, round_scale);
+    const Fp8BlockScale scale = fp8_block_scale(bf16_block_amax(in), round_scale);
     for (int i = 0; i < kFp8BlockSize; ++i) values[block * kFp8BlockSize + i] = e4m3_from_float(to_float(in[i]) * scale.scale);
     scales[block] = scale.scale_inv;
   }

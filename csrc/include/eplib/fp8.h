@@ -17,38 +17,25 @@ constexpr float kFp8AmaxFloor = 1e-4f;   // a block's amax never goes below this
 
 // float8_e4m3fn bits of `value`: round to nearest even, magnitudes above 448 (inf included) saturate
 // to 448, NaN stays NaN (0x7F with its sign). Exact for every finite input, as torch's cast is for
-// the inputs it does not send to NaN (|value| < 464).
+// the inputs it does not send to NaN (|value| < 464). Branch-free (selects), so that the compiler
+// can vectorize the loops that call it.
 EPLIB_HOST_DEVICE uint8_t e4m3_from_float(float value) {
   const uint32_t bits = float_bits(value);
-  const uint8_t sign = static_cast<uint8_t>((bits >> 24) & 0x80u);
+  const uint32_t sign = (bits >> 24) & 0x80u;
   const uint32_t magnitude = bits & 0x7FFFFFFFu;
-  if (magnitude > 0x7F800000u) return static_cast<uint8_t>(sign | 0x7Fu);  // NaN
-  if (magnitude >= 0x43E00000u) return static_cast<uint8_t>(sign | 0x7Eu);  // >= 448: saturate
-  const int exponent = static_cast<int>(magnitude >> 23) - 127;
-  if (exponent < -6) {
-    // Below the smallest normal (2^-6): a multiple of the subnormal step 2^-9, rounded to nearest even.
-    // value * 2^9 < 8 is exact in fp32; its integer part and remainder come from the significand.
-    if (exponent < -10) return sign;  // below 2^-10 = a quarter step: rounds to zero
-    const uint32_t significand = (magnitude & 0x7FFFFFu) | 0x800000u;
-    const int shift = 23 - (exponent + 9);  // in [21, 24]
-    uint32_t steps = significand >> shift;
-    const uint32_t remainder = significand & ((1u << shift) - 1u);
-    const uint32_t halfway = 1u << (shift - 1);
-    if (remainder > halfway || (remainder == halfway && (steps & 1u))) ++steps;
-    return static_cast<uint8_t>(sign | steps);  // 8 steps is 0x08, the smallest normal: the same bits
-  }
-  // Normal: keep 3 of the 23 mantissa bits, rounding the 20 dropped ones to nearest even.
-  uint32_t mantissa = (magnitude >> 20) & 0x7u;
-  uint32_t biased = static_cast<uint32_t>(exponent + 7);
-  const uint32_t remainder = magnitude & 0xFFFFFu;
-  if (remainder > 0x80000u || (remainder == 0x80000u && (mantissa & 1u))) {
-    if (++mantissa == 8u) {
-      mantissa = 0;
-      ++biased;
-    }
-  }
-  if (biased > 15u || (biased == 15u && mantissa == 7u)) return static_cast<uint8_t>(sign | 0x7Eu);
-  return static_cast<uint8_t>(sign | (biased << 3) | mantissa);
+  // Normal results: round the 20 dropped mantissa bits to nearest even, then move the exponent's bias
+  // from 127 to 7 (a carry out of the mantissa lands in the exponent, as it should). Wraps (unused)
+  // below the smallest normal; saturates at 0x7E = 448.
+  const uint32_t rounded = (magnitude + 0x7FFFFu + ((magnitude >> 20) & 1u)) >> 20;
+  const uint32_t normal = rounded - (120u << 3) > 0x7Eu ? 0x7Eu : rounded - (120u << 3);
+  // Below the smallest normal 2^-6: a multiple of the subnormal step 2^-9. |value| * 512 < 8 is exact,
+  // and adding 2^23 rounds it to an integer, to nearest even (8 steps is 0x08, the smallest normal).
+  // Computed for every input (clamped, so that the conversion to an integer stays in range).
+  const float small = float_from_bits(magnitude < 0x3C800000u ? magnitude : 0x3C800000u);
+  const float steps = (small * 512.0f + 8388608.0f) - 8388608.0f;
+  uint32_t result = magnitude < 0x3C800000u ? static_cast<uint32_t>(static_cast<int32_t>(steps)) : normal;
+  result = magnitude > 0x7F800000u ? 0x7Fu : result;  // NaN
+  return static_cast<uint8_t>(sign | result);
 }
 
 // The two factors of one block: x * scale is cast to FP8; fp8 * scale_inv gives x back (the scale
@@ -82,10 +69,17 @@ EPLIB_HOST_DEVICE Fp8BlockScale fp8_block_scale(float amax, bool round_scale) {
 // The UE8M0 byte of a power-of-two scale: its biased exponent.
 EPLIB_HOST_DEVICE uint8_t ue8m0_of(float scale_inv) { return static_cast<uint8_t>((float_bits(scale_inv) >> 23) & 0xFFu); }
 
-// Largest of amax and |value| (a NaN value is passed over, as fmaxf does).
-EPLIB_HOST_DEVICE float fp8_amax_step(float amax, float value) {
-  const float magnitude = value < 0.0f ? -value : value;
-  return magnitude > amax ? magnitude : amax;
+// The largest magnitude of a block of kFp8BlockSize bf16 values, at least kFp8AmaxFloor; NaN is
+// passed over. On the bits: bf16 magnitudes order as their bits do, and integer maxima vectorize.
+EPLIB_HOST_DEVICE float bf16_block_amax(const bf16_t* block) {
+  uint16_t largest = 0;
+  for (int i = 0; i < kFp8BlockSize; ++i) {
+    const uint16_t magnitude = static_cast<uint16_t>(block[i].bits & 0x7FFFu);
+    const uint16_t finite_or_inf = magnitude > 0x7F80u ? 0 : magnitude;
+    largest = finite_or_inf > largest ? finite_or_inf : largest;
+  }
+  const float amax = to_float(bf16_t{largest});
+  return amax > kFp8AmaxFloor ? amax : kFp8AmaxFloor;
 }
 
 }  // namespace eplib

@@ -203,6 +203,7 @@ class CpuLowLatency:
         self._exchange = None
         self._message_bytes = 0  # the largest message of a call so far (what a rejecting rank may receive)
         self._zero_copy: List[Optional[Tensor]] = [None, None]
+        self._outputs: List[Optional[tuple]] = [None, None]  # per buffer: (shape key, dispatch outputs)
         self._out_of_step: Optional[str] = None
 
     # --------------------------------------------------------------------------------------------
@@ -307,11 +308,7 @@ class CpuLowLatency:
         exchange.publish(buffer_index, round_, slots,
                          [sizes["header_bytes"] + n * sizes["dispatch_stride"] for n in counts])
 
-        recv_x = torch.empty(num_local, rows, call.hidden, dtype=torch.float8_e4m3fn if call.use_fp8 else torch.bfloat16)
-        recv_scales = _scales_tensor(num_local, rows, call.hidden, call.use_ue8m0) if call.use_fp8 else None
-        src_info = torch.empty(num_local, rows, dtype=torch.int32)
-        layout_range = torch.empty(num_local, self.num_ranks, dtype=torch.int64)
-        recv_count = torch.empty(num_local, dtype=torch.int32)
+        recv_x, recv_scales, src_info, layout_range, recv_count = self._dispatch_outputs(buffer_index, call)
         expected = call.header_fields()
 
         def receive() -> None:
@@ -367,6 +364,24 @@ class CpuLowLatency:
 
         hook = run_receive(self.state, buffer_index, "low_latency_combine", receive, return_recv_hook)
         return out, EventOverlap(), hook
+
+    def _dispatch_outputs(self, buffer_index: int, call: DispatchCall) -> Tuple[Tensor, Optional[Tensor], Tensor,
+                                                                                Tensor, Tensor]:
+        """(recv_x, recv_scales or None, src_info, layout_range, recv_count) of a dispatch on buffer
+        ``buffer_index``: the tensors of the buffer's previous dispatch when their shapes fit. As in DeepEP,
+        at most two low-latency results are alive at once; reusing them spares the page faults of fresh
+        outputs (``[E/R, R * num_max, H]`` is hundreds of MB at H=7168, of which a dispatch writes a few)."""
+        num_local, rows = call.num_local_experts, self.num_ranks * call.num_max
+        key = (num_local, rows, call.hidden, call.use_fp8, call.use_ue8m0)
+        cached = self._outputs[buffer_index]
+        if cached is None or cached[0] != key:
+            recv_x = torch.empty(num_local, rows, call.hidden,
+                                 dtype=torch.float8_e4m3fn if call.use_fp8 else torch.bfloat16)
+            recv_scales = _scales_tensor(num_local, rows, call.hidden, call.use_ue8m0) if call.use_fp8 else None
+            cached = self._outputs[buffer_index] = (key, (
+                recv_x, recv_scales, torch.empty(num_local, rows, dtype=torch.int32),
+                torch.empty(num_local, self.num_ranks, dtype=torch.int64), torch.empty(num_local, dtype=torch.int32)))
+        return cached[1]
 
     def next_combine_buffer(self, handle: LowLatencyHandle) -> Tensor:
         """bf16 [E_local, R * num_max, H]: the tensor the next combine reads with zero_copy=True."""
