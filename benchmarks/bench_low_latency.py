@@ -3,6 +3,9 @@ on the same inputs, in the same run, iteration by iteration interleaved.
 
 Per point (tokens per rank T, dtype bf16 or fp8) it times on every rank, each right after a barrier:
     ll       low_latency_dispatch (FP8 cast inside for fp8), low_latency_combine, and both in a row;
+    ll_zero_copy  low_latency_dispatch, then (untimed: the experts' job) the valid rows written into
+             get_next_low_latency_combine_buffer, then low_latency_combine(zero_copy=True), which reads
+             them from the expert ranks' shared memory; "end_to_end" is the sum of the two timed calls;
     normal   get_dispatch_layout + dispatch (for fp8: the cast to the (e4m3, scales) tuple by
              eplib.reference.fp8_quantize, then the dispatch of the tuple), combine, and the three in
              a row.
@@ -40,6 +43,9 @@ LL_QUICK = {"tokens": [1, 16], "hidden": [256], "top_k": [4], "experts": [16], "
             "warmup": 1, "iters": 3}
 LL_DTYPES = ("bf16", "fp8")
 OPS = ("dispatch", "combine", "end_to_end")
+# ll_zero_copy: combine with zero_copy=True; its end_to_end is the sum of its dispatch and combine
+# (the experts fill the buffer in between, untimed).
+MODES = ("ll", "ll_zero_copy", "normal")
 
 
 class Inputs:
@@ -58,8 +64,17 @@ def ll_round(buffer: eplib.Buffer, inputs: Inputs, num_max: int, use_fp8: bool):
     return recv, recv_count, handle
 
 
-def ll_combine(buffer: eplib.Buffer, inputs: Inputs, expert_out: torch.Tensor, handle) -> torch.Tensor:
-    return buffer.low_latency_combine(expert_out, inputs.topk_idx, inputs.topk_weights, handle)[0]
+def ll_combine(buffer: eplib.Buffer, inputs: Inputs, expert_out: torch.Tensor, handle,
+               zero_copy: bool = False) -> torch.Tensor:
+    return buffer.low_latency_combine(expert_out, inputs.topk_idx, inputs.topk_weights, handle,
+                                      zero_copy=zero_copy)[0]
+
+
+def fill_zero_copy_buffer(buffer: eplib.Buffer, handle, recv_count: torch.Tensor, expert_out: torch.Tensor) -> None:
+    """What an expert writing its output in place does: the valid rows into the next combine's buffer."""
+    target = buffer.get_next_low_latency_combine_buffer(handle)
+    for expert, count in enumerate(recv_count.tolist()):
+        target[expert, :count] = expert_out[expert, :count]
 
 
 def normal_dispatch(buffer: eplib.Buffer, inputs: Inputs, use_fp8: bool):
@@ -96,6 +111,10 @@ def guard(buffer: eplib.Buffer, inputs: Inputs, num_max: int, use_fp8: bool) -> 
             acc = acc + inputs.topk_weights[:, k:k + 1] * inputs.x.float()
         if not torch.equal(combined, acc.to(torch.bfloat16)):
             problems.append("ll combine of identity experts")
+        recv, recv_count, handle = ll_round(buffer, inputs, num_max, use_fp8)
+        fill_zero_copy_buffer(buffer, handle, recv_count, recv)
+        if not torch.equal(ll_combine(buffer, inputs, recv, handle, zero_copy=True), acc.to(torch.bfloat16)):
+            problems.append("ll zero-copy combine of identity experts")
         dispatched = normal_dispatch(buffer, inputs, False)
         combined = normal_combine(buffer, dispatched, dispatched[0])
         ranks = buffer.get_dispatch_layout(inputs.topk_idx, inputs.num_experts)[3].sum(1, keepdim=True)
@@ -108,7 +127,7 @@ def time_point(buffer: eplib.Buffer, inputs: Inputs, num_max: int, use_fp8: bool
                meter) -> Dict[str, Dict[str, List[float]]]:
     """Per mode and op, this rank's times (ms) of the timed iterations."""
     device = torch.device("cpu")
-    times = {mode: {op: [] for op in OPS} for mode in ("ll", "normal")}
+    times = {mode: {op: [] for op in OPS} for mode in MODES}
     # Expert outputs: the rows themselves (bf16), or for FP8 zeros in the recv_count rows that combine reads
     # (dequantizing all E_local * R * num_max rows would take gigabytes at H=7168). The dispatches below
     # reuse recv's memory (two buffers alternate), which changes nothing that is timed.
@@ -133,6 +152,12 @@ def time_point(buffer: eplib.Buffer, inputs: Inputs, num_max: int, use_fp8: bool
                                                          meter, device)
         _, samples["normal", "end_to_end"] = time_operation(
             lambda: normal_combine(buffer, normal_dispatch(buffer, inputs, use_fp8), normal_out), meter, device)
+        (_, recv_count, handle), samples["ll_zero_copy", "dispatch"] = time_operation(
+            lambda: ll_round(buffer, inputs, num_max, use_fp8), meter, device)
+        fill_zero_copy_buffer(buffer, handle, recv_count, ll_out)  # the experts' job: not timed
+        _, samples["ll_zero_copy", "combine"] = time_operation(
+            lambda: ll_combine(buffer, inputs, ll_out, handle, zero_copy=True), meter, device)
+        samples["ll_zero_copy", "end_to_end"] = samples["ll_zero_copy", "dispatch"]  # replaced: slowest_rank
         if iteration >= warmup:
             for (mode, op), sample in samples.items():
                 times[mode][op].append(sample.elapsed_ms)
@@ -146,25 +171,66 @@ def slowest_rank(times: Dict[str, Dict[str, List[float]]]) -> Dict[str, Dict[str
     gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, local)
     slowest = torch.stack(gathered).max(dim=0).values
-    return {m: {op: summarize(slowest[i, j].tolist()) for j, op in enumerate(OPS)} for i, m in enumerate(modes)}
+    results = {m: {op: summarize(slowest[i, j].tolist()) for j, op in enumerate(OPS)} for i, m in enumerate(modes)}
+    # Sums of separately timed calls, both from the slowest rank of each call (so both alike).
+    for mode, key in (("normal", "dispatch_plus_combine"), ("ll_zero_copy", "end_to_end")):
+        i = modes.index(mode)
+        results[mode][key] = summarize((slowest[i, 0] + slowest[i, 1]).tolist())
+    return results
+
+
+CELLS = (("ll", "dispatch"), ("ll", "combine"), ("ll", "end_to_end"), ("ll_zero_copy", "combine"),
+         ("ll_zero_copy", "end_to_end"), ("normal", "dispatch"), ("normal", "combine"), ("normal", "end_to_end"))
 
 
 def render(result: dict) -> str:
-    lines = ["LL vs normal mode, eplib cpu transport: median ms [p10-p90] of the slowest rank; "
-             "speed-up = normal / LL (end to end)", ""]
-    header = ["T", "dtype", "LL dispatch", "LL combine", "LL both", "normal dispatch", "normal combine",
-              "normal both", "speed-up"]
+    lines = ["LL vs normal mode, eplib cpu transport: median ms [p10-p90] of the slowest rank. speed-up LL both: "
+             "normal both / LL both (each one timed span); speed-up zero-copy: (normal dispatch + normal combine) / "
+             "(LL dispatch + LL zero-copy combine), medians of per-iteration sums of separately timed calls", ""]
+    header = ["T", "dtype", "LL dispatch", "LL combine", "LL both", "LL zero-copy combine",
+              "LL zero-copy dispatch+combine", "normal dispatch", "normal combine", "normal both",
+              "speed-up LL both", "speed-up zero-copy"]
     rows = []
     for p in result["points"]:
         cells = [f"{p['results'][m][op]['median_ms']:.2f} [{p['results'][m][op]['p10_ms']:.2f}-"
-                 f"{p['results'][m][op]['p90_ms']:.2f}]" for m in ("ll", "normal") for op in OPS]
-        rows.append([str(p["tokens_per_rank"]), p["dtype"]] + cells + [f"{p['speedup_end_to_end']:.2f}x"])
+                 f"{p['results'][m][op]['p90_ms']:.2f}]" for m, op in CELLS]
+        rows.append([str(p["tokens_per_rank"]), p["dtype"]] + cells
+                    + [f"{p['speedup_end_to_end']:.2f}x", f"{p['speedup_zero_copy']:.2f}x"])
     lines.append(report._table(header, rows))
     failed = [p for p in result["points"] if p["check"]["mismatches"]]
     lines.append("")
     lines.append("Correctness guard: " + ("passed at every point" if not failed else
                                           f"FAILED at {len(failed)} point(s)"))
     return "\n".join(lines)
+
+
+def plot(result: dict, path: str) -> None:
+    """Median dispatch+combine time vs tokens per rank, LL and normal mode, one panel per dtype."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dtypes = sorted({p["dtype"] for p in result["points"]})
+    figure, axes = plt.subplots(1, len(dtypes), figsize=(6 * len(dtypes), 4), squeeze=False)
+    for axis, dtype in zip(axes.flat, dtypes):
+        points = sorted((p for p in result["points"] if p["dtype"] == dtype), key=lambda p: p["tokens_per_rank"])
+        tokens = [p["tokens_per_rank"] for p in points]
+        for mode, label in (("ll", "low-latency"), ("normal", "normal")):
+            figures = [p["results"][mode]["end_to_end"] for p in points]
+            median = [f["median_ms"] for f in figures]
+            errors = [[m - f["p10_ms"] for m, f in zip(median, figures)],
+                      [f["p90_ms"] - m for m, f in zip(median, figures)]]
+            axis.errorbar(tokens, median, yerr=errors, marker="o", capsize=3, label=label)
+        first = points[0]
+        axis.set(xscale="log", yscale="log", xlabel="tokens per rank", ylabel="dispatch + combine, ms",
+                 title=f"{dtype}, H={first['hidden']}, top-{first['top_k']} of {first['num_experts']}")
+        axis.set_xticks(tokens, [str(t) for t in tokens])
+        axis.legend()
+    machine = result["machine"]
+    figure.suptitle(f"eplib cpu transport, {machine['ranks']} gloo ranks on a {machine['cores']}-core VM shared with "
+                    f"other jobs, {machine['date_utc']}")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
 
 
 def run(args: argparse.Namespace) -> None:
@@ -178,6 +244,8 @@ def run(args: argparse.Namespace) -> None:
             raise SystemExit(f"--mode ll: --dtype takes {LL_DTYPES}, got {dtype!r}")
     if args.transport not in ("cpu", "auto") or torch.cuda.is_available() and args.transport == "auto":
         raise SystemExit("--mode ll: eplib's low-latency mode runs on the cpu transport only so far")
+    if args.plot:
+        report.require_matplotlib()
     dist.init_process_group("gloo", timeout=__import__("datetime").timedelta(seconds=args.timeout_s))
     rank, world = dist.get_rank(), dist.get_world_size()
     from collective_meter import CollectiveMeter
@@ -208,6 +276,8 @@ def run(args: argparse.Namespace) -> None:
                         "results": results,
                         "speedup_end_to_end": results["normal"]["end_to_end"]["median_ms"]
                         / results["ll"]["end_to_end"]["median_ms"],
+                        "speedup_zero_copy": results["normal"]["dispatch_plus_combine"]["median_ms"]
+                        / results["ll_zero_copy"]["end_to_end"]["median_ms"],
                         "check": {"mismatches": [f"rank {r}: {m}" for r, ms in enumerate(per_rank) for m in ms]}})
     if rank == 0:
         machine["load_average_end"] = os.getloadavg()
@@ -220,6 +290,8 @@ def run(args: argparse.Namespace) -> None:
               f"{statistics.fmean(machine['load_average_start']):.1f})")
         if args.json:
             report.write_json(result, args.json)
+        if args.plot:
+            plot(result, args.plot)
     failed = any(r["check"]["mismatches"] for r in records)
     del buffer
     dist.destroy_process_group()

@@ -456,6 +456,7 @@ void def_low_latency_cpu(py::module_& m) {
     fields["format"] = static_cast<int>(eplib::kLLFieldFormat);
     fields["rejected"] = static_cast<int>(eplib::kLLFieldRejected);
     fields["num_tokens"] = static_cast<int>(eplib::kLLFieldNumTokens);
+    fields["pulled"] = static_cast<int>(eplib::kLLFieldPulled);
     formats["fp8"] = static_cast<int>(eplib::kLLFp8);
     formats["round_scale"] = static_cast<int>(eplib::kLLRoundScale);
     formats["ue8m0"] = static_cast<int>(eplib::kLLUe8m0);
@@ -544,11 +545,14 @@ void def_low_latency_cpu(py::module_& m) {
       release_gil);
   m.def(
       "ll_combine_reduce",
-      [](const std::vector<uintptr_t>& messages, int64_t num_max, int64_t hidden, int num_topk, int num_local_experts,
-         uintptr_t topk_idx, uintptr_t topk_weights, int64_t num_tokens, int num_experts, uintptr_t send_slot,
-         uintptr_t send_offset, uintptr_t out) {
+      [](const std::vector<uintptr_t>& messages, const std::vector<uintptr_t>& pulled, int64_t num_max, int64_t hidden,
+         int num_topk, int num_local_experts, uintptr_t topk_idx, uintptr_t topk_weights, int64_t num_tokens,
+         int num_experts, uintptr_t send_slot, uintptr_t send_offset, uintptr_t out) {
         const LowLatencyLayout layout = make_low_latency_layout(num_max, hidden, num_topk, num_local_experts, false);
-        cpu::ll_combine_reduce(addresses<const uint8_t*>(messages), layout, as_ptr<const int64_t>(topk_idx),
+        if (pulled.size() != messages.size())
+          throw std::invalid_argument("eplib: ll_combine_reduce needs one zero-copy address per message");
+        cpu::ll_combine_reduce(addresses<const uint8_t*>(messages), addresses<const uint8_t*>(pulled), layout,
+                               as_ptr<const int64_t>(topk_idx),
                                as_ptr<const float>(topk_weights), num_tokens, num_topk, num_experts,
                                static_cast<int>(messages.size()), as_ptr<const int32_t>(send_slot),
                                as_ptr<const int32_t>(send_offset), as_ptr<eplib::bf16_t>(out));

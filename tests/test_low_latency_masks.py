@@ -48,7 +48,7 @@ def job_manual_masks(rank, R, group, case):
 
 
 def test_low_latency_manual_masks(pool):
-    case = fill(ll_case(use_fp8=True, hook=True), pool.world_size)
+    case = fill(ll_case(use_fp8=True, hook=True, zero_copy=True), pool.world_size)
     errs = pool.run(job_manual_masks, case, timeout=60)
     assert not any(errs), "\n".join(e for rank_errs in errs for e in rank_errs)
 

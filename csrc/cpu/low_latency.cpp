@@ -168,12 +168,15 @@ void ll_combine_pack(const bf16_t* x, const int64_t* layout_range, const LowLate
     for (int s = static_cast<int>(first); s < last; ++s) {
       uint8_t* message = messages[s];
       if (message == nullptr) continue;
+      const bool pulled = fields[kLLFieldPulled] != 0;
+      auto* begins = reinterpret_cast<int32_t*>(message + layout.header_bytes);
       int64_t offset = 0;
       for (int le = 0; le < layout.num_local_experts; ++le) {
         const int64_t range = layout_range[static_cast<int64_t>(le) * num_ranks + s];
         const int64_t begin = layout_range_begin(range), count = layout_range_count(range);
         counts[le] = static_cast<int32_t>(count);
-        for (int64_t i = 0; i < count; ++i)
+        if (pulled) begins[le] = static_cast<int32_t>(begin);
+        for (int64_t i = 0; i < count && !pulled; ++i)
           std::memcpy(row_of(message, layout, offset + i, layout.combine_stride),
                       x + (static_cast<int64_t>(le) * rows_per_expert + begin + i) * layout.hidden,
                       sizeof(bf16_t) * layout.hidden);
@@ -184,12 +187,29 @@ void ll_combine_pack(const bf16_t* x, const int64_t* layout_range, const LowLate
   });
 }
 
-void ll_combine_reduce(const std::vector<const uint8_t*>& messages, const LowLatencyLayout& layout,
-                       const int64_t* topk_idx, const float* topk_weights, int64_t num_tokens, int num_topk,
-                       int num_experts, int num_ranks, const int32_t* send_slot, const int32_t* send_offset,
-                       bf16_t* out) {
+void ll_combine_reduce(const std::vector<const uint8_t*>& messages, const std::vector<const uint8_t*>& pulled,
+                       const LowLatencyLayout& layout, const int64_t* topk_idx, const float* topk_weights,
+                       int64_t num_tokens, int num_topk, int num_experts, int num_ranks, const int32_t* send_slot,
+                       const int32_t* send_offset, bf16_t* out) {
   const int experts_per_rank = num_experts / num_ranks;
   const int64_t hidden = layout.hidden;
+  // Where the rows of each expert start, and the distance between two of them: in the message, or in
+  // the expert rank's zero-copy buffer [E_local, R * num_max, H] at the begins the message gives.
+  std::vector<const uint8_t*> first_row(num_experts, nullptr);
+  std::vector<int64_t> row_stride(num_ranks, layout.combine_stride);
+  for (int r = 0; r < num_ranks; ++r) {
+    const uint8_t* message = messages[r];
+    if (message == nullptr) continue;
+    const bool in_buffer = reinterpret_cast<const int32_t*>(message)[kLLFieldPulled] != 0;
+    if (in_buffer && pulled[r] == nullptr) continue;  // its rows cannot be reached here
+    if (in_buffer) row_stride[r] = hidden * static_cast<int64_t>(sizeof(bf16_t));
+    const auto* begins = reinterpret_cast<const int32_t*>(message + layout.header_bytes);
+    for (int le = 0; le < experts_per_rank; ++le) {
+      const int expert = r * experts_per_rank + le;
+      first_row[expert] = in_buffer ? pulled[r] + (le * num_ranks * layout.num_max + begins[le]) * row_stride[r]
+                                    : row_of(message, layout, send_offset[expert], layout.combine_stride);
+    }
+  }
   parallel_for(num_tokens, kTokensPerChunk, [&](int64_t begin, int64_t end) {
     std::vector<float> acc(hidden);
     for (int64_t t = begin; t < end; ++t) {
@@ -197,10 +217,9 @@ void ll_combine_reduce(const std::vector<const uint8_t*>& messages, const LowLat
       for (int k = 0; k < num_topk; ++k) {
         const int64_t expert = topk_idx[t * num_topk + k];
         if (expert < 0) continue;
-        const uint8_t* message = messages[expert / experts_per_rank];
-        if (message == nullptr) continue;
+        if (first_row[expert] == nullptr) continue;
         const auto* row = reinterpret_cast<const bf16_t*>(
-            row_of(message, layout, send_offset[expert] + send_slot[t * num_topk + k], layout.combine_stride));
+            first_row[expert] + send_slot[t * num_topk + k] * row_stride[expert / experts_per_rank]);
         const float weight = topk_weights[t * num_topk + k];
         for (int64_t h = 0; h < hidden; ++h) acc[h] = acc[h] + weight * to_float(row[h]);
       }

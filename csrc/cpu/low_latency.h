@@ -50,13 +50,18 @@ void ll_dispatch_unpack(const std::vector<const uint8_t*>& messages, const LowLa
                         int32_t* recv_count, int32_t* cumulative_stats);
 
 // Expert side of a combine: rows of bf16 x [E_local, R * num_max, H] that source s sent (layout_range)
-// -> messages[s], at the place its dispatch message had them; the header gets `fields`.
+// -> messages[s], at the place its dispatch message had them; the header gets `fields`. With
+// fields[kLLFieldPulled] = 1 the rows stay in x (a zero-copy buffer the receivers map) and the message
+// holds their begins instead (eplib/low_latency.h).
 void ll_combine_pack(const bf16_t* x, const int64_t* layout_range, const LowLatencyLayout& layout, int num_ranks,
                      const int32_t* fields, const std::vector<uint8_t*>& messages);
 
 // Source side of a combine: out[t] = bf16(sum over k ascending of w[t, k] * row of (t, k)) in fp32, the
 // rows from messages[rank of the expert]; slots with id -1 or a null message are skipped.
-void ll_combine_reduce(const std::vector<const uint8_t*>& messages, const LowLatencyLayout& layout,
+// pulled[r] (may be null): expert rank r's zero-copy buffer as mapped here, for messages that say
+// their rows stayed there.
+void ll_combine_reduce(const std::vector<const uint8_t*>& messages, const std::vector<const uint8_t*>& pulled,
+                       const LowLatencyLayout& layout,
                        const int64_t* topk_idx, const float* topk_weights, int64_t num_tokens, int num_topk,
                        int num_experts, int num_ranks, const int32_t* send_slot, const int32_t* send_offset,
                        bf16_t* out);

@@ -40,6 +40,10 @@ enum LowLatencyHeaderField : int {
   kLLFieldFormat = 5,     // LowLatencyFormat bits of the rows
   kLLFieldRejected = 6,   // 1: the sender rejected its input (it raises; its message has no rows)
   kLLFieldNumTokens = 7,  // the sender's T (information)
+  kLLFieldPulled = 8,     // combine: 1 when the rows stay in the sender's zero-copy buffer (shared
+                          // memory), which the receiver reads; the message then holds, after the
+                          // header, int32 begins[E_local]: the row of its first token per expert
+
   kLLHeaderFields = 16,
 };
 constexpr int32_t kLLMagic = 0x4C4C4550;  // "PELL"
@@ -93,7 +97,9 @@ EPLIB_HOST_DEVICE LowLatencyLayout make_low_latency_layout(int64_t num_max, int6
   // The widest row of any call of this shape (a bf16 dispatch row), so that FP8 and bf16 dispatches and
   // combines share one slot size.
   const int64_t widest = align_up(kLLRowHeaderBytes + 2 * hidden, kRowAlignment);
-  layout.message_bytes = layout.header_bytes + layout.capacity * widest;
+  // A zero-copy combine message holds int32 begins[E_local] in place of rows.
+  const int64_t begins = align_up(num_local_experts * static_cast<int64_t>(sizeof(int32_t)), kRowAlignment);
+  layout.message_bytes = layout.header_bytes + (layout.capacity * widest > begins ? layout.capacity * widest : begins);
   return layout;
 }
 

@@ -18,9 +18,10 @@ masked and the call completes for the live ranks (a stopped or dead rank costs o
 the call raises RuntimeError naming the rank and the phase, and the Buffer refuses further LL calls.
 """
 
+import ctypes
 import socket
 import time
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -28,8 +29,8 @@ import torch.distributed as dist
 from .. import _C
 from ..collectives import timeout_seconds
 from ..event import EventOverlap
-from ..low_latency import (CombineCall, DispatchCall, LowLatencyHandle, LowLatencyState, flags_bytes,
-                           header_fields, message_problem, region_bytes, run_receive)
+from ..low_latency import (ZERO_COPY_HANDLE_BYTES, CombineCall, DispatchCall, LowLatencyHandle, LowLatencyState,
+                           flags_bytes, header_fields, message_problem, region_bytes, run_receive)
 from .ipc import _all_gather_bytes
 
 Tensor = torch.Tensor
@@ -62,6 +63,8 @@ class SharedMemoryExchange:
         smallest = min(int(handle.split()[2]) for handle in handles)
         self.slot_bytes = (smallest - flags_bytes(self.num_ranks)) // (2 * self.num_ranks) // 16 * 16
         self.num_bytes = num_bytes
+        self.zero_copy: List[Optional["_C.SharedRegion"]] = [None, None]
+        self.peer_zero_copy: Dict[str, int] = {}  # handle -> address of a peer's zero-copy region mapped here
 
     def fits(self, message_bytes: int) -> bool:
         return message_bytes <= self.slot_bytes
@@ -75,13 +78,18 @@ class SharedMemoryExchange:
     def _slot(self, rank: int, buffer_index: int, source: int) -> int:
         return self.bases[rank] + flags_bytes(self.num_ranks) + (buffer_index * self.num_ranks + source) * self.slot_bytes
 
+    def wait_freed(self, buffer_index: int, round_: int, live: Sequence[bool], timeout_s: float) -> List[int]:
+        """Waits until every live peer has received round ``round_`` of buffer ``buffer_index`` (and so no
+        longer reads what this rank sent in it); the peers that did not in time."""
+        flags = [self._freed(r, buffer_index) if live[r] and r != self.rank else 0 for r in range(self.num_ranks)]
+        waited = _C.wait_flags(flags, round_, timeout_s)
+        return [r for r in range(self.num_ranks) if flags[r] and waited[r] < 0]
+
     def send(self, buffer_index: int, round_: int, message_bytes: int, live: Sequence[bool],
              timeout_s: float) -> Tuple[List[int], List[int]]:
         """(message addresses per destination, 0 for masked or silent ones; destinations that did not free
         the buffer in time)."""
-        flags = [self._freed(r, buffer_index) if live[r] and r != self.rank else 0 for r in range(self.num_ranks)]
-        waited = _C.wait_flags(flags, round_ - 1, timeout_s)
-        failed = [r for r in range(self.num_ranks) if flags[r] and waited[r] < 0]
+        failed = self.wait_freed(buffer_index, round_ - 1, live, timeout_s)
         slots = [self._slot(r, buffer_index, self.rank) if live[r] and r not in failed else 0
                  for r in range(self.num_ranks)]
         return slots, failed
@@ -104,6 +112,43 @@ class SharedMemoryExchange:
 
     def release(self, buffer_index: int, round_: int) -> None:
         _C.publish_flag(self._freed(self.rank, buffer_index), round_)
+
+    # Zero-copy combine: the expert outputs of buffer b live in a shared region of their own, whose handle
+    # this rank writes after its flags; the peers map it when a combine message says its rows stayed there.
+
+    def _handle_address(self, rank: int, buffer_index: int) -> int:
+        return self.bases[rank] + 128 + 16 * self.num_ranks + ZERO_COPY_HANDLE_BYTES * buffer_index
+
+    def zero_copy_tensor(self, buffer_index: int, shape: Tuple[int, int, int]) -> Tensor:
+        """bf16 ``shape`` in this rank's shared zero-copy region of buffer ``buffer_index`` (made or grown
+        here; call it only when no peer reads the buffer's previous rows: after ``wait_freed``)."""
+        num_bytes = shape[0] * shape[1] * shape[2] * 2
+        region = self.zero_copy[buffer_index]
+        if region is None or region.num_bytes < num_bytes:
+            region = self.zero_copy[buffer_index] = _C.SharedRegion(max(num_bytes, 16))
+            record = region.handle().encode()
+            ctypes.memmove(self._handle_address(self.rank, buffer_index), record.ljust(ZERO_COPY_HANDLE_BYTES, b"\0"),
+                           ZERO_COPY_HANDLE_BYTES)
+        memory = (ctypes.c_uint8 * region.num_bytes).from_address(region.address)
+        return torch.frombuffer(memory, dtype=torch.uint8)[:num_bytes].view(torch.bfloat16).view(shape)
+
+    def zero_copy_addresses(self, buffer_index: int, sources: Sequence[int]) -> List[int]:
+        """Per rank, its zero-copy region of buffer ``buffer_index`` as mapped here (0: none, or the rank is
+        not among the ``sources`` whose messages arrived)."""
+        addresses = []
+        for r, source in enumerate(sources):
+            if not source:
+                addresses.append(0)
+            elif r == self.rank:
+                region = self.zero_copy[buffer_index]
+                addresses.append(region.address if region is not None else 0)
+            else:
+                handle = ctypes.string_at(self._handle_address(r, buffer_index), ZERO_COPY_HANDLE_BYTES)
+                handle = handle.rstrip(b"\0").decode()
+                if handle and handle not in self.peer_zero_copy:
+                    self.peer_zero_copy[handle] = self.region.open_peer(handle)
+                addresses.append(self.peer_zero_copy[handle] if handle else 0)
+        return addresses
 
 
 class GlooExchange:
@@ -178,6 +223,9 @@ class GlooExchange:
 
     def release(self, buffer_index: int, round_: int) -> None:
         self.pending[buffer_index] = {}
+
+    def zero_copy_addresses(self, buffer_index: int, sources: Sequence[int]) -> List[int]:
+        return [0] * len(sources)  # combine rows always travel in the messages
 
 
 def _timedelta(seconds: float):
@@ -341,11 +389,14 @@ class CpuLowLatency:
         message_bytes = sizes["message_bytes"]
         exchange = self._exchange_for(message_bytes)
         x = self._zero_copy_source(call) if call.zero_copy else call.x
+        # Rows in this rank's shared zero-copy region stay there: the peers read them from it.
+        pulled = call.zero_copy and isinstance(exchange, SharedMemoryExchange)
         buffer_index, round_ = self.state.next_call("low_latency_combine")
         layout_args = (call.num_max, call.hidden, handle.num_topk, call.num_local_experts, False)
         slots, failed = exchange.send(buffer_index, round_, message_bytes, self._live(), timeout_seconds())
         self._peers_failed(failed, "low_latency_combine (send: waiting for a receiver to free its buffer)")
         fields = call.header_fields()
+        fields[_C.LL_FIELDS["pulled"]] = int(pulled)
         _C.ll_combine_pack(x.data_ptr(), handle.layout_range.data_ptr(), *layout_args[:4], self.num_ranks, fields, slots)
         counts = (handle.layout_range & 0xFFFFFFFF).sum(0).tolist()
         exchange.publish(buffer_index, round_, slots,
@@ -356,7 +407,7 @@ class CpuLowLatency:
             sources, problems = self._receive(exchange, buffer_index, round_, message_bytes, layout_args, fields,
                                               "low_latency_combine (receive: waiting for an expert rank's rows)",
                                               call.wait_stats)
-            _C.ll_combine_reduce(sources, *layout_args[:4], call.topk_idx.data_ptr(), call.topk_weights.data_ptr(),
+            _C.ll_combine_reduce(sources, exchange.zero_copy_addresses(buffer_index, sources), *layout_args[:4], call.topk_idx.data_ptr(), call.topk_weights.data_ptr(),
                                  handle.num_tokens, call.num_experts, handle.send_slot.data_ptr(),
                                  handle.send_offset.data_ptr(), out.data_ptr())
             exchange.release(buffer_index, round_)
@@ -385,9 +436,18 @@ class CpuLowLatency:
 
     def next_combine_buffer(self, handle: LowLatencyHandle) -> Tensor:
         """bf16 [E_local, R * num_max, H]: the tensor the next combine reads with zero_copy=True."""
+        self._start()
         buffer_index = self.state.num_calls % 2
         shape = (handle[4] // self.num_ranks, self.num_ranks * handle[2], handle[3])
-        if self._zero_copy[buffer_index] is None or tuple(self._zero_copy[buffer_index].shape) != shape:
+        exchange = self._exchange
+        if isinstance(exchange, SharedMemoryExchange):
+            # The peers read this buffer's previous zero-copy rows straight from it: wait until they have
+            # received the buffer's previous round (the round before the next call's).
+            failed = exchange.wait_freed(buffer_index, self.state.num_calls // 2, self._live(), timeout_seconds())
+            self._peers_failed(failed, "get_next_low_latency_combine_buffer (waiting for peers to read the rows of "
+                                       "the buffer's previous combine)")
+            self._zero_copy[buffer_index] = exchange.zero_copy_tensor(buffer_index, shape)
+        elif self._zero_copy[buffer_index] is None or tuple(self._zero_copy[buffer_index].shape) != shape:
             self._zero_copy[buffer_index] = torch.zeros(shape, dtype=torch.bfloat16)
         return self._zero_copy[buffer_index]
 
