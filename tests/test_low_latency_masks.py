@@ -140,6 +140,7 @@ def _dying_rank_main(rank: int, R: int, init_method: str, results, case: dict) -
     os._exit(0)  # the group has a dead member: leave without its teardown
 
 
+@pytest.mark.slow  # 4 fresh rank processes and 105 checked rounds: about 30 s on a loaded 2-core VM
 def test_low_latency_dead_rank_is_masked():
     R = 4
     ctx = mp.get_context("spawn")
