@@ -424,3 +424,24 @@ def test_fp8_cast_of_every_bf16_value(round_scale):
     expected_values, expected_scales = fp8_quantize(x, round_scale)
     assert torch.equal(got_scales, expected_scales)
     assert torch.equal(got_values, expected_values.view(torch.uint8))
+
+
+def job_reference_buffer(rank, R, group, case):
+    """eplib.reference.ReferenceBuffer's low-latency calls (all-gather, then the pure functions)."""
+    from eplib.reference import ReferenceBuffer
+
+    reference = ReferenceBuffer(group)
+    x, idx, weights = ll_inputs(case, rank)
+    recv, recv_count, handle, _, _ = reference.low_latency_dispatch(
+        x, idx, case["num_max"], case["E"], use_fp8=case["use_fp8"], round_scale=case["round_scale"],
+        use_ue8m0=case["use_ue8m0"])
+    errs = check_dispatch(rank, R, case, (recv, recv_count, handle))
+    combined = reference.low_latency_combine(expert_outputs(case, rank, R), idx, weights, handle)[0]
+    return errs + check_combine(rank, R, case, combined)
+
+
+@pytest.mark.parametrize("name", ["bf16", "fp8-ue8m0-H640", "empty-ranks"])
+def test_reference_buffer_low_latency(pool, name):
+    case = fill(CASES[name], pool.world_size)
+    errs = pool.run(job_reference_buffer, case, timeout=60)
+    assert not any(errs), "\n".join(e for rank_errs in errs for e in rank_errs)
