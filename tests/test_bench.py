@@ -233,3 +233,24 @@ def test_ipc_report_prints_the_chunk_configuration(quick_run):
         assert (f"{op} {config.num_channels} channels, chunks of {config.num_max_nvl_chunked_send_tokens} rows, "
                 f"rings of up to {config.num_max_nvl_chunked_recv_tokens} rows") in text, text
     assert "123456 bytes of buffer" in text
+
+
+def test_quick_low_latency_run(tmp_path):
+    """``bench_dispatch.py --mode ll --quick`` on 2 ranks: every point timed in both modes, guard passed."""
+    from bench_low_latency import LL_QUICK, OPS as LL_OPS
+
+    out = tmp_path / "ll.json"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               os.path.join(_BENCH, "bench_dispatch.py"), "--mode", "ll", "--quick", "--json", str(out)]
+    done = subprocess.run(command, cwd=_ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "Correctness guard: passed at every point" in done.stdout
+    with open(out) as f:
+        result = json.load(f)
+    assert {(p["tokens_per_rank"], p["dtype"]) for p in result["points"]} == {
+        (t, d) for t in LL_QUICK["tokens"] for d in LL_QUICK["dtype"]}
+    for point in result["points"]:
+        for mode in ("ll", "normal"):
+            for op in LL_OPS:
+                figures = point["results"][mode][op]
+                assert 0 < figures["p10_ms"] <= figures["median_ms"] <= figures["p90_ms"], (mode, op)

@@ -16,7 +16,9 @@ from ._dtypes import CUDA_KERNEL_DTYPES, KERNEL_DTYPE_CODES
 from .config import Config, nvl_buffer_size_hint
 from .event import EventHandle, EventOverlap
 from .handle import DispatchHandle
+from .low_latency import CombineCall, DispatchCall, LowLatencyHandle, check_clean_args, rdma_size_hint
 from .transports import CpuTransport, CudaTransport, IpcTransport, IpcUnavailable, NcclTransport
+from .transports.low_latency_cpu import CpuLowLatency
 from .validation import (check_allocation, check_bias, check_int, check_int32_product, check_num_experts,
                          check_tensor, check_topk, check_x)
 
@@ -121,6 +123,9 @@ class Buffer:
         self._backend = backend
         self._destroyed = False
         self._local_buffers = {}  # get_local_buffer_tensor's memory, made at its first call
+        self.enable_shrink = enable_shrink
+        self._low_latency: dict = {}  # transport -> its low-latency engine (made by the first LL call)
+        self._masked = [False] * self.group_size  # low-latency masks set by the user, for engines made later
 
     def _open_ipc(self) -> Optional[IpcTransport]:
         """The ipc transport on the current device, or None where "auto" falls back to nccl."""
@@ -275,18 +280,14 @@ class Buffer:
 
     @staticmethod
     def get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int,
-                                       num_experts: int) -> int:
-        """Bytes of eplib's low-latency layout (not DeepEP's figure: size eplib's buffer with this
-        method): bf16 rows with a 16-byte header, send and receive regions of dispatch
-        (``[max_tokens]`` and ``[E_local, max_tokens * R]`` rows) and of combine, double-buffered,
-        rounded up to 128 bytes. No transport uses it yet."""
-        max_tokens = check_int("num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank, 1)
-        check_int("hidden", hidden, 1)
-        check_num_experts(num_experts, check_int("num_ranks", num_ranks, 1))
-        row_bytes = 16 + (hidden * 2 + 15) // 16 * 16
-        experts_per_rank = num_experts // num_ranks
-        one_direction = max_tokens * row_bytes + experts_per_rank * max_tokens * num_ranks * row_bytes
-        return (2 * 2 * one_direction + 127) // 128 * 128
+                                       num_experts: int, num_topk: int = 32) -> int:
+        """Bytes of ``num_rdma_bytes`` that eplib's low-latency calls need per rank (the ipc transport's
+        peer memory, the cpu transport's shared memory) for up to ``num_max_dispatch_tokens_per_rank`` tokens
+        per rank of hidden size ``hidden`` with up to ``num_topk`` (eplib only; default 32, the most)
+        experts per token: flags, then two buffers of ``num_ranks`` message slots, each of
+        ``num_max * min(num_topk, E / R)`` bf16 rows (``eplib.low_latency``). eplib's own figure, not
+        DeepEP's."""
+        return rdma_size_hint(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts, num_topk)
 
     # ----------------------------------------------------------------------------------------
     # Normal-mode API
@@ -573,6 +574,134 @@ class Buffer:
             raise ValueError(f"x: the handle was made for hidden size {handle.hidden}, x has {x.shape[1]}")
         if handle.send_pos.device != x.device:
             raise ValueError(f"handle: its tensors are on {handle.send_pos.device}, x is on {x.device}")
+
+    # ----------------------------------------------------------------------------------------
+    # Low-latency mode (eplib.low_latency: rows, order, buffers, masks)
+    # ----------------------------------------------------------------------------------------
+
+    def _low_latency_engine(self, name: str, tensor: Tensor):
+        """The low-latency engine of the transport for tensors on ``tensor``'s device (made at first use)."""
+        self._check_alive()
+        if not isinstance(tensor, Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(tensor).__name__}")
+        transport = self._transport_for(name, tensor)
+        if not isinstance(transport, CpuTransport):
+            raise NotImplementedError(f"{name}: eplib's low-latency mode runs on the cpu transport (CPU tensors) "
+                                      f"only so far; the nccl and ipc transports do not have it yet")
+        engine = self._low_latency.get(transport)
+        if engine is None:
+            engine = CpuLowLatency(self.group, self.enable_shrink, self.num_rdma_bytes, self._masked)
+            self._low_latency[transport] = engine
+        return engine
+
+    def low_latency_dispatch(self, x: Tensor, topk_idx: Tensor, num_max_dispatch_tokens_per_rank: int,
+                             num_experts: int, cumulative_local_expert_recv_stats: Optional[Tensor] = None,
+                             dispatch_wait_recv_cost_stats: Optional[Tensor] = None, use_fp8: bool = True,
+                             round_scale: bool = False, use_ue8m0: bool = False, async_finish: bool = False,
+                             return_recv_hook: bool = False):
+        """Send each token to each of its top-k experts (once per distinct expert), into fixed-shape outputs.
+
+        Args:
+            x: bf16 ``[T, H]``, T <= num_max_dispatch_tokens_per_rank; any H (a multiple of 128 with use_fp8).
+            topk_idx: int64 ``[T, K]``, 1 <= K <= 32, ids in ``[-1, E)``.
+            num_max_dispatch_tokens_per_rank: M, the same on every rank (sizes the outputs and messages).
+            num_experts: E, the same on every rank, a multiple of the group size R.
+            cumulative_local_expert_recv_stats: int32 ``[E/R]`` or None; the received rows are added to it.
+            dispatch_wait_recv_cost_stats: int64 ``[R]`` or None; the nanoseconds this rank waited for each
+                source are added (cpu and ipc transports; the nccl transport leaves it as it is).
+            use_fp8: cast to float8_e4m3fn with a float32 scale per 128 channels (DeepEP's default).
+            round_scale: power-of-two scales. use_ue8m0: scales as UE8M0 bytes (needs round_scale).
+            async_finish: return an event to wait on (CUDA) instead of making the current stream wait.
+            return_recv_hook: only send; ``hook()`` receives (at most two calls may await their hooks).
+
+        Returns:
+            ``recv_x``: bf16 ``[E/R, R*M, H]``, or with use_fp8 (float8_e4m3fn ``[E/R, R*M, H]``, scales:
+            float32 ``[E/R, R*M, H/128]`` or, use_ue8m0, int32 ``[E/R, R*M, ceil(H/512)]``, column-major in the
+            last two dims); ``recv_count`` int32 ``[E/R]`` (rows past it are unspecified); the handle
+            (``eplib.low_latency.LowLatencyHandle``, DeepEP's five entries); an ``EventOverlap``; the hook or
+            None. Rows of expert le: by source rank, then source token; ``handle[1][le, s] = begin << 32 | count``.
+        """
+        engine = self._low_latency_engine("x", x)
+        try:
+            call = DispatchCall(x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, self.group_size,
+                                cumulative_local_expert_recv_stats, dispatch_wait_recv_cost_stats, use_fp8,
+                                round_scale, use_ue8m0)
+        except (ValueError, TypeError) as error:
+            engine.reject("low_latency_dispatch", error)
+        return engine.dispatch(call, async_finish=async_finish, return_recv_hook=return_recv_hook)
+
+    def low_latency_combine(self, x: Tensor, topk_idx: Tensor, topk_weights: Tensor, handle: LowLatencyHandle,
+                            use_logfmt: bool = False, zero_copy: bool = False, async_finish: bool = False,
+                            return_recv_hook: bool = False, out: Optional[Tensor] = None,
+                            combine_wait_recv_cost_stats: Optional[Tensor] = None):
+        """Send the expert outputs back and reduce them per token with the gate weights.
+
+        Args:
+            x: bf16 ``[E/R, R*M, H]``, row for row as low_latency_dispatch's recv_x (ignored with zero_copy).
+            topk_idx, topk_weights: int64 and float32 ``[T, K]``, this rank's routing of the dispatch.
+            handle: the dispatch's. use_logfmt: must be False (LogFMT is not implemented).
+            zero_copy: the rows are in the tensor that get_next_low_latency_combine_buffer(handle) returned.
+            out: bf16 ``[T, H]`` to write into, or None. combine_wait_recv_cost_stats: int64 ``[R]`` or None.
+
+        Returns:
+            ``combined_x`` bf16 ``[T, H]``: per token, sum over slots k ascending (expert not -1, its rank not
+            masked) of ``topk_weights[t, k] * row``, in fp32 from 0, cast once; an ``EventOverlap``; the hook
+            or None.
+        """
+        engine = self._low_latency_engine("x", x)
+        try:
+            call = CombineCall(x, topk_idx, topk_weights, handle, self.group_size, use_logfmt, zero_copy, out,
+                               combine_wait_recv_cost_stats)
+        except (ValueError, TypeError) as error:
+            engine.reject("low_latency_combine", error)
+        return engine.combine(call, async_finish=async_finish, return_recv_hook=return_recv_hook)
+
+    def get_next_low_latency_combine_buffer(self, handle: LowLatencyHandle) -> Tensor:
+        """bf16 ``[E/R, R*M, H]`` to fill with the expert outputs of the next low_latency_combine, which then
+        reads them from there with ``zero_copy=True`` (it belongs to the buffer of the next LL call)."""
+        if not isinstance(handle, LowLatencyHandle):
+            raise TypeError(f"handle: expected the handle of this Buffer's low_latency_dispatch, got "
+                            f"{type(handle).__name__}")
+        return self._low_latency_engine("handle", handle.src_info).next_combine_buffer(handle)
+
+    def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
+        """DeepEP's buffer cleaning. eplib's low-latency memory is its own (normal-mode calls never touch it)
+        and its flags carry round numbers, so there is nothing to zero: this checks the arguments and that no
+        low-latency call awaits its receive hook. Call it between normal and LL calls as with DeepEP."""
+        check_clean_args(num_max_dispatch_tokens_per_rank, hidden, num_experts, self.group_size)
+        self._check_alive()
+        for engine in self._low_latency.values():
+            engine.clean()
+
+    def _check_shrink(self, what: str) -> None:
+        self._check_alive()
+        if not self.enable_shrink:
+            raise RuntimeError(f"{what}: needs a Buffer made with enable_shrink=True (as in DeepEP)")
+
+    def low_latency_update_mask_buffer(self, rank_to_mask: int, mask: bool = False) -> None:
+        """Mask (mask=True) or unmask a rank for the low-latency calls: nothing is sent to it or received from
+        it. Needs enable_shrink=True; a rank cannot mask itself."""
+        self._check_shrink("low_latency_update_mask_buffer")
+        check_int("rank_to_mask", rank_to_mask, 0, self.group_size - 1)
+        if rank_to_mask == self.rank:
+            raise ValueError(f"rank_to_mask: a rank cannot mask itself (this is rank {self.rank})")
+        self._masked[rank_to_mask] = bool(mask)
+        for engine in self._low_latency.values():
+            engine.set_masked(rank_to_mask, bool(mask))
+
+    def low_latency_query_mask_buffer(self, mask_status: Tensor) -> None:
+        """Writes each rank's mask into mask_status (int32 ``[R]``: 1 masked, 0 not), ranks masked by a timeout
+        included."""
+        self._check_shrink("low_latency_query_mask_buffer")
+        check_tensor("mask_status", mask_status, [torch.int32], [self.group_size])
+        self._low_latency_engine("mask_status", mask_status).query_mask(mask_status)
+
+    def low_latency_clean_mask_buffer(self) -> None:
+        """Unmasks every rank."""
+        self._check_shrink("low_latency_clean_mask_buffer")
+        self._masked = [False] * self.group_size
+        for engine in self._low_latency.values():
+            engine.clear_mask()
 
 
 def _cuda_usable() -> bool:
