@@ -9,7 +9,7 @@ of its config.json and the block's state dict, as a checkpoint loader would."""
 import pytest
 import torch
 
-pytest.importorskip("transformers")
+pytest.importorskip("transformers", minversion="5")
 
 HIDDEN, FFN, EXPERTS, BATCH, SEQ = 16, 8, 8, 2, 5
 FAMILIES = ("deepseek_v3", "deepseek_v2", "qwen3_moe", "mixtral")
