@@ -11,6 +11,7 @@ Balancer keeps the bias equal on all ranks, and the token counts are each rank's
 The layers' group must be the data-parallel group (every rank holds different experts).
 """
 
+import inspect
 from typing import Any, Iterable, List, Optional
 
 import torch
@@ -87,7 +88,13 @@ def fully_shard_dense(module: nn.Module, blocks: Iterable[nn.Module] = (), **kwa
     with the routed experts ignored (``ignored_params``), and ``scale_expert_grads``. Returns
     ``module``. ``kwargs`` go to every ``fully_shard`` call (``mesh``, ``reshard_after_forward``,
     ``mp_policy``, ...)."""
-    from torch.distributed.fsdp import fully_shard
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:
+        fully_shard = None
+    if fully_shard is None or "ignored_params" not in inspect.signature(fully_shard).parameters:
+        raise RuntimeError(f"fully_shard_dense: needs torch.distributed.fsdp.fully_shard with ignored_params "
+                           f"(torch >= 2.7), this is torch {torch.__version__}")
 
     mesh = kwargs.get("mesh")
     _check_group(module, mesh.get_group() if mesh is not None else None)
