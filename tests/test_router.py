@@ -61,25 +61,6 @@ def test_router_matches_reference(config):
             assert math.isclose(out.topk_weights[t, k].item(), gates[e], rel_tol=1e-5, abs_tol=1e-7)
 
 
-@pytest.mark.parametrize("num_experts,top_k,n_group,topk_group", [(16, 4, 4, 2), (16, 3, 8, 3), (16, 3, 4, 4)])
-def test_max_group_score_thresholds_are_where_the_choice_flips(num_experts, top_k, n_group, topk_group):
-    """group_score="max": token t picks e exactly when choice[t, e] >= θ[t, e] (the quantile
-    controller's thresholds), checked against the router's own selection just above and below."""
-    router = Router(16, num_experts, top_k, score_func="sigmoid", n_group=n_group, topk_group=topk_group,
-                    group_score="max")
-    generator = torch.Generator().manual_seed(1)
-    choice = torch.rand(256, num_experts, generator=generator) + 0.2 * torch.randn(num_experts, generator=generator)
-    theta = router.selection_thresholds(choice)
-    always = ~torch.isfinite(theta)
-    for expert in range(num_experts):
-        for offset, expected in ((1e-4, True), (-1e-4, False)):
-            moved = choice.clone()
-            moved[:, expert] = torch.where(always[:, expert], torch.full_like(theta[:, expert], -5.0),
-                                           theta[:, expert] + offset)
-            picked = (router.select_experts(moved) == expert).any(-1)
-            assert torch.equal(picked, always[:, expert] | expected), (expert, offset)
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
 def test_router_computes_in_float32_whatever_its_weight_dtype(dtype):
     """After model.to(dtype) the weight (and bias) have that dtype; the forward casts them to
