@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# ThreadSanitizer run of the CPU execution of the CUDA sources (csrc/cuda_cpu): builds eplib's native
+# module with EPLIB_CUDA_CPU=ON and -fsanitize=thread into a scratch directory, puts it in a copy of
+# the Python package, and runs the ipc protocol's tests at 2 and 4 ranks (plus the CPU execution's own
+# runtime tests) in processes that load libtsan. Every process writes its reports to $OUT/tsan.<pid>;
+# the check passes when there is none. Suppressions, each with its reason: tools/tsan.supp.
+#
+# Usage: tools/tsan_check.sh [OUT]     (OUT defaults to build/tsan-reports; run from any directory)
+# Needs: gcc's libtsan, cmake, ninja and the project's test dependencies in the current Python.
+# Sanitizers instrument only eplib: races inside torch or Python are not looked for, and TSan sees
+# within one process only (the rank processes' shared memory is outside its view).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+OUT=$(realpath -m "${1:-build/tsan-reports}")
+BUILD="$ROOT/build/tsan"
+PYTHON=${PYTHON:-python}
+TESTS=(tests/test_ipc_cuda_cpu.py tests/test_cuda_cpu_runtime.py)
+# A selection sized for CI (about 4 minutes on two cores): two contract cases at 2 and 4 ranks, the
+# replayed rounds at 1, 2 and 4, the notify tables under a slow reader, the timeout that poisons, the
+# runtime state and the executor's own tests. EPLIB_TSAN_SELECT="" runs every test of the two files.
+SELECT=${EPLIB_TSAN_SELECT-"(equals_reference and (fp32-uniform or bf16-hot-bias_tuple-num_worst)) or replayed or notify_tables or runtime or poisoned"}
+
+LIBTSAN=$(gcc -print-file-name=libtsan.so)
+[ -e "$LIBTSAN" ] || { echo "tsan_check: gcc's libtsan.so not found" >&2; exit 2; }
+
+cmake -S "$ROOT" -B "$BUILD" -G Ninja -DEPLIB_CUDA_CPU=ON -DEPLIB_SANITIZE=thread -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+  -Dpybind11_DIR="$("$PYTHON" -c 'import pybind11; print(pybind11.get_cmake_dir())')" \
+  -DPython_EXECUTABLE="$(command -v "$PYTHON")" >/dev/null
+cmake --build "$BUILD" --parallel "$(nproc)"
+rm -rf "$BUILD/package" && mkdir -p "$BUILD/package"
+cp -r "$ROOT/python/eplib" "$BUILD/package/eplib"
+rm -f "$BUILD/package/eplib"/_C*.so
+cp "$BUILD"/_C*.so "$BUILD/package/eplib/"
+
+rm -rf "$OUT" && mkdir -p "$OUT"
+# report_thread_leaks=0: the executor's worker threads live until the process exits, by design.
+export TSAN_OPTIONS="log_path=$OUT/tsan suppressions=$ROOT/tools/tsan.supp report_thread_leaks=0 halt_on_error=0 ${TSAN_OPTIONS:-}"
+export PYTHONPATH="$BUILD/package:$ROOT/tests${PYTHONPATH:+:$PYTHONPATH}"
+export EPLIB_CUDA_CPU=1
+status=0
+LD_PRELOAD="$LIBTSAN" "$PYTHON" -m pytest -q -p no:cacheprovider ${SELECT:+-k "$SELECT"} "${TESTS[@]}" || status=$?
+reports=$(ls "$OUT" | grep -c '^tsan' || true)
+echo "tsan_check: pytest exit $status, $reports ThreadSanitizer report file(s) in $OUT"
+if [ "$reports" -gt 0 ]; then
+  grep -h -A3 "WARNING: ThreadSanitizer" "$OUT"/tsan* | head -60
+  exit 1
+fi
+exit "$status"
