@@ -128,9 +128,12 @@ def to_dispatch_handle(handle: TensorHandle) -> DispatchHandle:
         host_counts = handle.host[_HOST_HEAD:].tolist()
         send_counts, recv_counts = tuple(host_counts[:num_ranks]), tuple(host_counts[num_ranks:])
         num_recv = num_recv_tokens
-    return DispatchHandle(handle.rank_prefix_matrix, send_counts, recv_counts, handle.recv_src_idx,
-                          handle.is_token_in_rank, handle.send_pos, num_recv, hidden, slot_rows, device_recv_counts,
-                          max_recv_rows, max_send_rows)
+    return DispatchHandle(rank_prefix_matrix=handle.rank_prefix_matrix, send_counts=send_counts,
+                          recv_counts=recv_counts, recv_src_idx=handle.recv_src_idx,
+                          is_token_in_rank=handle.is_token_in_rank, send_pos=handle.send_pos,
+                          num_recv_tokens=num_recv, hidden=hidden, slot_rows=slot_rows,
+                          device_recv_counts=device_recv_counts, max_recv_rows=max_recv_rows,
+                          max_send_rows=max_send_rows)
 
 
 def _fake_tensor_handle(buffer: Buffer, device: torch.device, num_tokens: int, num_rows, num_worst_tokens: int
