@@ -107,3 +107,77 @@ def test_wrappers_reject_a_model_without_moe_layers():
         eplib.moe.local_state_names(nn.Linear(2, 2))
     with pytest.raises(TypeError, match="module"):
         eplib.moe.expert_parameters(None)
+
+
+def _expert_parallel_groups(rank, world_size, ep_size):
+    """(this rank's expert-parallel group: ranks [i·ep_size, (i+1)·ep_size), its expert-data-parallel
+    group: the ranks with the same place in theirs). Every rank creates every group, in one order."""
+    import torch.distributed as dist
+
+    ep_groups = [dist.new_group(list(range(start, start + ep_size))) for start in range(0, world_size, ep_size)]
+    edp_groups = [dist.new_group(list(range(place, world_size, ep_size))) for place in range(ep_size)]
+    return ep_groups[rank // ep_size], edp_groups[rank % ep_size]
+
+
+def job_train_expert_data_parallel(rank, world_size, group, mode, parallel):
+    """STEPS SGD steps of a model whose MoE layer spans 2 of the 4 ranks, each expert held twice:
+    by hand (each loss divided by the world size, the replicated gradients summed over all ranks,
+    the expert gradients over their expert-data-parallel group) or with eplib.moe.ddp."""
+    import torch.nn.functional as F
+
+    import eplib
+    from eplib.moe import Balancer, expert_parameters
+
+    ep_group, edp_group = _expert_parallel_groups(rank, world_size, 2)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), eplib.MoE(16, 8, 4, 2, group=ep_group, parallel=parallel, seed=1),
+                          nn.Linear(16, 16))
+    module = model if mode == "reference" else eplib.moe.ddp(model, expert_data_parallel_group=edp_group)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)  # plain SGD: a wrong gradient scale shows
+    balancer = Balancer(model, bias_update_rate=1e-2, group=group)  # the bias is the same on every rank
+    experts = expert_parameters(model)
+    generator = torch.Generator().manual_seed(rank)
+    losses = []
+    for _ in range(STEPS):
+        x, target = torch.randn(2, 6, 16, generator=generator), torch.randn(2, 6, 16, generator=generator)
+        loss = F.mse_loss(module(x), target)
+        optimizer.zero_grad(set_to_none=True)
+        if mode == "reference":
+            (loss / world_size).backward()
+            for param in model.parameters():
+                dist.all_reduce(param.grad, group=edp_group if any(param is e for e in experts) else None)
+        else:
+            loss.backward()
+        optimizer.step()
+        balancer.step()
+        losses.append(loss.detach())
+    return torch.stack(losses), {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("parallel", ["ep", "tp"])
+def test_expert_data_parallel_group_equals_the_hand_summed_reference(pool4, parallel):
+    reference = pool4.run(job_train_expert_data_parallel, "reference", parallel)
+    wrapped = pool4.run(job_train_expert_data_parallel, "ddp", parallel)
+    for (ref_losses, ref_params), (losses, params) in zip(reference, wrapped):
+        torch.testing.assert_close(losses, ref_losses, atol=0, rtol=0)
+        for name, value in params.items():  # 4 ranks: sums in other orders than the reference's
+            torch.testing.assert_close(value, ref_params[name], atol=1e-6, rtol=1e-5, msg=name)
+    # Ranks 0 and 2 hold the same experts, trained on different tokens, and end equal.
+    assert torch.equal(wrapped[0][1]["1.experts.w_up"], wrapped[2][1]["1.experts.w_up"])
+    assert not torch.equal(wrapped[0][1]["1.experts.w_up"], wrapped[1][1]["1.experts.w_up"])
+
+
+def job_mismatched_groups(rank, world_size, group):
+    import eplib
+
+    ep_group, _ = _expert_parallel_groups(rank, world_size, 2)
+    model = nn.Sequential(eplib.MoE(8, 4, 4, 2, group=ep_group))
+    try:
+        eplib.moe.ddp(model)
+    except ValueError as error:
+        return str(error)
+
+
+def test_a_layer_group_smaller_than_the_data_parallel_group_needs_the_expert_group(pool4):
+    for message in pool4.run(job_mismatched_groups):
+        assert message.startswith("expert_data_parallel_group: the data-parallel group has 4 ranks")

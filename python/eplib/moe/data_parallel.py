@@ -1,14 +1,17 @@
 """Data parallelism for models that hold ``eplib.MoE`` layers: torch's DDP or FSDP2 for the
 replicated (dense) parameters, with eplib's routed experts left out of both.
 
-Every rank holds its own routed experts, and their gradients already arrive summed over all ranks'
-tokens (combine's backward brings them home in ep mode, the reduce-scatter in tp mode): DDP or FSDP
-must not reduce them again. DDP and FSDP2 average the other gradients over the ranks, so the
-objective is the mean of the ranks' losses; ``scale_expert_grads`` divides the expert gradients
-by the group size to match it. The routers' buffers stay out of DDP's buffer broadcast: the
-Balancer keeps the bias equal on all ranks, and the token counts are each rank's own.
+Every rank holds its own routed experts, and their gradients already arrive summed over the tokens
+of all ranks of the layer's (expert-parallel) group: combine's backward brings them home in ep
+mode, the reduce-scatter in tp mode. DDP or FSDP must not reduce them again. DDP and FSDP2 average
+the other gradients over the data-parallel ranks, so the objective is the mean of the ranks'
+losses; ``reduce_expert_grads`` divides the expert gradients by the data-parallel size to match.
+The routers' buffers stay out of DDP's buffer broadcast: the Balancer keeps the bias equal on all
+ranks, and the token counts are each rank's own.
 
-The layers' group must be the data-parallel group (every rank holds different experts).
+The data-parallel group is the layers' group, or, when it is larger (each expert held by several
+ranks), ``expert_data_parallel_group`` names this rank's replicas of its experts (the ranks with
+the same place in their expert-parallel groups): the expert gradients are then also summed over it.
 """
 
 import inspect
@@ -18,6 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from ..collectives import all_reduce
 from .layer import MoE
 
 
@@ -46,48 +50,62 @@ def local_state_names(module: nn.Module) -> List[str]:
             + [name for name, b in module.named_buffers() if id(b) in layer_buffers])
 
 
-def _divide_grad(divisor: int):
+def _reduce_grad(divisor: int, group: Optional[dist.ProcessGroup]):
     def hook(grad: torch.Tensor) -> torch.Tensor:
-        return grad / divisor
+        if group is None:
+            return grad / divisor
+        grad = grad.contiguous().clone()
+        all_reduce(grad, group, "expert gradients (expert-data-parallel all-reduce)")
+        return grad.div_(divisor)
     return hook
 
 
-def scale_expert_grads(module: nn.Module) -> None:
-    """Divides every routed expert's gradient by its layer's group size R (a tensor hook on each
-    expert parameter, so accumulation over micro-batches stays right). With it, expert gradients
-    are the gradient of the mean of the ranks' losses, as DDP and FSDP2 make the others. Applies
-    once per parameter, however often it is called."""
+def reduce_expert_grads(module: nn.Module, expert_data_parallel_group: Optional[dist.ProcessGroup] = None) -> None:
+    """A tensor hook on every routed expert's parameter (so that accumulation over micro-batches
+    stays right) that sums each gradient over ``expert_data_parallel_group`` (when given: the
+    ranks that hold the same experts) and divides it by the data-parallel size, the layer's group
+    size times that group's. The expert gradients are then the gradient of the mean of the ranks'
+    losses, as DDP and FSDP2 make the others. Applies once per parameter, however often it is
+    called."""
+    replicas = dist.get_world_size(expert_data_parallel_group) if expert_data_parallel_group is not None else 1
     for layer in _moe_layers(module):
         for param in layer.experts.parameters():
-            if layer.num_ranks > 1 and not getattr(param, "_eplib_grad_scaled", False):
-                param.register_hook(_divide_grad(layer.num_ranks))
-                param._eplib_grad_scaled = True
+            if layer.num_ranks * replicas > 1 and not getattr(param, "_eplib_grad_reduced", False):
+                param.register_hook(_reduce_grad(layer.num_ranks * replicas, expert_data_parallel_group))
+                param._eplib_grad_reduced = True
 
 
-def _check_group(module: nn.Module, group: Optional[dist.ProcessGroup]) -> None:
+def _check_groups(module: nn.Module, group: Optional[dist.ProcessGroup],
+                  expert_data_parallel_group: Optional[dist.ProcessGroup]) -> None:
     size = dist.get_world_size(group)
+    replicas = dist.get_world_size(expert_data_parallel_group) if expert_data_parallel_group is not None else 1
     for layer in _moe_layers(module):
-        if layer.num_ranks != size:
-            raise ValueError(f"group: the data-parallel group has {size} ranks but an eplib.MoE layer's group has "
-                             f"{layer.num_ranks}; its experts would need an expert-data-parallel reduction")
+        if layer.num_ranks * replicas != size:
+            raise ValueError(f"expert_data_parallel_group: the data-parallel group has {size} ranks, an eplib.MoE "
+                             f"layer's group {layer.num_ranks} and the expert-data-parallel group {replicas}; "
+                             f"expected their product to be {size} (pass the group of the ranks that hold the "
+                             f"same experts when the layers' group is smaller than the data-parallel group)")
 
 
-def ddp(module: nn.Module, **kwargs: Any) -> nn.parallel.DistributedDataParallel:
+def ddp(module: nn.Module, expert_data_parallel_group: Optional[dist.ProcessGroup] = None,
+        **kwargs: Any) -> nn.parallel.DistributedDataParallel:
     """``torch.nn.parallel.DistributedDataParallel(module, **kwargs)`` over everything but the
     names of ``local_state_names`` (DDP's ``_set_params_and_buffers_to_ignore_for_model``), with
-    ``scale_expert_grads``. Train as with any DDP model: ``loss.backward()`` on each rank."""
-    _check_group(module, kwargs.get("process_group"))
+    ``reduce_expert_grads``. Train as with any DDP model: ``loss.backward()`` on each rank.
+    ``expert_data_parallel_group``: see the module's docstring."""
+    _check_groups(module, kwargs.get("process_group"), expert_data_parallel_group)
     nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, local_state_names(module))
-    scale_expert_grads(module)
+    reduce_expert_grads(module, expert_data_parallel_group)
     return nn.parallel.DistributedDataParallel(module, **kwargs)
 
 
-def fully_shard_dense(module: nn.Module, blocks: Iterable[nn.Module] = (), **kwargs: Any) -> nn.Module:
+def fully_shard_dense(module: nn.Module, blocks: Iterable[nn.Module] = (),
+                      expert_data_parallel_group: Optional[dist.ProcessGroup] = None, **kwargs: Any) -> nn.Module:
     """FSDP2 (``torch.distributed.fsdp.fully_shard``) on each of ``blocks`` (e.g. the transformer
     blocks, each its own unit of all-gather and reduce-scatter), then on ``module`` for the rest,
-    with the routed experts ignored (``ignored_params``), and ``scale_expert_grads``. Returns
+    with the routed experts ignored (``ignored_params``), and ``reduce_expert_grads``. Returns
     ``module``. ``kwargs`` go to every ``fully_shard`` call (``mesh``, ``reshard_after_forward``,
-    ``mp_policy``, ...)."""
+    ``mp_policy``, ...). ``expert_data_parallel_group``: see the module's docstring."""
     try:
         from torch.distributed.fsdp import fully_shard
     except ImportError:
@@ -97,10 +115,10 @@ def fully_shard_dense(module: nn.Module, blocks: Iterable[nn.Module] = (), **kwa
                            f"(torch >= 2.7), this is torch {torch.__version__}")
 
     mesh = kwargs.get("mesh")
-    _check_group(module, mesh.get_group() if mesh is not None else None)
+    _check_groups(module, mesh.get_group() if mesh is not None else None, expert_data_parallel_group)
     experts = set(expert_parameters(module))
     for block in blocks:
         fully_shard(block, ignored_params=experts & set(block.parameters()), **kwargs)
     fully_shard(module, ignored_params=experts, **kwargs)
-    scale_expert_grads(module)
+    reduce_expert_grads(module, expert_data_parallel_group)
     return module
