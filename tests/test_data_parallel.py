@@ -1,7 +1,9 @@
 """DDP and FSDP2 around eplib.MoE (eplib.moe.ddp, eplib.moe.fully_shard_dense), as the example trains:
 three AdamW steps of the example's model on 2 gloo ranks give the same losses, parameters and
 routing biases as the hand-written reference (each rank's loss divided by the group size, the
-replicated gradients summed over the ranks in one all-reduce)."""
+replicated gradients summed over the ranks in one all-reduce). On 4 ranks, MoE layers over groups of
+2 with an expert-data-parallel group against the same reference with the expert gradients summed
+over the ranks that hold the same experts."""
 
 import importlib.util
 from pathlib import Path
