@@ -171,6 +171,14 @@ def nvl_bytes_for(points: List[Point], num_ranks: int) -> int:
                                                      p.spec.top_k) for p in points)
 
 
+def chunk_configuration(num_ranks: int) -> dict:
+    """The configs the Buffer's calls use by default (what the ipc rings stream with), per op."""
+    configs = {"dispatch": eplib.Buffer.get_dispatch_config(num_ranks),
+               "combine": eplib.Buffer.get_combine_config(num_ranks)}
+    return {op: {"channels": c.num_channels, "chunk_rows": c.num_max_nvl_chunked_send_tokens,
+                 "ring_rows": c.num_max_nvl_chunked_recv_tokens} for op, c in configs.items()}
+
+
 def make_buffer(transport: str, points: List[Point]) -> eplib.Buffer:
     """The Buffer under test; the ipc transport's is sized for the largest point."""
     kwargs = {"num_nvl_bytes": nvl_bytes_for(points, dist.get_world_size())} if transport == "ipc" else {}
@@ -327,7 +335,7 @@ def main() -> None:
     if ipc:
         timed = not ranks_share_a_gpu(device)
         machine.update(cuda_transport=buffer.transport_name("cuda"), num_nvl_bytes=buffer.num_nvl_bytes,
-                       ranks_share_a_gpu=not timed)
+                       ranks_share_a_gpu=not timed, ipc_chunks=chunk_configuration(world))
         if rank == 0 and not timed:
             print(f"--transport ipc: the {world} processes share a GPU, which time-slices between processes, so "
                   "their timings mean nothing: correctness only, timings not reported", file=sys.stderr, flush=True)

@@ -23,7 +23,7 @@ from eplib.transports.tensors import row_bytes
 from timing import copy_samples_ms, summarize
 
 EFFICIENCY_OPS = ("dispatch", "cached_dispatch", "combine")
-EFFICIENCY_GOAL = 0.7
+EFFICIENCY_GOAL = 0.85
 LAUNCH_GOAL_US = 20.0
 GOAL_SHAPE = {"hidden": 7168, "top_k": 8, "dtype": "bf16"}
 EFFICIENCY_GOAL_TOKENS, LAUNCH_GOAL_TOKENS = 4096, 128

@@ -188,7 +188,12 @@ def render_ipc_tables(result: dict) -> str:
     """The IPC transport's run: per-op times (when timed), one rank's copy efficiency and goals,
     and the check against eplib.reference."""
     m, points = result["machine"], result["points"]
-    out = [_machine_line(result), ""]
+    out = [_machine_line(result)]
+    if m.get("ipc_chunks"):
+        out.append(f"ipc rings ({m['num_nvl_bytes']} bytes of buffer; rings shrink to fit it, one chunk at least): " +
+                   "; ".join(f"{op} {c['channels']} channels, chunks of {c['chunk_rows']} rows, rings of up to "
+                             f"{c['ring_rows']} rows per (source, channel)" for op, c in m["ipc_chunks"].items()))
+    out.append("")
     timed = [p for p in points if p["results"]]
     if not timed:
         out.append(f"Timings not reported: the {m['ranks']} processes share a GPU, which time-slices between "

@@ -19,6 +19,7 @@
 #include "eplib/layout.h"
 #ifdef EPLIB_WITH_CUDA
 #include "cuda/ipc_buffer.h"
+#include "cuda/ipc_exchange.h"
 #include "cuda/kernels.h"
 #include "cuda/runtime.h"
 #endif
@@ -173,14 +174,16 @@ void def_kernel_args(py::module_& m) {
       EPLIB_FIELD(CombinePackArgs, x_bytes) EPLIB_FIELD(CombinePackArgs, topk_weights)
       EPLIB_FIELD(CombinePackArgs, num_topk) EPLIB_FIELD(CombinePackArgs, recv_counts)
       EPLIB_FIELD(CombinePackArgs, num_ranks) EPLIB_FIELD(CombinePackArgs, slot_rows)
-      EPLIB_FIELD(CombinePackArgs, num_rows) EPLIB_FIELD(CombinePackArgs, rank_prefix_matrix)
-      EPLIB_FIELD(CombinePackArgs, send_buffer);
+      EPLIB_FIELD(CombinePackArgs, num_rows) EPLIB_FIELD(CombinePackArgs, send_buffer);
   ArgsBinding<CombineReduceArgs>(m, "CombineReduceArgs") EPLIB_FIELD(CombineReduceArgs, dtype)
       EPLIB_FIELD(CombineReduceArgs, recv_buffer) EPLIB_FIELD(CombineReduceArgs, hidden)
       EPLIB_FIELD(CombineReduceArgs, num_topk) EPLIB_FIELD(CombineReduceArgs, send_pos)
       EPLIB_FIELD(CombineReduceArgs, num_tokens) EPLIB_FIELD(CombineReduceArgs, num_ranks)
       EPLIB_FIELD(CombineReduceArgs, bias_0) EPLIB_FIELD(CombineReduceArgs, bias_1)
       EPLIB_FIELD(CombineReduceArgs, combined_x) EPLIB_FIELD(CombineReduceArgs, combined_topk_weights);
+  ArgsBinding<cuda::IpcExchangeArgs>(m, "IpcExchangeArgs") EPLIB_FIELD(cuda::IpcExchangeArgs, num_channels)
+      EPLIB_FIELD(cuda::IpcExchangeArgs, ring_rows) EPLIB_FIELD(cuda::IpcExchangeArgs, chunk_rows)
+      EPLIB_FIELD(cuda::IpcExchangeArgs, channel_counts);
   ArgsBinding<PermuteLayoutArgs>(m, "PermuteLayoutArgs") EPLIB_FIELD(PermuteLayoutArgs, topk_idx)
       EPLIB_FIELD(PermuteLayoutArgs, num_rows) EPLIB_FIELD(PermuteLayoutArgs, num_topk)
       EPLIB_FIELD(PermuteLayoutArgs, num_local_experts) EPLIB_FIELD(PermuteLayoutArgs, expert_alignment)
@@ -226,21 +229,11 @@ void def_cuda_kernels(py::module_& m) {
   def_kernel<cuda::DispatchLayoutArgs>(m, "cuda_dispatch_layout", cuda::dispatch_layout);
   def_kernel<cuda::SendPositionsArgs>(m, "cuda_send_positions", cuda::send_positions);
   def_kernel<cuda::DispatchCheckArgs>(m, "cuda_check_dispatch_inputs", cuda::check_dispatch_inputs);
-  // The row kernels of the nccl transport (no ipc view); the ipc transport goes through IpcBuffer.
-  def_kernel<cuda::DispatchPackArgs>(m, "cuda_dispatch_pack", [](const cuda::DispatchPackArgs& args, cudaStream_t s) {
-    cuda::dispatch_pack(args, nullptr, 0, s);
-  });
-  def_kernel<cuda::DispatchUnpackArgs>(m, "cuda_dispatch_unpack",
-                                       [](const cuda::DispatchUnpackArgs& args, cudaStream_t s) {
-                                         cuda::dispatch_unpack(args, nullptr, s);
-                                       });
-  def_kernel<cuda::CombinePackArgs>(m, "cuda_combine_pack", [](const cuda::CombinePackArgs& args, cudaStream_t s) {
-    cuda::combine_pack(args, nullptr, 0, s);
-  });
-  def_kernel<cuda::CombineReduceArgs>(m, "cuda_combine_reduce",
-                                      [](const cuda::CombineReduceArgs& args, cudaStream_t s) {
-                                        cuda::combine_reduce(args, nullptr, s);
-                                      });
+  // The row kernels of the nccl transport; the ipc transport's exchanges go through IpcBuffer.
+  def_kernel<cuda::DispatchPackArgs>(m, "cuda_dispatch_pack", cuda::dispatch_pack);
+  def_kernel<cuda::DispatchUnpackArgs>(m, "cuda_dispatch_unpack", cuda::dispatch_unpack);
+  def_kernel<cuda::CombinePackArgs>(m, "cuda_combine_pack", cuda::combine_pack);
+  def_kernel<cuda::CombineReduceArgs>(m, "cuda_combine_reduce", cuda::combine_reduce);
   def_kernel<cuda::PermuteLayoutArgs>(m, "cuda_permute_layout", cuda::permute_layout);
   def_kernel<cuda::PermuteRowsArgs>(m, "cuda_permute_rows", cuda::permute_rows);
   def_kernel<cuda::UnpermuteRowsArgs>(m, "cuda_unpermute_rows", cuda::unpermute_rows);
@@ -278,7 +271,9 @@ void def_cuda_kernels(py::module_& m) {
           [](const IpcBuffer& self) {
             const IpcBuffer::Counters counters = self.counters();
             py::dict result;
-            result["round_sent"] = counters.round_sent;
+            result["round"] = counters.round;
+            result["rows_sent"] = counters.rows_sent;
+            result["rows_received"] = counters.rows_received;
             result["notify_round"] = counters.notify_round;
             result["barrier_round"] = counters.barrier_round;
             result["blocks_finished"] = counters.blocks_finished;
@@ -307,15 +302,19 @@ void def_cuda_kernels(py::module_& m) {
       .def(
           "dispatch",
           [](IpcBuffer& self, const cuda::DispatchPackArgs& pack, const cuda::DispatchUnpackArgs& unpack,
-             int max_blocks, uintptr_t stream) { self.dispatch(pack, unpack, max_blocks, stream_of(stream)); },
-          py::arg("pack"), py::arg("unpack"), py::arg("max_blocks"), py::arg("stream"), release_gil,
-          "One dispatch round: the send kernel (max_blocks > 0 bounds it), then the receive kernel.")
+             const cuda::IpcExchangeArgs& exchange, uintptr_t stream) {
+            self.dispatch(pack, unpack, exchange, stream_of(stream));
+          },
+          py::arg("pack"), py::arg("unpack"), py::arg("exchange"), py::arg("stream"), release_gil,
+          "One dispatch round through the rings (cuda/ipc_exchange.h).")
       .def(
           "combine",
           [](IpcBuffer& self, const cuda::CombinePackArgs& pack, const cuda::CombineReduceArgs& reduce,
-             int max_blocks, uintptr_t stream) { self.combine(pack, reduce, max_blocks, stream_of(stream)); },
-          py::arg("pack"), py::arg("reduce"), py::arg("max_blocks"), py::arg("stream"), release_gil,
-          "One combine round: the send kernel (max_blocks > 0 bounds it), then the reduction.");
+             const cuda::IpcExchangeArgs& exchange, uintptr_t stream) {
+            self.combine(pack, reduce, exchange, stream_of(stream));
+          },
+          py::arg("pack"), py::arg("reduce"), py::arg("exchange"), py::arg("stream"), release_gil,
+          "One combine round through the rings (cuda/ipc_exchange.h).");
 }
 #endif
 
@@ -381,9 +380,9 @@ void def_cuda_cpu(py::module_& m) {
     return result;
   });
   m.def("cuda_cpu_stall", &eplib_cuda_cpu::set_stall, py::arg("kernel"), py::arg("seconds"),
-        py::arg("probability") = 1.0,
-        "Test hook: every block of `kernel` (a __global__ name) sleeps `seconds` at each barrier it completes, "
-        "with that probability (a slow SM); seconds <= 0 removes it.");
+        py::arg("probability") = 1.0, py::arg("first_block") = 0, py::arg("end_block") = 0xFFFFFFFFu,
+        "Test hook: blocks [first_block, end_block) of `kernel` (a __global__ name) sleep `seconds` whenever one "
+        "of their barriers or warp intrinsics completes, with that probability (a slow SM); seconds <= 0 removes it.");
   m.attr("CUDA_ERROR_NOT_READY") = static_cast<int>(cudaErrorNotReady);
   m.attr("CUDA_ERROR_INVALID_CONTEXT") = static_cast<int>(cudaErrorInvalidContext);
 
@@ -444,15 +443,20 @@ PYBIND11_MODULE(_C, m) {
   m.def("ipc_header_bytes", [] { return eplib::cuda::kIpcRegionOffset; },
         "Bytes at the head of every ipc buffer before its receive region.");
   m.attr("IPC_MAX_RANKS") = eplib::cuda::kMaxIpcRanks;
+  m.attr("IPC_MAX_CHANNELS") = eplib::cuda::kMaxIpcChannels;
+  m.def("ipc_buffer_bytes", &eplib::cuda::ipc_buffer_bytes, py::arg("num_ranks"), py::arg("num_channels"),
+        py::arg("row_stride"), py::arg("ring_rows"),
+        "Bytes of an ipc buffer (header included) whose rings hold ring_rows rows of row_stride bytes per "
+        "(source, channel) stream.");
   m.attr("IPC_MAX_LOCAL_EXPERTS") = eplib::cuda::kMaxIpcLocalExperts;
   m.attr("IPC_RECORD_FORMAT_FIELDS") = eplib::cuda::kRecordFormatFields;
   {
     namespace cuda = eplib::cuda;
     py::dict phases;
     phases[py::int_(static_cast<int>(cuda::kPhaseNotify))] = "dispatch (counts exchange)";
-    phases[py::int_(static_cast<int>(cuda::kPhaseDispatchSend))] = "dispatch (send: waiting for a receiver to be ready)";
+    phases[py::int_(static_cast<int>(cuda::kPhaseDispatchSend))] = "dispatch (send: waiting for a receiver to be ready or to free ring slots)";
     phases[py::int_(static_cast<int>(cuda::kPhaseDispatchReceive))] = "dispatch (receive: waiting for a sender's rows)";
-    phases[py::int_(static_cast<int>(cuda::kPhaseCombineSend))] = "combine (send: waiting for a receiver to be ready)";
+    phases[py::int_(static_cast<int>(cuda::kPhaseCombineSend))] = "combine (send: waiting for a receiver to be ready or to free ring slots)";
     phases[py::int_(static_cast<int>(cuda::kPhaseCombineReceive))] = "combine (receive: waiting for a sender's rows)";
     phases[py::int_(static_cast<int>(cuda::kPhaseBarrier))] = "destroy (barrier)";
     m.attr("IPC_PHASES") = phases;

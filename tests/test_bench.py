@@ -213,3 +213,22 @@ def test_group_limited_with_every_group_is_plain_top_k():
 def test_routing_spec_rejects_bad_parameters(kwargs, match):
     with pytest.raises(ValueError, match=match):
         RoutingSpec(**kwargs)
+
+
+def test_ipc_report_prints_the_chunk_configuration(quick_run):
+    """bench_dispatch --transport ipc prints the rings' chunk configuration beside its figures (rendered
+    here from the quick run's records with the fields an ipc run adds)."""
+    import copy
+
+    import report
+    from bench_dispatch import chunk_configuration
+
+    import eplib
+
+    result = copy.deepcopy(quick_run)
+    result["machine"].update(num_nvl_bytes=123456, ipc_chunks=chunk_configuration(4))
+    text = report.render_ipc_tables(result)
+    for op, config in (("dispatch", eplib.Buffer.get_dispatch_config(4)), ("combine", eplib.Buffer.get_combine_config(4))):
+        assert (f"{op} {config.num_channels} channels, chunks of {config.num_max_nvl_chunked_send_tokens} rows, "
+                f"rings of up to {config.num_max_nvl_chunked_recv_tokens} rows") in text, text
+    assert "123456 bytes of buffer" in text

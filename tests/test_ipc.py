@@ -511,12 +511,19 @@ HINT_RANKS = (1, 2, 4, 8)
 HINT_TOPK = (1, 8, 32)
 
 
-def test_nvl_size_hint_bounds_and_monotone():
-    """An int, at least the header plus the rows of x alone (every token to every rank: R * T *
-    hidden_bytes; 16 bytes at least), and non-decreasing in T, hidden_bytes, num_ranks and num_topk;
-    doubling T, hidden_bytes or num_ranks at a realistic size grows it."""
-    hint = eplib.Buffer.get_nvl_buffer_size_hint
-    header = eplib._C.ipc_header_bytes()
+def ring_rows_of(hint: int, R: int, config, row_bytes: int) -> float:
+    """Slots per (source, channel) ring that `hint` bytes give rows of row_bytes (slot header included)."""
+    header, slot = eplib._C.ipc_header_bytes(), eplib._C.ipc_buffer_bytes(1, 1, row_bytes, 1) - eplib._C.ipc_header_bytes()
+    return (hint - header) / (R * config.num_channels * slot)
+
+
+def test_nvl_size_hint_fits_default_calls_and_monotone():
+    """An int; a Buffer of that size takes the default configs' dispatch (FP8 rows with scales and K
+    weights) and combine (rows of hidden_bytes, K weights): at least one chunk per ring, and rings of a
+    channel's share of T (at most DeepEP's ring size), so that such calls never wait for ring space;
+    non-decreasing in T, hidden_bytes and num_topk (not in num_ranks: DeepEP's configs for 2 ranks have
+    larger chunks than for 4), and growing with each at a realistic size."""
+    hint, _C = eplib.Buffer.get_nvl_buffer_size_hint, eplib._C
     values = {}
     for T in HINT_TOKENS:
         for hb in HINT_HIDDEN_BYTES:
@@ -524,32 +531,44 @@ def test_nvl_size_hint_bounds_and_monotone():
                 for K in HINT_TOPK:
                     v = hint(T, hb, R, num_topk=K)
                     assert isinstance(v, int) and not isinstance(v, bool), (T, hb, R, K, v)
-                    assert v >= header + max(R * T * hb, 16), (T, hb, R, K, v)
+                    calls = ((eplib.Buffer.get_dispatch_config(R), _C.dispatch_row_stride(hb, (hb + 127) // 128 * 4, K)),
+                             (eplib.Buffer.get_combine_config(R), _C.combine_row_stride(hb, K)))
+                    for config, stride in calls:
+                        assert v >= _C.ipc_buffer_bytes(R, config.num_channels, stride,
+                                                        config.num_max_nvl_chunked_send_tokens), (T, hb, R, K, config)
+                        share = min(-(-T // config.num_channels), config.num_max_nvl_chunked_recv_tokens)
+                        assert ring_rows_of(v, R, config, stride) >= share, (T, hb, R, K, config)
                     values[T, hb, R, K] = v
     axes = (HINT_TOKENS, HINT_HIDDEN_BYTES, HINT_RANKS, HINT_TOPK)
     for key, v in values.items():
         for axis, points in enumerate(axes):
             i = points.index(key[axis])
-            if i + 1 < len(points):
+            if axis != 2 and i + 1 < len(points):
                 bigger = key[:axis] + (points[i + 1],) + key[axis + 1:]
                 assert values[bigger] >= v, f"hint{bigger} = {values[bigger]} < hint{key} = {v}"
     assert hint(4096, 14336, 8) == hint(4096, 14336, 8, num_topk=32)  # num_topk defaults to 32
-    assert hint(8192, 14336, 8) > hint(4096, 14336, 8)
+    assert hint(1024, 14336, 8) > hint(128, 14336, 8)
     assert hint(4096, 14336 * 2, 8) > hint(4096, 14336, 8)
     assert hint(4096, 14336, 8) > hint(4096, 14336, 4)
+    assert hint(4096, 14336, 8, num_topk=32) > hint(4096, 14336, 8, num_topk=1)
 
 
-def test_config_nvl_size_hint_matches_buffer():
-    """Config.get_nvl_buffer_size_hint(hidden_bytes, num_ranks, num_max_tokens=4096) is the Buffer's hint
-    with num_topk=32, whatever the config's fields."""
-    hint = eplib.Buffer.get_nvl_buffer_size_hint
+def test_config_nvl_size_hint_is_its_rings():
+    """Config.get_nvl_buffer_size_hint(hidden_bytes, num_ranks) is the header and, per (source rank,
+    channel), a ring of num_max_nvl_chunked_recv_tokens slots of the widest row (FP8 dispatch row with
+    32 weights, or combine row); num_max_tokens caps each ring at a channel's share (one chunk at least)."""
+    _C = eplib._C
     configs = (eplib.Config(), eplib.Config(24, 6, 256, 6, 128), eplib.Config(2, 1, 8, 1, 8),
                eplib.Buffer.get_dispatch_config(8), eplib.Buffer.get_combine_config(2))
     for cfg in configs:
         for hb in (256, 7168, 14336):
+            stride = max(_C.dispatch_row_stride(hb, (hb + 127) // 128 * 4, 32), _C.combine_row_stride(hb, 32))
             for R in (1, 2, 8):
-                assert cfg.get_nvl_buffer_size_hint(hb, R) == hint(4096, hb, R, num_topk=32), (cfg, hb, R)
-                assert cfg.get_nvl_buffer_size_hint(hb, R, num_max_tokens=100) == hint(100, hb, R), (cfg, hb, R)
+                for tokens, ring in ((None, cfg.num_max_nvl_chunked_recv_tokens),
+                                     (100, max(cfg.num_max_nvl_chunked_send_tokens,
+                                               min(cfg.num_max_nvl_chunked_recv_tokens, -(-100 // cfg.num_channels))))):
+                    got = cfg.get_nvl_buffer_size_hint(hb, R, num_max_tokens=tokens)
+                    assert ring_rows_of(got, R, cfg, stride) == ring, (cfg, hb, R, tokens, got)
 
 
 GOOD_HINT_ARGS = dict(num_max_tokens=128, hidden_bytes=7168, num_ranks=4, num_topk=8)

@@ -37,6 +37,9 @@ pytestmark = pytest.mark.cuda_cpu
 
 BACKEND = "cuda_cpu-ipc"
 HEADER_BYTES = _C.ipc_header_bytes() if hasattr(_C, "ipc_header_bytes") else 0
+# Rings after the header for the small calls of these tests: one chunk per (source, channel) stream of
+# Buffer's default configs for rows of up to ~1 KB on 4 ranks (rings longer than a chunk where it fits).
+SMALL_CALLS_BYTES = HEADER_BYTES + (1 << 20)
 
 # A subset of the GPU contract cases: every layout path (normal, num_worst_tokens slots, FP8 scales,
 # x only, empty ranks, duplicate ids, bias forms).
@@ -207,20 +210,22 @@ def job_peer_never_arrives(rank, R, group):
     idx, w = make_topk_idx(5, rank, T, K, E, "uniform"), make_topk_weights(5, rank, T, K)
     x = make_random_rows(5, rank, T, H, "fp32")
     names = ("normal", "worst", "cached", "combine", "slow")
-    bufs = {name: ipc_buffer(group, HEADER_BYTES + (1 << 16)) for name in names}
+    bufs = {name: ipc_buffer(group, SMALL_CALLS_BYTES) for name in names}
     handles = {}
     for name in ("cached", "combine"):
         out = dispatch_with_layout(bufs[name], x, idx, w, E)
         handles[name] = out
     out = {}
-    # A sender that stalls at its barriers (after its ready hand-shake too): rank 0's receive gives up first.
+    # A sender that stalls at its barriers and warp operations (after its ready hand-shake too): rank 0's
+    # receive gives up first. Blocks [0, C) of the exchange kernel send.
     if rank == 1:
-        _C.cuda_cpu_stall("dispatch_pack_kernel", 4 * TIMEOUT_S)
+        channels = eplib.Buffer.get_dispatch_config(R).num_channels
+        _C.cuda_cpu_stall("ipc_dispatch_kernel", 4 * TIMEOUT_S, 1.0, 0, channels)
     try:
         with eplib_timeout(TIMEOUT_S if rank == 0 else 20):
             out["stalled sender: dispatch"] = timed_outcome(lambda: dispatch_with_layout(bufs["slow"], x, idx, w, E))
     finally:
-        _C.cuda_cpu_stall("dispatch_pack_kernel", 0)
+        _C.cuda_cpu_stall("ipc_dispatch_kernel", 0)
     if rank != 0:
         dist.barrier(group)
         return None
@@ -243,9 +248,12 @@ def job_peer_never_arrives(rank, R, group):
     return out
 
 
-def check_timeout(step, result, phase: int, max_s: float, min_s: float = 0.0) -> None:
-    """gpu_harness.check_timeout_report, the phase named exactly as _C.IPC_PHASES[phase] (case included)."""
-    check_timeout_report(step, result, re.escape(PHASES[phase]), max_s=max_s, min_s=min_s)
+def check_timeout(step, result, phases, max_s: float, min_s: float = 0.0) -> None:
+    """gpu_harness.check_timeout_report, the phase named exactly as _C.IPC_PHASES[p] (case included) for
+    one p of `phases` (an int or a tuple: an exchange's senders and receivers wait at once, and the first
+    to give up reports)."""
+    phases = phases if isinstance(phases, tuple) else (phases,)
+    check_timeout_report(step, result, "|".join(re.escape(PHASES[p]) for p in phases), max_s=max_s, min_s=min_s)
 
 
 def test_ipc_cuda_cpu_peer_never_arrives(pool2):
@@ -261,156 +269,161 @@ def test_ipc_cuda_cpu_peer_never_arrives(pool2):
     assert out["num_worst dispatch"][0] == "ok", out
     check_timeout("num_worst: next call", out["num_worst: next call"], 1, max_s=0.5)
     assert REFUSED.match(out["num_worst: call after"][0]), out
-    # Send phases of cached dispatch and combine.
+    # Cached dispatch and combine: their senders (waiting for rank 1 to be ready) and receivers (waiting
+    # for its rows) give up alike.
     assert out["cached dispatch"][0] == "ok" and out["combine"][0] == "ok", out
-    check_timeout("cached: next call", out["cached: next call"], 2, max_s=0.5)
-    check_timeout("combine: next call", out["combine: next call"], 4, max_s=0.5)
+    check_timeout("cached: next call", out["cached: next call"], (2, 3), max_s=0.5)
+    check_timeout("combine: next call", out["combine: next call"], (4, 5), max_s=0.5)
     assert out["aborted"] == {"normal": 1, "worst": 1, "cached": 1, "combine": 1, "slow": 1}, out
 
 
-# ------------------------------------------------------------------------------------ buffer too small
+# ------------------------------------------------------------------------------------ streaming through small rings
 
-NEEDS = re.compile(r"num_nvl_bytes: this (.*) needs (\d+) bytes of ipc buffer.*the Buffer has (\d+); "
+NEEDS = re.compile(r"num_nvl_bytes: this (\w+) needs at least (\d+) bytes of ipc buffer.*the Buffer has (\d+); "
                    r"size it with Buffer.get_nvl_buffer_size_hint", re.S)
 
+# Channels, ring slots per (source, channel) stream, rows per chunk of the streaming tests.
+STREAM_CONFIG = dict(num_sms=4, num_max_nvl_chunked_send_tokens=2, num_max_nvl_chunked_recv_tokens=4)
 
-def job_buffer_too_small(rank, R, group):
-    """A Buffer with exactly the bytes of a bf16 normal dispatch of T tokens to every rank. Calls that
-    need more raise ValueError with the exact bytes they need, on every rank; the Buffer works after
-    (results compared with eplib.reference) and the ranks' round counters stay equal.
-    Returns {"num_nvl_bytes", "needed": {step: bytes}, "outcomes", "errors", "counters"}."""
-    T, H, El = 16, 64, 2
-    E, K = El * R, R
-    idx = all_ranks_idx(T, R, El)
-    w = make_topk_weights(20, rank, T, K)
-    x = make_random_rows(20, rank, T, H, "bf16")
-    stride = _C.dispatch_row_stride(2 * H, 0, K)
-    nvl = HEADER_BYTES + R * T * stride
+# name -> (tokens of each rank by rank % 4, routing skew (of make_topk_idx, or "first_half"), the kernel blocks to stall: "senders",
+# "receivers", "both", "last_rank_receivers" (the last rank's only: the others' next rounds start while it
+# still reads) or None). Blocks [0, C) of an exchange kernel send, [C, 2C) receive.
+STREAM_CASES = {
+    "one_chunk": ([1, 2, 1, 0], "uniform", None),
+    "many_chunks_wrap_around": ([128, 96, 128, 80], "uniform", None),  # up to 16x a ring per stream
+    "empty_rank": ([64, 0, 48, 0], "first_half", None),  # odd ranks send nothing, the upper half receives nothing
+    "slow_receivers": ([64, 48, 64, 32], "zipf", "receivers"),
+    "slow_senders": ([64, 48, 64, 32], "hot", "senders"),
+    "random_stalls": ([96, 64, 96, 48], "masked", "both"),
+    "one_slow_receiving_rank": ([64, 48, 64, 32], "uniform", "last_rank_receivers"),
+}
+
+
+def stall_blocks(which, channels: int, seconds: float, rank: int, R: int) -> None:
+    """Random stalls (probability 0.3 at every synchronisation point) in the exchange kernels' sender or
+    receiver blocks, or none (which=None)."""
+    if which == "last_rank_receivers":
+        which = "receivers" if rank == R - 1 else None
+    blocks = {"senders": (0, channels), "receivers": (channels, 2 * channels), "both": (0, 2 * channels)}
+    for kernel in ("ipc_dispatch_kernel", "ipc_combine_kernel"):
+        if which is None:
+            _C.cuda_cpu_stall(kernel, 0)
+        else:
+            _C.cuda_cpu_stall(kernel, seconds, 0.3, *blocks[which])
+
+
+def job_streaming(rank, R, group, case):
+    """Rows through rings of 4 slots per (source, channel) stream, 2 channels, chunks of 2 rows, in a
+    Buffer of exactly those rings for the largest row: a normal dispatch, a cached dispatch, a combine
+    with weights and bias, a num_worst_tokens dispatch and its combine, every output against
+    eplib.reference; then the round counters and the rows every rank sent and received. Returns
+    (errors, counters of every rank)."""
+    tokens, skew, stalls = STREAM_CASES[case]
+    T, H, K, E = tokens[rank % 4], 24, 3, 3 * R
+    config = eplib.Config(**STREAM_CONFIG)
+    stride = max(_C.dispatch_row_stride(4 * H, 0, K), _C.combine_row_stride(4 * H, K))
+    nvl = _C.ipc_buffer_bytes(R, config.num_channels, stride, STREAM_CONFIG["num_max_nvl_chunked_recv_tokens"])
     buf, ref = ipc_buffer(group, nvl), ReferenceBuffer(group)
-    res = {"num_nvl_bytes": nvl, "outcomes": {}, "errors": [], "needed": {}}
+    if skew == "first_half":  # experts of the lower half of the ranks only
+        idx = make_topk_idx(60, rank, T, K, E // 2, "uniform")
+    else:
+        idx = make_topk_idx(60, rank, T, K, E, skew)
+    w = make_topk_weights(60, rank, T, K)
+    x = make_random_rows(60, rank, T, H, "fp32")
+    errs = []
 
     def check(name, got, want):
-        if not same(got, want):
-            res["errors"].append(f"rank {rank} " + describe_diff(name, got, want))
-
-    def both(fn, name):
-        got, want = fn(buf), fn(ref)
         for i, (g, v) in enumerate(zip(got, want)):
-            if not (hasattr(g, "current_stream_wait") or i == 4 and name.endswith("dispatch")):
-                check(f"{name}[{i}]", g, v)
-        return got, want
+            if not same(g, v):
+                errs.append(f"rank {rank} {case} {name}[{i}]: " + describe_diff(name, g, v))
 
-    (d, d_ref) = both(lambda b: dispatch_with_layout(b, x, idx, w, E), "fitting dispatch")
-    handle, handle_ref = d[4], d_ref[4]
-    # Too large. Normal mode, only the last rank receives (every token of every rank), K = 1.
-    x32 = make_random_rows(21, rank, T, H, "fp32")
-    to_last = ((R - 1) * El + torch.arange(T, dtype=torch.int64) % El)[:, None].contiguous()
-    res["needed"]["dispatch"] = HEADER_BYTES + R * T * _C.dispatch_row_stride(4 * H, 0, 1)
-    res["outcomes"]["dispatch"] = outcome(lambda: dispatch_with_layout(
-        buf, x32, to_last, make_topk_weights(21, rank, T, 1), E))
-    res["needed"]["num_worst_tokens dispatch"] = HEADER_BYTES + R * (R * T) * stride
-    res["outcomes"]["num_worst_tokens dispatch"] = outcome(lambda: dispatch_with_layout(
-        buf, x, idx, w, E, num_worst_tokens=R * T))
-    res["needed"]["cached dispatch"] = HEADER_BYTES + R * T * _C.dispatch_row_stride(4 * H, 0, 0)
-    res["outcomes"]["cached dispatch"] = outcome(lambda: buf.dispatch(x32, handle=handle))
-    res["needed"]["combine"] = HEADER_BYTES + R * T * _C.combine_row_stride(4 * H, K)
-    y32 = make_random_rows(22, rank, R * T, H, "fp32")
-    res["outcomes"]["combine"] = outcome(lambda: buf.combine(y32, handle, topk_weights=d[2]))
-    counters_after_errors = transport_of(buf).ipc_buffer.counters()
-
-    # The Buffer works after: cached dispatch and combine on the first handle, a smaller round.
-    x2 = make_random_rows(23, rank, T, H, "bf16")
-    check("cached dispatch after", buf.dispatch(x2, handle=handle)[0], ref.dispatch(x2, handle=handle_ref)[0])
-    y = make_random_rows(24, rank, R * T, H, "bf16")
-    check("combine after", buf.combine(y, handle, topk_weights=d[2])[:2],
-          ref.combine(y, handle_ref, topk_weights=d_ref[2])[:2])
-    small = T // 2
-    both(lambda b: dispatch_with_layout(b, x[:small], idx[:small].contiguous(), w[:small].contiguous(), E),
-         "smaller dispatch")
-    res["counters"] = counters_everywhere(buf, group)
-    res["counters after the errors"] = counters_after_errors
-    return res
+    stall_blocks(stalls, config.num_channels, 0.002, rank, R)
+    try:
+        with eplib_timeout(30):
+            W = max(tokens) * R
+            for kwargs in ({}, {"num_worst_tokens": W}):
+                d = dispatch_with_layout(buf, x, idx, w, E, config=config, **kwargs)
+                d_ref = dispatch_with_layout(ref, x, idx, w, E, **kwargs)
+                check(f"dispatch {kwargs}", d[:4], d_ref[:4])
+                x2 = make_random_rows(61, rank, T, H, "fp32")
+                check("cached dispatch", buf.dispatch(x2, handle=d[4], config=config)[:1],
+                      ref.dispatch(x2, handle=d_ref[4])[:1])
+                y = make_random_rows(62, rank, d[0].shape[0], H, "fp32")
+                bias = make_random_rows(63, rank, T, H, "fp32")
+                check("combine", buf.combine(y, d[4], topk_weights=d[2], bias=bias, config=config)[:2],
+                      ref.combine(y, d_ref[4], topk_weights=d_ref[2], bias=bias)[:2])
+    finally:
+        stall_blocks(None, config.num_channels, 0, rank, R)
+    return errs, counters_everywhere(buf, group)
 
 
-@pytest.mark.parametrize("world_size", [2, 4])
-def test_ipc_cuda_cpu_buffer_too_small(pool_cache, world_size):
-    results = pool_cache(world_size).run(job_buffer_too_small, timeout=60)
-    for rank, res in enumerate(results):
-        assert not res["errors"], "\n".join(res["errors"])
-        for step, text in res["outcomes"].items():
-            assert text.startswith("ValueError: "), f"rank {rank} {step}: expected ValueError, got {text!r}"
-            match = NEEDS.search(text)
-            assert match, f"rank {rank} {step}: no 'num_nvl_bytes: this ... needs N bytes ... has M' in {text!r}"
-            assert match.group(1) == step, f"rank {rank}: {step} reported as {match.group(1)!r}"
-            assert int(match.group(2)) == res["needed"][step], f"rank {rank} {step}: {text!r}, rows need " \
-                                                               f"{res['needed'][step]}"
-            assert int(match.group(3)) == res["num_nvl_bytes"], text
-        # Rounds: 1 notify + 1 send per dispatch that went through (2 normal), 1 notify for the dispatch
-        # that failed its fit check after the counts exchange; 1 send for the cached dispatch and the
-        # combine after; nothing for the calls refused before any kernel.
-        assert res["counters after the errors"] == dict(round_sent=1, notify_round=2, barrier_round=0,
-                                                        blocks_finished=0, aborted=0), res
-        assert res["counters"] == [dict(round_sent=4, notify_round=3, barrier_round=0, blocks_finished=0,
-                                        aborted=0)] * world_size, res["counters"]
+@pytest.mark.parametrize("case", list(STREAM_CASES))
+def test_ipc_cuda_cpu_streams_through_small_rings(pool, case):
+    """Calls many times larger than the rings (rows stream while they are written; senders wait for
+    credits), with one chunk, empty ranks, and random stalls of the senders or receivers."""
+    results = pool.run(job_streaming, case, timeout=300)
+    counters = results[0][1]
+    for rank, (errs, rank_counters) in enumerate(results):
+        assert not errs, "\n".join(errs[:10])
+        assert rank_counters == counters, f"rank {rank} sees other counters: {rank_counters} vs {counters}"
+    # 6 exchanges (2 dispatches, 2 cached, 2 combines) and 2 counts exchanges on every rank; every row
+    # sent was received.
+    for rank, c in enumerate(counters):
+        assert (c["round"], c["notify_round"], c["blocks_finished"], c["aborted"]) == (6, 2, 0, 0), (rank, c)
+    assert sum(c["rows_sent"] for c in counters) == sum(c["rows_received"] for c in counters) > 0, counters
 
 
-def job_exact_fit(rank, R, group, mode, slack):
-    """A Buffer of exactly the bytes one call needs, plus `slack` (0 or -1): the call equals
-    eplib.reference (slack 0), or raises ValueError on every rank (slack -1). Uneven routing (zipf, an empty rank), so
-    receive and send totals differ per rank. Cached dispatch and combine move fp32 rows on the handle
-    of a bf16 dispatch, so theirs is the larger need. Returns (outcome, errors)."""
+def job_ring_too_small(rank, R, group, slack):
+    """For each of a dispatch (bf16 rows with top-k), a cached dispatch and a combine (fp32 rows, on the
+    handle of a bf16 dispatch): a Buffer of exactly one chunk per (source, channel) ring for that call's
+    rows, plus `slack` bytes (0 or -1). The call streams through it and equals eplib.reference (slack 0),
+    or raises ValueError naming the bytes it needs, on every rank, before any kernel runs (slack -1); either
+    way the Buffer's next dispatch (which fits) works. Returns ({call: outcome}, errors, {call: bytes needed})."""
     T, H, K, E = [9, 0, 14, 5][rank % 4], 48, 3, 3 * R
-    idx = make_topk_idx(31, rank, T, K, E, "zipf")
-    w = make_topk_weights(31, rank, T, K)
-    single = mode in ("dispatch", "num_worst")
-    x = make_random_rows(31, rank, T, H, "fp32" if single else "bf16")
+    config = eplib.Config(num_sms=2, num_max_nvl_chunked_send_tokens=3, num_max_nvl_chunked_recv_tokens=64)
+    channels, chunk = config.num_channels, config.num_max_nvl_chunked_send_tokens
+    idx, w = make_topk_idx(31, rank, T, K, E, "zipf"), make_topk_weights(31, rank, T, K)
+    x = make_random_rows(31, rank, T, H, "bf16")
+    x32 = make_random_rows(32, rank, T, H, "fp32")
+    strides = {"dispatch": _C.dispatch_row_stride(2 * H, 0, K), "cached dispatch": _C.dispatch_row_stride(4 * H, 0, 0),
+               "combine": _C.combine_row_stride(4 * H, K)}
+    needed = {name: _C.ipc_buffer_bytes(R, channels, stride, chunk) for name, stride in strides.items()}
+    assert needed["dispatch"] < min(needed["cached dispatch"], needed["combine"]) - 1  # their dispatch fits
     ref = ReferenceBuffer(group)
     d_ref = dispatch_with_layout(ref, x, idx, w, E)
-    counts = torch.diff(d_ref[4][0].to(torch.int64), dim=0, prepend=torch.zeros(1, R, dtype=torch.int64))
-    recv_max, send_max = int(counts.sum(0).max()), int(counts.sum(1).max())
-    W = recv_max
-    needed = {"dispatch": HEADER_BYTES + recv_max * _C.dispatch_row_stride(4 * H, 0, K),
-              "num_worst": HEADER_BYTES + R * W * _C.dispatch_row_stride(4 * H, 0, K),
-              "cached": HEADER_BYTES + recv_max * _C.dispatch_row_stride(4 * H, 0, 0),
-              "combine": HEADER_BYTES + send_max * _C.combine_row_stride(4 * H, K)}[mode]
-    if not single:
-        assert needed + slack >= HEADER_BYTES + recv_max * _C.dispatch_row_stride(2 * H, 0, K)
-    # The reference first: its collectives must not wait for a rank that stopped at an error.
-    x2 = make_random_rows(32, rank, T, H, "fp32")
     y = make_random_rows(33, rank, d_ref[0].shape[0], H, "fp32")
-    kwargs = dict(num_worst_tokens=W) if mode == "num_worst" else {}
-    if mode == "cached":
-        def call(b, dd):
-            return b.dispatch(x2, handle=dd[4])[0]
-    elif mode == "combine":
-        def call(b, dd):
-            return b.combine(y, dd[4], topk_weights=dd[2])[:2]
-    else:
-        def call(b, dd):
-            return dispatch_with_layout(b, x, idx, w, E, **kwargs)[:4]
-    want = call(ref, d_ref)
-    buf = ipc_buffer(group, needed + slack)
-    errs, got = [], []
-    d = None if single else dispatch_with_layout(buf, x, idx, w, E)
-    result = outcome(lambda: got.append(call(buf, d)))
-    if result == "ok" and not same(got[0], want):
-        errs.append(describe_diff(mode, got[0], want))
-    return result, errs
+    calls = {"dispatch": (lambda b, d: dispatch_with_layout(b, x, idx, w, E, config=config)[:4], lambda: d_ref[:4]),
+             "cached dispatch": (lambda b, d: b.dispatch(x32, handle=d[4], config=config)[:1],
+                                 lambda: ref.dispatch(x32, handle=d_ref[4])[:1]),
+             "combine": (lambda b, d: b.combine(y, d[4], topk_weights=d[2], config=config)[:2],
+                         lambda: ref.combine(y, d_ref[4], topk_weights=d_ref[2])[:2])}
+    outcomes, errs = {}, []
+    for name, (call, want) in calls.items():
+        buf = ipc_buffer(group, needed[name] + slack)
+        d = dispatch_with_layout(buf, x, idx, w, E, config=config) if name != "dispatch" else None
+        got = []
+        outcomes[name] = outcome(lambda: got.append(call(buf, d)))
+        if got and not all(same(g, v) for g, v in zip(got[0], want())):
+            errs.append(f"rank {rank} {name}: results differ from the reference")
+        if d is not None:  # a refused call leaves the Buffer in step: its next dispatch (which fits) works
+            if not all(same(g, v) for g, v in zip(dispatch_with_layout(buf, x, idx, w, E, config=config)[:4],
+                                                  d_ref[:4])):
+                errs.append(f"rank {rank} dispatch after {name}: results differ from the reference")
+    return outcomes, errs, needed
 
 
-@pytest.mark.parametrize("mode", ["dispatch", "num_worst", "cached", "combine"])
-def test_ipc_cuda_cpu_exact_fit(pool4, mode):
-    """Exactly enough bytes: the call runs (inside the region, right results); one byte less: ValueError
-    on every rank. A cached dispatch needs the most rows any rank receives, a combine the most any
-    rank sends (they come back)."""
+def test_ipc_cuda_cpu_buffer_of_one_chunk_per_ring(pool4):
     for slack in (0, -1):
-        results = pool4.run(job_exact_fit, mode, slack, timeout=60)
-        for rank, (result, errs) in enumerate(results):
-            assert not errs, f"slack {slack} rank {rank}: " + "\n".join(errs)
-            if slack == 0:
-                assert result == "ok", f"rank {rank}: {result}"
-            else:
-                assert NEEDS.search(result) and result.startswith("ValueError"), f"rank {rank}: {result}"
+        for rank, (outcomes, errs, needed) in enumerate(pool4.run(job_ring_too_small, slack, timeout=300)):
+            assert not errs, errs
+            for name, text in outcomes.items():
+                if slack == 0:
+                    assert text == "ok", f"slack 0, rank {rank}, {name}: {text}"
+                    continue
+                match = NEEDS.search(text)
+                assert text.startswith("ValueError: ") and match, f"rank {rank} {name}: {text!r}"
+                assert match.group(1) == name.split()[-1] and int(match.group(2)) == needed[name], (name, text)
+                assert int(match.group(3)) == needed[name] - 1, text
 
 
 # ------------------------------------------------------------------------------------ many rounds
@@ -476,13 +489,14 @@ def job_many_rounds(rank, R, group, num_rounds):
                  if not same(g, v)]
         num_errors += len(errs)
         errors += [f"{where}: {e}" for e in errs][:20 - len(errors)]
-    expected = dict(round_sent=sends, notify_round=notifies, barrier_round=0, blocks_finished=0, aborted=0)
-    return errors, num_errors, counters_everywhere(buf, group), expected
+    expected = dict(round=sends, notify_round=notifies, barrier_round=0, blocks_finished=0, aborted=0)
+    counters = [{k: c[k] for k in expected} for c in counters_everywhere(buf, group)]
+    return errors, num_errors, counters, expected
 
 
 @pytest.mark.parametrize("world_size,num_rounds", [(2, 2 * NUM_ROUNDS), (4, NUM_ROUNDS)], ids=["R2", "R4"])
 def test_ipc_cuda_cpu_many_rounds(pool_cache, world_size, num_rounds):
-    results = pool_cache(world_size).run(job_many_rounds, num_rounds, timeout=60)
+    results = pool_cache(world_size).run(job_many_rounds, num_rounds, timeout=300)
     for rank, (errors, num_errors, counters, expected) in enumerate(results):
         assert num_errors == 0, f"rank {rank}: {num_errors} mismatches in {num_rounds} rounds, first:\n" + \
             "\n".join(errors)
@@ -507,7 +521,7 @@ def job_destroy(rank, R, group):
     x = make_random_rows(3, rank, T, H, "fp32")
     with captured_logs(logging.WARNING) as warnings:
         memfds_before = open_memfds()
-        buf = ipc_buffer(group, HEADER_BYTES + (1 << 16), explicitly_destroy=True)
+        buf = ipc_buffer(group, SMALL_CALLS_BYTES, explicitly_destroy=True)
         dispatch_with_layout(buf, x, idx, w, E)
         ipc = transport_of(buf).ipc_buffer
         buf.destroy()
@@ -528,7 +542,7 @@ def job_destroy(rank, R, group):
         out["together: clean"] = transports[1].destroy()
 
         # Garbage collection: no barrier, so one rank alone does not wait.
-        buf = ipc_buffer(group, HEADER_BYTES + 4096)
+        buf = ipc_buffer(group, SMALL_CALLS_BYTES)
         dispatch_with_layout(buf, x, idx, w, E)
         alive = weakref.ref(transport_of(buf))
         dist.barrier(group)
@@ -571,40 +585,37 @@ def test_ipc_cuda_cpu_destroy(pool):
 
 
 def job_notify_tables(rank, R, group):
-    """Two counts exchanges back to back with no row round between them (the first dispatch does not
-    fit the buffer and raises after its exchange), while the last rank lingers between its wait and
+    """Two counts exchanges back to back with no row round between them (the first dispatch's records
+    disagree, so every rank raises after its exchange), while the last rank lingers between its wait and
     the read of its table: the others write their next records meanwhile, which must not land in the
     table being read (ipc.h: tables double-buffered by the notify round's parity). Returns
-    (outcome of the large dispatch, errors of the small one against eplib.reference)."""
+    (outcome of the disagreeing dispatch, errors of the next one against eplib.reference)."""
     T, H, K, E = 12, 32, 2, 2 * R
-    buf, ref = ipc_buffer(group, HEADER_BYTES + 4 * T * _C.dispatch_row_stride(4 * H, 0, K)), \
-        ReferenceBuffer(group)
+    buf, ref = ipc_buffer(group, SMALL_CALLS_BYTES), ReferenceBuffer(group)
     idx, w = make_topk_idx(8, rank, T, K, E, "uniform"), make_topk_weights(8, rank, T, K)
-    # Only rank 0's record makes the first dispatch too large (its 4T tokens all go to the last rank):
-    # a rank that read rank 0's next record instead would go ahead and send.
-    T_large = 4 * T if rank == 0 else T
-    x_large = make_random_rows(8, rank, T_large, H, "fp32")
-    idx_large = make_topk_idx(9, rank, T_large, K, E, "hot" if rank == 0 else "uniform")
-    w_large = make_topk_weights(9, rank, T_large, K)
+    # Only rank 0's first record disagrees (top-k of K + 1): a rank that read rank 0's next record
+    # instead would find the records alike and go ahead and send.
+    K_first = K + 1 if rank == 0 else K
+    idx_first, w_first = make_topk_idx(9, rank, T, K_first, E, "uniform"), make_topk_weights(9, rank, T, K_first)
     x = make_random_rows(10, rank, T, H, "fp32")
     # The last rank's notify kernel lingers at each barrier, its wait for the others' records included.
     if rank == R - 1:
         _C.cuda_cpu_stall("notify_kernel", 0.3)
     try:
         with eplib_timeout(5):
-            large = outcome(lambda: dispatch_with_layout(buf, x_large, idx_large, w_large, E))
+            first = outcome(lambda: dispatch_with_layout(buf, x, idx_first, w_first, E))
     finally:
         _C.cuda_cpu_stall("notify_kernel", 0)
     with eplib_timeout(5):
         got = dispatch_with_layout(buf, x, idx, w, E)
     want = dispatch_with_layout(ref, x, idx, w, E)
     errs = [describe_diff(f"[{i}]", g, v) for i, (g, v) in enumerate(zip(got[:4], want[:4])) if not same(g, v)]
-    return large, errs
+    return first, errs
 
 
 def test_ipc_cuda_cpu_notify_tables(pool):
-    for rank, (large, errs) in enumerate(pool.run(job_notify_tables, timeout=60)):
-        assert large.startswith("ValueError: num_nvl_bytes: this dispatch needs"), f"rank {rank}: {large}"
+    for rank, (first, errs) in enumerate(pool.run(job_notify_tables, timeout=60)):
+        assert first.startswith("ValueError: ") and "top" in first, f"rank {rank}: {first}"
         assert not errs, f"rank {rank}: " + "\n".join(errs)
 
 
@@ -617,7 +628,7 @@ def job_mismatch_ipc(rank, R, group, name):
     from test_peer_errors import job_mismatch
 
     saved = eplib.Buffer
-    eplib.Buffer = lambda group, **kwargs: ipc_buffer(group, HEADER_BYTES + (1 << 16))
+    eplib.Buffer = lambda group, **kwargs: ipc_buffer(group, SMALL_CALLS_BYTES)
     try:
         return job_mismatch(rank, R, group, name, timeout_s=10)
     finally:
@@ -648,7 +659,7 @@ def job_poisoned_after_timeout(rank, R, group):
     T, H, K, E = 16, 32, 2, 2 * R
     idx, w = make_topk_idx(6, rank, T, K, E, "uniform"), make_topk_weights(6, rank, T, K)
     x = make_random_rows(6, rank, T, H, "fp32")
-    buf = ipc_buffer(group, HEADER_BYTES + (1 << 16))
+    buf = ipc_buffer(group, SMALL_CALLS_BYTES)
     recv_x, _, recv_w, _, handle, _ = dispatch_with_layout(buf, x, idx, w, E, num_worst_tokens=R * T)
     if rank != 0:
         dist.barrier(group)
@@ -660,16 +671,16 @@ def job_poisoned_after_timeout(rank, R, group):
         with transport.context.call(None, False) as call:
             cached = UnpackOutputs(call, handle.num_output_rows, x, None, 0, with_count=False)
             combined = CombineOutputs(call, handle, recv_x, K)
+        dispatch_exchange, combine_exchange, _channel_counts = exchanges(transport, handle, x, K)
         for _ in range(2):  # a timed-out round, then one on the aborted buffer
             transport.ipc_buffer.dispatch(
                 dispatch_pack_args(x, None, None, None, 0, handle.send_pos, None, transport.error_flag,
                                    slot_rows=handle.slot_rows),
                 cached.args(None, handle.device_recv_counts, handle.slot_rows, x, None, 0, transport.error_flag),
-                0, transport.context.current_stream())
+                dispatch_exchange, transport.context.current_stream())
             transport.ipc_buffer.combine(
-                combine_pack_args(recv_x, recv_w, handle.device_recv_counts, handle.slot_rows, None,
-                                  rank_prefix_matrix=handle.rank_prefix_matrix),
-                combined.args(None, handle, None, None), 0, transport.context.current_stream())
+                combine_pack_args(recv_x, recv_w, handle.device_recv_counts, handle.slot_rows, None),
+                combined.args(None, handle, None, None), combine_exchange, transport.context.current_stream())
         transport.context.synchronize()
         out["cached x all NaN"] = bool(torch.isnan(cached.recv_x).all())
         out["cached src_idx"] = sorted(set(cached.recv_src_idx.tolist()))
@@ -687,7 +698,7 @@ def test_ipc_cuda_cpu_outputs_poisoned_after_timeout(pool2):
     assert out["cached x all NaN"] and out["cached src_idx"] == [-1], out
     assert out["combined x all NaN"] and out["combined weights all NaN"], out
     # Rank 1 never reaches the round: rank 0's send kernel gives up waiting for it to be ready.
-    assert re.match(r"RuntimeError: .*dispatch \(send: waiting for a receiver to be ready\) timed out waiting for "
+    assert re.match(r"RuntimeError: .*dispatch \(send: waiting for a receiver to be ready or to free ring slots\) timed out waiting for "
                     r"rank 1\b", out["check_failed"]), out
     assert REFUSED.match(out["next call"]), out
 
@@ -706,7 +717,7 @@ def job_replayed_rounds(rank, R, group, num_replays):
     T, H, K, E = 12, 24, 2, 2 * R
     idx, w = make_topk_idx(40, rank, T, K, E, "zipf"), make_topk_weights(40, rank, T, K)
     x0 = make_random_rows(40, rank, T, H, "bf16")
-    buf, ref = ipc_buffer(group, HEADER_BYTES + (1 << 18)), ReferenceBuffer(group)
+    buf, ref = ipc_buffer(group, SMALL_CALLS_BYTES), ReferenceBuffer(group)
     d = dispatch_with_layout(buf, x0, idx, w, E, num_worst_tokens=R * T)
     d_ref = dispatch_with_layout(ref, x0, idx, w, E, num_worst_tokens=R * T)
     handle, recv_w = d[4], d[2]
@@ -720,16 +731,16 @@ def job_replayed_rounds(rank, R, group, num_replays):
     inputs = [make_random_rows(41 + i, rank, T, H, "bf16") for i in range(num_replays)]
     kept = [(torch.empty_like(cached.recv_x), torch.empty_like(combined.combined_x)) for _ in range(num_replays)]
     flag = transport.error_flag
+    dispatch_exchange, combine_exchange, _channel_counts = exchanges(transport, handle, x, 0)
     for i in range(num_replays):  # no host work between the replays: stream-ordered copies only
         _memcpy_async(x, inputs[i], stream)
         transport.ipc_buffer.dispatch(
             dispatch_pack_args(x, None, None, None, 0, handle.send_pos, None, flag, slot_rows=handle.slot_rows),
-            cached.args(None, handle.device_recv_counts, handle.slot_rows, x, None, 0, flag), 0, stream)
+            cached.args(None, handle.device_recv_counts, handle.slot_rows, x, None, 0, flag), dispatch_exchange, stream)
         _memcpy_async(y, cached.recv_x, stream)  # the expert output is the dispatched rows themselves
         transport.ipc_buffer.combine(
-            combine_pack_args(y, None, handle.device_recv_counts, handle.slot_rows, None,
-                              rank_prefix_matrix=handle.rank_prefix_matrix),
-            combined.args(None, handle, None, None), 0, stream)
+            combine_pack_args(y, None, handle.device_recv_counts, handle.slot_rows, None),
+            combined.args(None, handle, None, None), combine_exchange, stream)
         _memcpy_async(kept[i][0], cached.recv_x, stream)
         _memcpy_async(kept[i][1], combined.combined_x, stream)
     context.synchronize()
@@ -742,6 +753,21 @@ def job_replayed_rounds(rank, R, group, num_replays):
         if not same(kept[i][1], want_c):
             errs.append(f"rank {rank} replay {i}: " + describe_diff("combine", kept[i][1], want_c))
     return errs, recv_w is not None and int(flag.item()) == 0
+
+
+def exchanges(transport, handle, x, num_topk):
+    """The ring arguments of a cached dispatch of x and of a combine of rows like x with num_topk weights,
+    along handle's channels, with the Buffer's default configs (what Buffer.dispatch and .combine pass),
+    and the int32 [R, C] tensor the dispatch writes its channel counts to (keep it until the stream is done)."""
+    from eplib.transports.tensors import row_bytes
+
+    R, channels = transport.num_ranks, handle.channel_counts.shape[1]
+    new_counts = torch.empty(R, channels, dtype=torch.int32)
+    return (transport._exchange_args(eplib.Buffer.get_dispatch_config(R), channels,
+                                     _C.dispatch_row_stride(row_bytes(x), 0, 0), "dispatch", new_counts),
+            transport._exchange_args(eplib.Buffer.get_combine_config(R), channels,
+                                     _C.combine_row_stride(row_bytes(x), num_topk), "combine", handle.channel_counts),
+            new_counts)
 
 
 def _memcpy_async(dst: torch.Tensor, src: torch.Tensor, stream: int) -> None:
@@ -766,7 +792,7 @@ def job_runtime_state(rank, R, group):
     T, H, K, E = 8, 16, 2, 2 * R
     idx, w = make_topk_idx(50, rank, T, K, E, "uniform"), make_topk_weights(50, rank, T, K)
     x = make_random_rows(50, rank, T, H, "fp32")
-    buf, ref = ipc_buffer(group, HEADER_BYTES + (1 << 16)), ReferenceBuffer(group)
+    buf, ref = ipc_buffer(group, SMALL_CALLS_BYTES), ReferenceBuffer(group)
     if rank == R - 1:
         time.sleep(0.5)
     got = dispatch_with_layout(buf, x, idx, w, E)

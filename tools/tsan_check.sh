@@ -16,10 +16,11 @@ OUT=$(realpath -m "${1:-build/tsan-reports}")
 BUILD="$ROOT/build/tsan"
 PYTHON=${PYTHON:-python}
 TESTS=(tests/test_ipc_cuda_cpu.py tests/test_cuda_cpu_runtime.py)
-# A selection sized for CI (about 4 minutes on two cores): two contract cases at 2 and 4 ranks, the
-# replayed rounds at 1, 2 and 4, the notify tables under a slow reader, the timeout that poisons, the
-# runtime state and the executor's own tests. EPLIB_TSAN_SELECT="" runs every test of the two files.
-SELECT=${EPLIB_TSAN_SELECT-"(equals_reference and (fp32-uniform or bf16-hot-bias_tuple-num_worst)) or replayed or notify_tables or runtime or poisoned"}
+# A selection sized for CI: two contract cases at 2 and 4 ranks, rows streaming through small rings
+# (wrap-around, senders blocked on credits) under random stalls at 2 and 4 ranks, the replayed rounds
+# at 1, 2 and 4, the notify tables under a slow reader, the timeout that poisons, the runtime state
+# and the executor's own tests. EPLIB_TSAN_SELECT="" runs every test of the two files.
+SELECT=${EPLIB_TSAN_SELECT-"(equals_reference and (fp32-uniform or bf16-hot-bias_tuple-num_worst)) or (streams_through and random_stalls) or replayed or notify_tables or runtime or poisoned"}
 
 LIBTSAN=$(gcc -print-file-name=libtsan.so)
 [ -e "$LIBTSAN" ] || { echo "tsan_check: gcc's libtsan.so not found" >&2; exit 2; }

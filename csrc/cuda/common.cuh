@@ -43,6 +43,8 @@ inline unsigned grid_for(int64_t items, int64_t items_per_block) {
 struct LaunchShape {
   unsigned blocks;
   unsigned threads;
+  // Every block resident at once (a cooperative launch): for kernels whose blocks wait for each other.
+  bool cooperative = false;
 };
 
 // The largest block warp_launch_shape makes: the row kernels declare it in __launch_bounds__, which
@@ -66,9 +68,25 @@ void launch(const char* name, void (*kernel)(Params...), LaunchShape shape, size
             Args&&... args) {
   (void)cudaGetLastError();
 #if defined(__CUDACC__)
+  if (shape.cooperative) {
+    // The driver refuses a grid that cannot be resident at once (cudaErrorCooperativeLaunchTooLarge).
+    cudaLaunchAttribute attribute{};
+    attribute.id = cudaLaunchAttributeCooperative;
+    attribute.val.cooperative = 1;
+    cudaLaunchConfig_t config{};
+    config.gridDim = dim3(shape.blocks);
+    config.blockDim = dim3(shape.threads);
+    config.dynamicSmemBytes = shared_bytes;
+    config.stream = stream;
+    config.attrs = &attribute;
+    config.numAttrs = 1;
+    check_cuda(cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...), name);
+    return;
+  }
   kernel<<<shape.blocks, shape.threads, shared_bytes, stream>>>(std::forward<Args>(args)...);
 #else
-  eplib_cuda_cpu::launch_kernel(name, kernel, {dim3(shape.blocks), dim3(shape.threads), shared_bytes, stream},
+  eplib_cuda_cpu::launch_kernel(name, kernel,
+                                {dim3(shape.blocks), dim3(shape.threads), shared_bytes, stream, shape.cooperative},
                                 std::forward<Args>(args)...);
 #endif
   check_cuda(cudaGetLastError(), name);

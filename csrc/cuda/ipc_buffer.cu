@@ -10,6 +10,7 @@
 
 #include "common.cuh"
 #include "ipc.cuh"
+#include "ipc_exchange.h"
 #include "runtime.h"
 
 namespace eplib::cuda {
@@ -234,7 +235,14 @@ IpcBuffer::Counters IpcBuffer::counters() const {
   auto header = std::make_unique<IpcHeader>();
   check_cuda(cudaMemcpy(header.get(), base_, offsetof(IpcHeader, records), cudaMemcpyDeviceToHost),
              "cudaMemcpy (ipc counters)");
-  return {header->round_sent, header->notify_round, header->barrier_round, header->blocks_finished, header->aborted};
+  Counters counters{header->round, header->notify_round, header->barrier_round, header->blocks_finished,
+                    header->aborted, 0, 0};
+  for (int r = 0; r < kMaxIpcRanks; ++r)
+    for (int c = 0; c < kMaxIpcChannels; ++c) {
+      counters.rows_sent += header->sent[r][c];
+      counters.rows_received += header->consumed[r][c];
+    }
+  return counters;
 }
 
 void IpcBuffer::notify(const int32_t* error_flag, const NotifyFields& fields, const int32_t* send_counts,
@@ -283,20 +291,18 @@ std::vector<int64_t> IpcBuffer::wait_notify(double timeout_s) {
   }
 }
 
-void IpcBuffer::dispatch(const DispatchPackArgs& pack, const DispatchUnpackArgs& unpack, int max_blocks,
-                         cudaStream_t stream) {
+void IpcBuffer::dispatch(const DispatchPackArgs& pack, const DispatchUnpackArgs& unpack,
+                         const IpcExchangeArgs& exchange, cudaStream_t stream) {
   const IpcView* ipc = view();
   DeviceGuard guard(device_);
-  dispatch_pack(pack, ipc, max_blocks, stream);
-  dispatch_unpack(unpack, ipc, stream);
+  ipc_dispatch(*ipc, pack, unpack, exchange, stream);
 }
 
-void IpcBuffer::combine(const CombinePackArgs& pack, const CombineReduceArgs& reduce, int max_blocks,
+void IpcBuffer::combine(const CombinePackArgs& pack, const CombineReduceArgs& reduce, const IpcExchangeArgs& exchange,
                         cudaStream_t stream) {
   const IpcView* ipc = view();
   DeviceGuard guard(device_);
-  combine_pack(pack, ipc, max_blocks, stream);
-  combine_reduce(reduce, ipc, stream);
+  ipc_combine(*ipc, pack, reduce, exchange, stream);
 }
 
 }  // namespace eplib::cuda

@@ -1,6 +1,6 @@
 // One rank's buffer of the ipc transport (CUDA peer memory): allocation, IPC export and import, the
-// host-mapped status, the counts exchange, the row exchanges (which own the round sequence) and the
-// teardown. Layout and protocol: ipc.h.
+// host-mapped status, the counts exchange, the row exchanges (which own the rounds) and the teardown.
+// Layout and protocol: ipc.h.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -55,11 +55,13 @@ class IpcBuffer {
 
   // The own header's local counters (a synchronous copy from the device: for tests and diagnostics).
   struct Counters {
-    uint64_t round_sent;
+    uint64_t round;
     uint64_t notify_round;
     uint64_t barrier_round;
     uint32_t blocks_finished;
     uint32_t aborted;
+    uint64_t rows_sent;      // into every stream, since the buffer was made
+    uint64_t rows_received;  // from every stream
   };
   Counters counters() const;
 
@@ -76,11 +78,13 @@ class IpcBuffer {
   // (timeout_report() says where). Throws when neither happened within timeout_s or CUDA failed.
   std::vector<int64_t> wait_notify(double timeout_s);
 
-  // One round each, the only way rows move through the buffers: the send kernel (rows straight into
-  // the destinations' regions; max_blocks > 0 bounds its grid), then the receive kernel (the own
-  // region into the outputs), on `stream`. The receive ends of the args (recv_buffer) are ignored.
-  void dispatch(const DispatchPackArgs& pack, const DispatchUnpackArgs& unpack, int max_blocks, cudaStream_t stream);
-  void combine(const CombinePackArgs& pack, const CombineReduceArgs& reduce, int max_blocks, cudaStream_t stream);
+  // One round each, the only way rows move through the buffers: one cooperative kernel whose senders
+  // stream rows into the peers' rings while its receivers read the own rings (ipc_exchange.h), on
+  // `stream`. The receive ends of the args (recv_buffer) are not used.
+  void dispatch(const DispatchPackArgs& pack, const DispatchUnpackArgs& unpack, const IpcExchangeArgs& exchange,
+                cudaStream_t stream);
+  void combine(const CombinePackArgs& pack, const CombineReduceArgs& reduce, const IpcExchangeArgs& exchange,
+               cudaStream_t stream);
 
  private:
   const IpcView* view() const;  // throws unless open

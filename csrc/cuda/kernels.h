@@ -6,12 +6,9 @@
 // of error_flag (eplib/errors.h; null = unchecked) and the kernel stays in bounds. Semantics match
 // the CPU kernels of the same name (cpu/kernels.h) bit for bit.
 //
-// The four row kernels (dispatch_pack, dispatch_unpack, combine_pack, combine_reduce) also serve the
-// ipc transport: with an IpcView the packs write straight into the destinations' receive regions
-// instead of send_buffer and the receivers read their own region, each inside the round hand-shake
-// of ipc.cuh. Only IpcBuffer::dispatch / IpcBuffer::combine launch them that way (they own the round
-// sequence); `ipc == nullptr` is the nccl transport. max_blocks > 0 bounds a send kernel's grid
-// (Config.num_sms); receive kernels run after the send and are sized by their work.
+// The four row kernels (dispatch_pack, dispatch_unpack, combine_pack, combine_reduce) are the nccl
+// transport's. The ipc transport moves the same rows with the same arithmetic (rows.cuh) through its
+// exchange kernels (ipc_exchange.cu), launched by IpcBuffer::dispatch / combine, which own its rounds.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -69,8 +66,9 @@ struct DispatchCheckArgs {
 };
 
 // cpu::dispatch_pack; bad ids (kErrorExpertId) travel as -1, non-finite weights set kErrorWeight.
-// Through ipc, row placement in the destinations' regions follows rank_prefix_matrix (device int32
-// [R, R], as in DispatchHandle) or, when slot_rows > 0, the slot layout (send_pos made with slot_rows).
+// Through ipc, rank_prefix_matrix (device int32 [R, R], as in DispatchHandle) or, when slot_rows > 0,
+// the slot layout (send_pos made with slot_rows) tells each row's index among this rank's rows for its
+// destination.
 struct DispatchPackArgs {
   const uint8_t* x;  // [T, x_bytes]
   int64_t x_bytes;
@@ -94,7 +92,7 @@ struct DispatchPackArgs {
 // kErrorOverflow) or at their prefix sum. Output rows [total, num_out_rows) are padding (zero bytes,
 // index -1); total > num_out_rows sets kErrorOverflow and keeps the first num_out_rows.
 // num_recv_tokens_per_expert int64 [E_local] and num_recv_out int32 [1] (rows written) may be null.
-// Through ipc, recv_buffer is ignored (the own region is read).
+// Through ipc, recv_buffer is ignored (rows come from the rings).
 struct DispatchUnpackArgs {
   const uint8_t* recv_buffer;
   const int32_t* recv_counts;
@@ -117,8 +115,8 @@ struct DispatchUnpackArgs {
 
 // The inverse placement of dispatch_unpack: compacted row i of source s goes to send row
 // s * slot_rows + (i - start of s) (slot_rows > 0) or i, as CombineRowLayout (x, then K weights).
-// Rows past the (clipped) total of recv_counts are not read. Through ipc, each row goes back to the
-// row of its source's region that the source's send_pos gave it (rank_prefix_matrix or slot_rows).
+// Rows past the (clipped) total of recv_counts are not read. Through ipc, each row goes back through
+// the channel its token came by (IpcExchangeArgs.channel_counts), in order.
 struct CombinePackArgs {
   const uint8_t* x;  // [num_rows, x_bytes]
   int64_t x_bytes;
@@ -128,11 +126,10 @@ struct CombinePackArgs {
   int num_ranks;
   int64_t slot_rows;
   int64_t num_rows;
-  const int32_t* rank_prefix_matrix;  // ipc only
-  uint8_t* send_buffer;               // nccl only
+  uint8_t* send_buffer;  // nccl only
 };
 
-// cpu::combine_reduce for float32 / bfloat16. Through ipc, recv_buffer is ignored (the own region).
+// cpu::combine_reduce for float32 / bfloat16. Through ipc, recv_buffer is ignored (rows come from the rings).
 struct CombineReduceArgs {
   DType dtype;
   const uint8_t* recv_buffer;
@@ -196,10 +193,21 @@ struct UnpermuteRowsArgs {
 void dispatch_layout(const DispatchLayoutArgs& args, cudaStream_t stream);
 void send_positions(const SendPositionsArgs& args, cudaStream_t stream);
 void check_dispatch_inputs(const DispatchCheckArgs& args, cudaStream_t stream);
-void dispatch_pack(const DispatchPackArgs& args, const IpcView* ipc, int max_blocks, cudaStream_t stream);
-void dispatch_unpack(const DispatchUnpackArgs& args, const IpcView* ipc, cudaStream_t stream);
-void combine_pack(const CombinePackArgs& args, const IpcView* ipc, int max_blocks, cudaStream_t stream);
-void combine_reduce(const CombineReduceArgs& args, const IpcView* ipc, cudaStream_t stream);
+// The ipc transport's part of one exchange (ipc.h): its channels and ring sizes (Config's
+// num_sms / 2, num_max_nvl_chunked_recv_tokens, num_max_nvl_chunked_send_tokens), and the rows each
+// (source, channel) stream carried: int32 [R, C], written by a dispatch (null: not recorded), read by
+// the combine on its handle.
+struct IpcExchangeArgs {
+  int num_channels;
+  int64_t ring_rows;   // slots per stream wanted; fewer when the buffer holds fewer (at least chunk_rows)
+  int64_t chunk_rows;  // rows a sender publishes at once
+  int32_t* channel_counts;
+};
+
+void dispatch_pack(const DispatchPackArgs& args, cudaStream_t stream);
+void dispatch_unpack(const DispatchUnpackArgs& args, cudaStream_t stream);
+void combine_pack(const CombinePackArgs& args, cudaStream_t stream);
+void combine_reduce(const CombineReduceArgs& args, cudaStream_t stream);
 void permute_layout(const PermuteLayoutArgs& args, cudaStream_t stream);
 void permute_rows(const PermuteRowsArgs& args, cudaStream_t stream);
 void unpermute_rows(const UnpermuteRowsArgs& args, cudaStream_t stream);
@@ -214,6 +222,13 @@ void preload_layout_kernels();
 void preload_dispatch_kernels();
 void preload_combine_kernels();
 void preload_permute_kernels();
+void preload_ipc_kernels();
 }  // namespace detail
+
+// Shared by the nccl and ipc launchers (dispatch.cu, combine.cu).
+DispatchPackArgs dispatch_kernel_args(const DispatchPackArgs& args);  // weights dropped when num_topk == 0
+DispatchRowLayout dispatch_row_layout(const DispatchPackArgs& args);
+int zero_expert_counts(const DispatchUnpackArgs& args, cudaStream_t stream);  // returns the experts counted
+void check_combine_weights(const CombinePackArgs& args);
 
 }  // namespace eplib::cuda

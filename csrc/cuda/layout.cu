@@ -169,6 +169,7 @@ void preload_kernels() {
   detail::preload_dispatch_kernels();
   detail::preload_combine_kernels();
   detail::preload_permute_kernels();
+  detail::preload_ipc_kernels();
 }
 
 }  // namespace eplib::cuda

@@ -133,17 +133,23 @@ class BlockRunner {
 struct Stall {
   double seconds;
   double probability;
+  unsigned first_block;
+  unsigned end_block;
 };
 std::mutex stalls_mutex;
 std::map<std::string, Stall> stalls;  // by kernel name
 
-// The stall of `name`, if one is set and this barrier draws it.
-double stall_seconds(const std::string& name, std::mt19937_64& random) {
-  std::lock_guard<std::mutex> lock(stalls_mutex);
-  const auto found = stalls.find(name);
-  if (found == stalls.end()) return 0.0;
-  return std::uniform_real_distribution<double>(0.0, 1.0)(random) < found->second.probability ? found->second.seconds
-                                                                                              : 0.0;
+// Sleeps when a stall is set for this kernel and block, and this synchronisation point draws it.
+void maybe_stall(const std::string& name, unsigned block, std::mt19937_64& random) {
+  double seconds = 0.0;
+  {
+    std::lock_guard<std::mutex> lock(stalls_mutex);
+    const auto found = stalls.find(name);
+    if (found == stalls.end() || block < found->second.first_block || block >= found->second.end_block) return;
+    if (std::uniform_real_distribution<double>(0.0, 1.0)(random) < found->second.probability)
+      seconds = found->second.seconds;
+  }
+  if (seconds > 0) std::this_thread::sleep_for(std::chrono::duration<double>(seconds));
 }
 
 thread_local BlockRunner* this_runner = nullptr;
@@ -345,11 +351,8 @@ void BlockRunner::run(const KernelLaunch& launch, unsigned linear_block) {
       if (!fiber.yielded) only_yields = false;
       if (fiber.state == FiberState::kExited) --live;
     }
-    const bool barrier = complete_block_barrier(num_threads, live);
-    if (barrier)
-      if (const double seconds = stall_seconds(launch.name, random_))
-        std::this_thread::sleep_for(std::chrono::duration<double>(seconds));
-    const bool released = barrier | complete_warp_ops(num_threads);
+    const bool released = complete_block_barrier(num_threads, live) | complete_warp_ops(num_threads);
+    if (released) maybe_stall(launch.name, linear_block, random_);
     if (!ran && !released && live > 0) {
       if (!device_faulted())
         fault_here(cudaErrorIllegalInstruction,
@@ -422,10 +425,11 @@ WorkerPool& worker_pool() {
 
 }  // namespace
 
-void set_stall(const std::string& name, double seconds, double probability) {
+void set_stall(const std::string& name, double seconds, double probability, unsigned first_block,
+               unsigned end_block) {
   std::lock_guard<std::mutex> lock(stalls_mutex);
   if (seconds <= 0) stalls.erase(name);
-  else stalls[name] = Stall{seconds, probability};
+  else stalls[name] = Stall{seconds, probability, first_block, end_block};
 }
 
 uint64_t schedule_seed() {
@@ -452,11 +456,13 @@ void run_kernel(const KernelLaunch& launch) {
   const std::function<void()> job = [&] {
     for (;;) {
       const unsigned index = next.fetch_add(1);
-      if (index >= num_blocks || device_faulted()) return;
+      if (index >= num_blocks || (device_faulted() && !launch.cooperative)) return;
       runner().run(launch, order[index]);
     }
   };
-  const int helpers = static_cast<int>(std::min<unsigned>(num_blocks, block_workers())) - 1;
+  // A cooperative launch needs every block in flight at once (blocks may wait for each other).
+  const unsigned workers = launch.cooperative ? num_blocks : std::min<unsigned>(num_blocks, block_workers());
+  const int helpers = static_cast<int>(workers) - 1;
   worker_pool().run(helpers, job);
 }
 

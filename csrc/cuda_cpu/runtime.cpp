@@ -276,6 +276,8 @@ cudaError_t launch(const char* name, const void* function, const LaunchConfig& c
   Device& d = device();
   if (const cudaError_t error = sticky()) return fail(error);
   if (!valid_launch(config)) return fail(cudaErrorInvalidConfiguration);
+  if (config.cooperative && config.grid.x * config.grid.y * config.grid.z > kMaxCooperativeBlocks)
+    return fail(cudaErrorCooperativeLaunchTooLarge);
   {
     std::unique_lock<std::mutex> lock(d.mutex);
     if (d.resolve_locked(config.stream) == nullptr) return fail(cudaErrorInvalidResourceHandle);
@@ -289,7 +291,8 @@ cudaError_t launch(const char* name, const void* function, const LaunchConfig& c
   }
   Operation operation;
   operation.kind = Operation::Kind::kKernel;
-  operation.kernel = KernelLaunch{name, config.grid, config.block, config.shared_bytes, std::move(body)};
+  operation.kernel = KernelLaunch{name, config.grid, config.block, config.shared_bytes, config.cooperative,
+                                  std::move(body)};
   return d.enqueue(config.stream, std::move(operation));
 }
 
@@ -325,6 +328,7 @@ const char* cudaGetErrorName(cudaError_t error) {
     EPLIB_ERROR_NAME(cudaErrorIllegalInstruction)
     EPLIB_ERROR_NAME(cudaErrorMisalignedAddress)
     EPLIB_ERROR_NAME(cudaErrorLaunchFailure)
+    EPLIB_ERROR_NAME(cudaErrorCooperativeLaunchTooLarge)
 #undef EPLIB_ERROR_NAME
   }
   return "cudaErrorUnknown";

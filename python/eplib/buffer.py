@@ -198,13 +198,15 @@ class Buffer:
     @staticmethod
     def get_nvl_buffer_size_hint(num_max_tokens: int, hidden_bytes: int, num_ranks: int,
                                  num_topk: int = 32) -> int:
-        """Bytes of ``num_nvl_bytes`` the ipc transport needs for calls of up to ``num_max_tokens``
-        tokens per rank of ``hidden_bytes`` bytes (H times x's element size) with up to ``num_topk``
-        experts per token, FP8 scales included, in the worst case (every token of every rank to every
-        rank). A ``num_worst_tokens = W`` dispatch keeps R * W slot rows: pass W as num_max_tokens.
-        ``hidden_bytes`` is the widest row the Buffer moves (bf16 combine after FP8 dispatch: bf16).
-        See ``eplib.config.nvl_buffer_size_hint``."""
-        return nvl_buffer_size_hint(num_max_tokens, hidden_bytes, num_ranks, num_topk)
+        """Bytes of ``num_nvl_bytes`` for the ipc transport's rings with the default configs of
+        ``num_ranks`` (``get_dispatch_config``, ``get_combine_config``; the Buffer's ``num_sms``), each
+        ring no longer than a channel's share of ``num_max_tokens`` tokens per rank (``hidden_bytes``
+        bytes each: H times x's element size; up to ``num_topk`` experts per token, FP8 scales
+        included). Calls of any size stream through it; senders wait for ring space only when a
+        channel's share of a call exceeds its ring. ``hidden_bytes`` is the widest row the Buffer moves (bf16 combine after FP8
+        dispatch: bf16). See ``eplib.config.nvl_buffer_size_hint``."""
+        return max(nvl_buffer_size_hint(num_max_tokens, hidden_bytes, num_ranks, num_topk, config)
+                   for config in (Buffer.get_dispatch_config(num_ranks), Buffer.get_combine_config(num_ranks)))
 
     @staticmethod
     def get_dispatch_config(num_ranks: int) -> Config:
@@ -278,17 +280,18 @@ class Buffer:
                              f"got previous_event={'set' if previous_event is not None else None}, "
                              f"async_finish={async_finish}")
 
-    @staticmethod
-    def _run(transport: Transport, method: str, *args: Any, previous_event: Optional[EventOverlap],
+    def _run(self, transport: Transport, method: str, *args: Any, previous_event: Optional[EventOverlap],
              async_finish: bool, allocate_on_comm_stream: bool,
              config: Optional[Config] = None) -> Tuple[Any, EventOverlap]:
         """transport.method(*args) -> (its result, event): CUDA transports follow the stream protocol
-        and return the event; CPU calls have finished, so theirs is a completed no-op event."""
+        and return the event; CPU calls have finished, so theirs is a completed no-op event. CUDA
+        transports get the call's Config (DeepEP's recommended one for the group size when None)."""
         if isinstance(transport, CpuTransport):
             return getattr(transport, method)(*args), EventOverlap()
-        num_sms = config.num_sms if config is not None else Buffer.num_sms
+        if config is None:
+            config = (self.get_combine_config if method == "combine" else self.get_dispatch_config)(self.group_size)
         return getattr(transport, method)(*args, previous_event=previous_event, async_finish=async_finish,
-                                          allocate_on_comm_stream=allocate_on_comm_stream, num_sms=num_sms)
+                                          allocate_on_comm_stream=allocate_on_comm_stream, config=config)
 
     def get_dispatch_layout(self, topk_idx: Tensor, num_experts: int, previous_event: Optional[EventOverlap] = None,
                             async_finish: bool = False, allocate_on_comm_stream: bool = False
@@ -343,8 +346,10 @@ class Buffer:
                 at the next normal-mode dispatch); padding rows are zero with ``recv_topk_idx == -1``.
                 All ranks must pass the same value. The mode to capture in a CUDA graph: a normal-mode
                 dispatch during a capture raises ValueError (its host read of the counts cannot be captured).
-            config: DeepEP's; only ``num_sms`` has an effect (the ipc kernels' blocks; default
-                ``Buffer.num_sms``): eplib's transports have no chunked ring buffers.
+            config: DeepEP's (default: ``get_dispatch_config``); the ipc transport streams rows through
+                ``num_sms / 2`` channels, rings of ``num_max_nvl_chunked_recv_tokens`` slots per
+                (source, channel) and chunks of ``num_max_nvl_chunked_send_tokens`` rows. Every rank
+                must pass the same.
             previous_event, async_finish, allocate_on_comm_stream: DeepEP's stream protocol (see the class
                 docstring); no effect on CPU.
 

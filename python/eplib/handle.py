@@ -29,11 +29,9 @@ class DispatchHandle(NamedTuple):
             the send region, and ``send_pos`` holds those places.
         device_recv_counts: CUDA transports only: int32 ``[R]`` tokens received from each rank, on
             the device (the kernels of cached dispatch and combine read it).
-        max_recv_rows, max_send_rows: CUDA transports: the most rows any rank receives in this
-            layout (what a cached dispatch brings in) and the most any rank sends (what a combine
-            brings back). Every rank knows the same values, so the ipc transport checks that a cached
-            dispatch or a combine fits the receive regions alike on all ranks. ``R * slot_rows`` in
-            padded mode (slots); 0 on the cpu transport.
+        channel_counts: ipc transport only: int32 ``[R, C]`` on the device, the rows that came from
+            each source through each of the dispatch's C channels (the combine sends them back the
+            same way); None on the other transports.
 
     Device values in padded mode: when ``slot_rows > 0`` the host never learns the counts, so
     ``send_counts``, ``recv_counts`` (int32 ``[R]``) and ``num_recv_tokens`` (int32 ``[1]``) are
@@ -50,8 +48,7 @@ class DispatchHandle(NamedTuple):
     hidden: int
     slot_rows: int = 0
     device_recv_counts: Optional[torch.Tensor] = None
-    max_recv_rows: int = 0
-    max_send_rows: int = 0
+    channel_counts: Optional[torch.Tensor] = None
 
     @property
     def num_tokens(self) -> int:

@@ -228,6 +228,7 @@ enum cudaError : int {
   cudaErrorIllegalInstruction = 715,
   cudaErrorMisalignedAddress = 716,
   cudaErrorLaunchFailure = 719,
+  cudaErrorCooperativeLaunchTooLarge = 720,
 };
 typedef cudaError cudaError_t;
 
@@ -320,6 +321,7 @@ struct LaunchConfig {
   dim3 block;
   size_t shared_bytes;
   cudaStream_t stream;
+  bool cooperative;  // every block runs at once (cudaLaunchAttributeCooperative)
 };
 
 // A kernel body with its arguments bound: run once by every CUDA thread of the grid.

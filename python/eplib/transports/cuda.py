@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from .. import _C
+from ..config import Config
 from ..event import EventOverlap
 from ..handle import DispatchHandle
 from .device_errors import RECORD_FIELDS, check_records
@@ -36,11 +37,7 @@ class NormalCounts:
         self.send_counts = tuple(counts[rank].tolist())
         self.recv_counts = tuple(counts[:, rank].tolist())
         self.num_recv = sum(self.recv_counts)
-        recv_totals = counts.sum(0).tolist()
-        check_receive_totals(recv_totals)
-        # The most rows a rank's receive region holds: a dispatch receives, a combine gets its sends back.
-        self.max_recv_rows = max(recv_totals)
-        self.max_send_rows = max(counts.sum(1).tolist())
+        check_receive_totals(counts.sum(0).tolist())
         per_expert = records[:, first_count + num_ranks:].sum(0).tolist()
         self.num_recv_tokens_per_expert_list = [-(-n // expert_alignment) * expert_alignment for n in per_expert]
 
@@ -153,8 +150,6 @@ class CudaTransport:
             hidden=hidden,
             slot_rows=0,
             device_recv_counts=recv_counts,
-            max_recv_rows=counts.max_recv_rows,
-            max_send_rows=counts.max_send_rows,
         )
 
     def _padded_handle(self, rank_prefix_matrix: Tensor, recv_counts: Tensor, outputs: UnpackOutputs,
@@ -172,8 +167,6 @@ class CudaTransport:
             hidden=hidden,
             slot_rows=num_worst_tokens,
             device_recv_counts=recv_counts,
-            max_recv_rows=self.num_ranks * num_worst_tokens,
-            max_send_rows=self.num_ranks * num_worst_tokens,
         )
 
     @staticmethod
@@ -186,7 +179,7 @@ class CudaTransport:
     # ------------------------------------------------------------------------------------------
 
     def get_dispatch_layout(self, topk_idx: Tensor, num_experts: int, *, previous_event: Optional[EventOverlap],
-                            async_finish: bool, allocate_on_comm_stream: bool, num_sms: int = 0
+                            async_finish: bool, allocate_on_comm_stream: bool, config: Optional[Config] = None
                             ) -> Tuple[Tuple[Tensor, Tensor, Tensor], EventOverlap]:
         """topk_idx int64 [T, K] -> ((num_tokens_per_rank int32 [R], num_tokens_per_expert int32 [E],
         is_token_in_rank bool [T, R]), event). Ids out of range are flagged, not raised (no host sync)."""
@@ -203,12 +196,13 @@ class CudaTransport:
     def dispatch(self, x: Tensor, x_scales: Optional[Tensor], num_tokens_per_rank: Tensor, is_token_in_rank: Tensor,
                  num_tokens_per_expert: Tensor, topk_idx: Optional[Tensor], topk_weights: Optional[Tensor],
                  expert_alignment: int, num_worst_tokens: int, *, previous_event: Optional[EventOverlap],
-                 async_finish: bool, allocate_on_comm_stream: bool, num_sms: int = 0):
-        """See ``Buffer.dispatch``. Returns ((recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights,
+                 async_finish: bool, allocate_on_comm_stream: bool, config: Optional[Config] = None):
+        """See ``Buffer.dispatch`` (``config``: the call's Config; the ipc transport's channels and rings).
+        Returns ((recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights,
         num_recv_tokens_per_expert_list, handle), event)."""
         inputs = (x, x_scales, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert, topk_idx, topk_weights)
         with self._call(previous_event, allocate_on_comm_stream) as call:
-            self._before_dispatch(x, x_scales, topk_idx, num_tokens_per_expert.shape[0], num_worst_tokens)
+            self._before_dispatch(x, x_scales, topk_idx, num_tokens_per_expert.shape[0], config)
             num_tokens = x.shape[0]
             slot_rows = num_worst_tokens  # 0 = normal mode (contiguous regions, host-known counts)
             send_pos = call.empty(num_tokens, self.num_ranks, dtype=torch.int32)
@@ -219,15 +213,15 @@ class CudaTransport:
                                                num_tokens_per_expert)
             layout = (x, x_scales, is_token_in_rank, num_tokens_per_expert, topk_idx, topk_weights)
             if num_worst_tokens > 0:
-                result = self._dispatch_padded(call, *layout, num_worst_tokens, send_pos, send_counts, num_sms)
+                result = self._dispatch_padded(call, *layout, num_worst_tokens, send_pos, send_counts, config)
             else:
-                result = self._dispatch_normal(call, *layout, expert_alignment, send_pos, send_counts, num_sms)
+                result = self._dispatch_normal(call, *layout, expert_alignment, send_pos, send_counts, config)
             recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, _, handle = result
             in_flight = inputs + (recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights) + handle_tensors(handle)
             return result, call.finish(async_finish, in_flight)
 
     def _before_dispatch(self, x: Tensor, x_scales: Optional[Tensor], topk_idx: Optional[Tensor],
-                         num_experts: int, num_worst_tokens: int) -> None:
+                         num_experts: int, config: Optional[Config]) -> None:
         """Host checks a transport makes before a dispatch launches anything (none by default)."""
 
     def _check_records(self, records: Tensor) -> None:

@@ -48,13 +48,14 @@ import torch.distributed as dist
 
 from .. import _C
 from ..collectives import all_gather, timeout_seconds
+from ..config import Config
 from ..event import EventOverlap
 from ..handle import DispatchHandle
 from .cuda import CombineOutputs, CudaTransport, NormalCounts, UnpackOutputs, handle_tensors
 from .kernels import combine_pack_args, dispatch_pack_args
 from .records import format_values
 from .streams import CallStreams
-from .tensors import row_bytes
+from .tensors import ptr, row_bytes
 
 Tensor = torch.Tensor
 
@@ -192,25 +193,31 @@ class IpcTransport(CudaTransport):
                 self._out_of_step = f"rank {self.rank}: {type(error).__name__} between ipc kernels ({error})"
             raise
 
-    def _check_fit(self, rows: int, stride: int, what: str) -> None:
-        """ValueError unless ``rows`` rows of ``stride`` bytes fit the receive region. Every rank
-        passes the same rows and stride, so every rank raises alike."""
-        needed = _C.ipc_header_bytes() + rows * stride
+    def _exchange_args(self, config: Config, num_channels: int, stride: int, what: str,
+                       channel_counts: Optional[Tensor]) -> "_C.IpcExchangeArgs":
+        """The channels and rings of one exchange of rows of `stride` bytes; ValueError (alike on every rank:
+        they all pass the same) when the buffer cannot hold one chunk per stream."""
+        chunk = config.num_max_nvl_chunked_send_tokens
+        needed = _C.ipc_buffer_bytes(self.num_ranks, num_channels, stride, chunk)
         if needed > self.ipc_buffer.num_bytes:
-            raise ValueError(f"num_nvl_bytes: this {what} needs {needed} bytes of ipc buffer ({rows} rows of "
-                             f"{stride} bytes after the {_C.ipc_header_bytes()}-byte header), the Buffer has "
-                             f"{self.ipc_buffer.num_bytes}; size it with Buffer.get_nvl_buffer_size_hint")
+            raise ValueError(f"num_nvl_bytes: this {what} needs at least {needed} bytes of ipc buffer ({self.num_ranks} "
+                             f"sources x {num_channels} channels x a chunk of {chunk} slots of "
+                             f"{_C.ipc_buffer_bytes(1, 1, stride, 1) - _C.ipc_header_bytes()} bytes, after the "
+                             f"{_C.ipc_header_bytes()}-byte header), the Buffer has {self.ipc_buffer.num_bytes}; "
+                             f"size it with Buffer.get_nvl_buffer_size_hint")
+        return _C.IpcExchangeArgs(num_channels=num_channels, ring_rows=max(config.num_max_nvl_chunked_recv_tokens, chunk),
+                                  chunk_rows=chunk, channel_counts=ptr(channel_counts))
 
     def _before_dispatch(self, x: Tensor, x_scales: Optional[Tensor], topk_idx: Optional[Tensor],
-                         num_experts: int, num_worst_tokens: int) -> None:
+                         num_experts: int, config: Config) -> None:
         num_local = num_experts // self.num_ranks
         if num_local > _C.IPC_MAX_LOCAL_EXPERTS:
             raise ValueError(f"num_tokens_per_expert: the ipc transport takes at most {_C.IPC_MAX_LOCAL_EXPERTS} "
                              f"experts per rank, got {num_experts} experts on {self.num_ranks} ranks")
-        if num_worst_tokens > 0:
-            num_topk = topk_idx.shape[1] if topk_idx is not None else 0
-            stride = _C.dispatch_row_stride(row_bytes(x), row_bytes(x_scales), num_topk)
-            self._check_fit(self.num_ranks * num_worst_tokens, stride, "num_worst_tokens dispatch")
+        num_topk = topk_idx.shape[1] if topk_idx is not None else 0
+        # Before any kernel: the same on every rank, so every rank raises alike.
+        self._exchange_args(config, config.num_channels, _C.dispatch_row_stride(row_bytes(x), row_bytes(x_scales),
+                                                                                 num_topk), "dispatch", None)
 
     def _notify(self, x: Tensor, x_scales: Optional[Tensor], num_tokens_per_expert: Tensor, num_topk: int,
                 send_counts: Tensor, host_wait: bool) -> Tensor:
@@ -225,10 +232,24 @@ class IpcTransport(CudaTransport):
         self.context.hold((self.error_flag, send_counts, num_tokens_per_expert, count_matrix))
         return count_matrix
 
-    def _exchange(self, pack, unpack, tensors, num_sms: int) -> None:
-        """One dispatch round through the ipc buffers (``_C.IpcBuffer.dispatch``)."""
-        self.ipc_buffer.dispatch(pack, unpack, num_sms, self.context.current_stream())
-        self.context.hold(tensors)
+    def _exchange_dispatch(self, call: CallStreams, config: Config, x: Tensor, x_scales: Optional[Tensor],
+                           topk_idx: Optional[Tensor], topk_weights: Optional[Tensor], num_experts: int,
+                           send_pos: Tensor, outputs: UnpackOutputs, recv_counts: Tensor, slot_rows: int,
+                           rank_prefix_matrix: Optional[Tensor], channels: int) -> Tensor:
+        """One dispatch round through the rings (``_C.IpcBuffer.dispatch``). Returns the rows each (source,
+        channel) stream brought, int32 [R, C] (the handle keeps them for its combine)."""
+        num_topk = outputs.num_topk
+        pack = dispatch_pack_args(x, x_scales, topk_idx, topk_weights, num_experts, send_pos, None, self.error_flag,
+                                  rank_prefix_matrix=rank_prefix_matrix, slot_rows=slot_rows)
+        unpack = outputs.args(None, recv_counts, slot_rows, x, x_scales,
+                              num_experts // self.num_ranks if num_topk else 0, self.error_flag)
+        channel_counts = call.empty(self.num_ranks, channels, dtype=torch.int32)
+        stride = _C.dispatch_row_stride(row_bytes(x), row_bytes(x_scales), num_topk)
+        exchange = self._exchange_args(config, channels, stride, "dispatch", channel_counts)
+        self.ipc_buffer.dispatch(pack, unpack, exchange, self.context.current_stream())
+        self.context.hold((x, x_scales, topk_idx, topk_weights, send_pos, recv_counts, rank_prefix_matrix,
+                           channel_counts) + outputs.tensors())
+        return channel_counts
 
     # ------------------------------------------------------------------------------------------
     # Dispatch
@@ -236,7 +257,7 @@ class IpcTransport(CudaTransport):
 
     def _dispatch_normal(self, call: CallStreams, x: Tensor, x_scales: Optional[Tensor], is_token_in_rank: Tensor,
                          num_tokens_per_expert: Tensor, topk_idx: Optional[Tensor], topk_weights: Optional[Tensor],
-                         expert_alignment: int, send_pos: Tensor, send_counts: Tensor, num_sms: int):
+                         expert_alignment: int, send_pos: Tensor, send_counts: Tensor, config: Config):
         num_topk = topk_idx.shape[1] if topk_idx is not None else 0
         num_experts = num_tokens_per_expert.shape[0]
         with self._launching():
@@ -248,23 +269,19 @@ class IpcTransport(CudaTransport):
         records = torch.tensor(table, dtype=torch.int64).view(self.num_ranks, -1)
         self._check_records(records)
         counts = NormalCounts(records, self.rank, expert_alignment)
-        stride = _C.dispatch_row_stride(row_bytes(x), row_bytes(x_scales), num_topk)
-        self._check_fit(counts.max_recv_rows, stride, "dispatch")
         with self._launching():
             rank_prefix_matrix, recv_counts = self._device_counts(call, count_matrix)
-            pack = dispatch_pack_args(x, x_scales, topk_idx, topk_weights, num_experts, send_pos, None,
-                                      self.error_flag, rank_prefix_matrix=rank_prefix_matrix)
             outputs = UnpackOutputs(call, counts.num_recv, x, x_scales, num_topk, with_count=False)
-            unpack = outputs.args(None, recv_counts, 0, x, x_scales, num_experts // self.num_ranks, self.error_flag)
-            self._exchange(pack, unpack, (x, x_scales, topk_idx, topk_weights, send_pos, rank_prefix_matrix,
-                                          recv_counts) + outputs.tensors(), num_sms)
+            channel_counts = self._exchange_dispatch(call, config, x, x_scales, topk_idx, topk_weights, num_experts,
+                                                     send_pos, outputs, recv_counts, 0, rank_prefix_matrix,
+                                                     config.num_channels)
         handle = self._normal_handle(counts, rank_prefix_matrix, recv_counts, outputs.recv_src_idx, is_token_in_rank,
-                                     send_pos, x.shape[1])
+                                     send_pos, x.shape[1])._replace(channel_counts=channel_counts)
         return self._dispatch_result(outputs, counts.num_recv_tokens_per_expert_list, handle)
 
     def _dispatch_padded(self, call: CallStreams, x: Tensor, x_scales: Optional[Tensor], is_token_in_rank: Tensor,
                          num_tokens_per_expert: Tensor, topk_idx: Optional[Tensor], topk_weights: Optional[Tensor],
-                         num_worst_tokens: int, send_pos: Tensor, send_counts: Tensor, num_sms: int):
+                         num_worst_tokens: int, send_pos: Tensor, send_counts: Tensor, config: Config):
         """The fixed-size exchange: the counts exchange runs too (it gives handle[0]), but the host
         never reads it, so nothing synchronizes."""
         num_topk = topk_idx.shape[1] if topk_idx is not None else 0
@@ -272,59 +289,55 @@ class IpcTransport(CudaTransport):
         with self._launching():
             count_matrix = self._notify(x, x_scales, num_tokens_per_expert, num_topk, send_counts, host_wait=False)
             rank_prefix_matrix, recv_counts = self._device_counts(call, count_matrix)
-            pack = dispatch_pack_args(x, x_scales, topk_idx, topk_weights, num_experts, send_pos, None,
-                                      self.error_flag, slot_rows=num_worst_tokens)
             outputs = UnpackOutputs(call, num_worst_tokens, x, x_scales, num_topk, with_count=True)
-            unpack = outputs.args(None, recv_counts, num_worst_tokens, x, x_scales, num_experts // self.num_ranks,
-                                  self.error_flag)
-            self._exchange(pack, unpack, (x, x_scales, topk_idx, topk_weights, send_pos, recv_counts)
-                           + outputs.tensors(), num_sms)
+            channel_counts = self._exchange_dispatch(call, config, x, x_scales, topk_idx, topk_weights, num_experts,
+                                                     send_pos, outputs, recv_counts, num_worst_tokens, None,
+                                                     config.num_channels)
         handle = self._padded_handle(rank_prefix_matrix, recv_counts, outputs, is_token_in_rank, send_pos,
-                                     send_counts, x.shape[1], num_worst_tokens)
+                                     send_counts, x.shape[1], num_worst_tokens)._replace(channel_counts=channel_counts)
         return self._dispatch_result(outputs, [], handle)
 
     # ------------------------------------------------------------------------------------------
     # Cached dispatch and combine
     # ------------------------------------------------------------------------------------------
 
-    @staticmethod
-    def _placement(handle: DispatchHandle) -> dict:
-        """Where a handle's rows go in the regions: its prefix matrix, or its slots."""
-        if handle.slot_rows > 0:
-            return dict(slot_rows=handle.slot_rows)
-        return dict(rank_prefix_matrix=handle.rank_prefix_matrix)
-
     def cached_dispatch(self, x: Tensor, x_scales: Optional[Tensor], handle: DispatchHandle, *,
                         previous_event: Optional[EventOverlap], async_finish: bool, allocate_on_comm_stream: bool,
-                        num_sms: int = 0) -> Tuple[Tuple[Tensor, Optional[Tensor]], EventOverlap]:
-        """Dispatch x (and FP8 scales) along the layout of an earlier dispatch; no host sync."""
+                        config: Optional[Config] = None) -> Tuple[Tuple[Tensor, Optional[Tensor]], EventOverlap]:
+        """Dispatch x (and FP8 scales) along the layout of an earlier dispatch, through its channels;
+        no host sync."""
+        # Before any kernel, so a buffer too small raises alike on every rank and leaves the rounds in step.
+        self._exchange_args(config, handle.channel_counts.shape[1],
+                            _C.dispatch_row_stride(row_bytes(x), row_bytes(x_scales), 0), "dispatch", None)
         with self._call(previous_event, allocate_on_comm_stream) as call:
-            stride = _C.dispatch_row_stride(row_bytes(x), row_bytes(x_scales), 0)
-            self._check_fit(handle.max_recv_rows, stride, "cached dispatch")
+            outputs = UnpackOutputs(call, handle.num_output_rows, x, x_scales, 0, with_count=False)
             with self._launching():
-                pack = dispatch_pack_args(x, x_scales, None, None, 0, handle.send_pos, None, self.error_flag,
-                                          **self._placement(handle))
-                outputs = UnpackOutputs(call, handle.num_output_rows, x, x_scales, 0, with_count=False)
-                unpack = outputs.args(None, handle.device_recv_counts, handle.slot_rows, x, x_scales, 0,
-                                      self.error_flag)
-                in_flight = (x, x_scales, outputs.recv_x, outputs.recv_x_scales) + handle_tensors(handle)
-                self._exchange(pack, unpack, in_flight, num_sms)
+                self._exchange_dispatch(call, config, x, x_scales, None, None, 0, handle.send_pos, outputs,
+                                        handle.device_recv_counts, handle.slot_rows,
+                                        handle.rank_prefix_matrix if handle.slot_rows == 0 else None,
+                                        handle.channel_counts.shape[1])
+            in_flight = (x, x_scales, outputs.recv_x, outputs.recv_x_scales) + handle_tensors(handle)
             return (outputs.recv_x, outputs.recv_x_scales), call.finish(async_finish, in_flight)
 
     def combine(self, x: Tensor, handle: DispatchHandle, topk_weights: Optional[Tensor], bias_0: Optional[Tensor],
                 bias_1: Optional[Tensor], *, previous_event: Optional[EventOverlap], async_finish: bool,
-                allocate_on_comm_stream: bool, num_sms: int = 0) -> Tuple[Tuple[Tensor, Optional[Tensor]], EventOverlap]:
-        """Send expert outputs back into their sources' regions and reduce them there; no host sync."""
+                allocate_on_comm_stream: bool, config: Optional[Config] = None
+                ) -> Tuple[Tuple[Tensor, Optional[Tensor]], EventOverlap]:
+        """Send expert outputs back through the channels their tokens came by and reduce them per token
+        as they arrive; no host sync."""
         with self._call(previous_event, allocate_on_comm_stream) as call:
             num_topk = topk_weights.shape[1] if topk_weights is not None else 0
-            self._check_fit(handle.max_send_rows, _C.combine_row_stride(row_bytes(x), num_topk), "combine")
+            stride = _C.combine_row_stride(row_bytes(x), num_topk)
+            exchange = self._exchange_args(config, handle.channel_counts.shape[1], stride, "combine",
+                                           handle.channel_counts)
+            outputs = CombineOutputs(call, handle, x, num_topk)
             with self._launching():
-                pack = combine_pack_args(x, topk_weights, handle.device_recv_counts, handle.slot_rows, None,
-                                         rank_prefix_matrix=handle.rank_prefix_matrix)
-                outputs = CombineOutputs(call, handle, x, num_topk)
+                pack = combine_pack_args(x, topk_weights, handle.device_recv_counts, handle.slot_rows, None)
                 in_flight = (x, topk_weights, bias_0, bias_1, outputs.combined_x,
                              outputs.combined_topk_weights) + handle_tensors(handle)
-                self.ipc_buffer.combine(pack, outputs.args(None, handle, bias_0, bias_1), num_sms,
+                self.ipc_buffer.combine(pack, outputs.args(None, handle, bias_0, bias_1), exchange,
                                         self.context.current_stream())
                 self.context.hold(in_flight)
             return (outputs.combined_x, outputs.combined_topk_weights), call.finish(async_finish, in_flight)
+
+

@@ -53,14 +53,13 @@ def dispatch_unpack_args(recv_buffer: Optional[Tensor], recv_counts: Tensor, slo
 
 
 def combine_pack_args(x: Tensor, topk_weights: Optional[Tensor], recv_counts: Tensor, slot_rows: int,
-                      send_buffer: Optional[Tensor], *,
-                      rank_prefix_matrix: Optional[Tensor] = None) -> "_C.CombinePackArgs":
+                      send_buffer: Optional[Tensor]) -> "_C.CombinePackArgs":
     """Expert outputs x [N, H] (and weights [N, K]) -> combine rows at their source's place."""
     return _C.CombinePackArgs(
         x=x.data_ptr(), x_bytes=row_bytes(x), topk_weights=ptr(topk_weights),
         num_topk=topk_weights.shape[1] if topk_weights is not None else 0, recv_counts=recv_counts.data_ptr(),
         num_ranks=recv_counts.shape[0], slot_rows=slot_rows, num_rows=x.shape[0],
-        rank_prefix_matrix=ptr(rank_prefix_matrix), send_buffer=ptr(send_buffer))
+        send_buffer=ptr(send_buffer))
 
 
 def combine_reduce_args(recv_buffer: Optional[Tensor], send_pos: Tensor, bias_0: Optional[Tensor],

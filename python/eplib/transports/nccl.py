@@ -136,7 +136,7 @@ class NcclTransport(CudaTransport):
 
     def _dispatch_normal(self, call: CallStreams, x: Tensor, x_scales: Optional[Tensor], is_token_in_rank: Tensor,
                          num_tokens_per_expert: Tensor, topk_idx: Optional[Tensor], topk_weights: Optional[Tensor],
-                         expert_alignment: int, send_pos: Tensor, send_counts: Tensor, num_sms: int):
+                         expert_alignment: int, send_pos: Tensor, send_counts: Tensor, config):
         num_topk = topk_idx.shape[1] if topk_idx is not None else 0
         num_experts = num_tokens_per_expert.shape[0]
         num_local = num_experts // self.num_ranks
@@ -168,7 +168,7 @@ class NcclTransport(CudaTransport):
 
     def _dispatch_padded(self, call: CallStreams, x: Tensor, x_scales: Optional[Tensor], is_token_in_rank: Tensor,
                          num_tokens_per_expert: Tensor, topk_idx: Optional[Tensor], topk_weights: Optional[Tensor],
-                         num_worst_tokens: int, send_pos: Tensor, send_counts: Tensor, num_sms: int):
+                         num_worst_tokens: int, send_pos: Tensor, send_counts: Tensor, config):
         """The fixed-size exchange: everything stays on the device (see the module docstring)."""
         num_topk = topk_idx.shape[1] if topk_idx is not None else 0
         num_experts = num_tokens_per_expert.shape[0]
@@ -210,7 +210,7 @@ class NcclTransport(CudaTransport):
 
     def cached_dispatch(self, x: Tensor, x_scales: Optional[Tensor], handle: DispatchHandle, *,
                         previous_event: Optional[EventOverlap], async_finish: bool, allocate_on_comm_stream: bool,
-                        num_sms: int = 0) -> Tuple[Tuple[Tensor, Optional[Tensor]], EventOverlap]:
+                        config=None) -> Tuple[Tuple[Tensor, Optional[Tensor]], EventOverlap]:
         """Dispatch x (and FP8 scales) along the layout of an earlier dispatch: one collective, no host sync."""
         with self._call(previous_event, allocate_on_comm_stream) as call:
             stride = _C.dispatch_row_stride(row_bytes(x), row_bytes(x_scales), 0)
@@ -225,7 +225,7 @@ class NcclTransport(CudaTransport):
 
     def combine(self, x: Tensor, handle: DispatchHandle, topk_weights: Optional[Tensor], bias_0: Optional[Tensor],
                 bias_1: Optional[Tensor], *, previous_event: Optional[EventOverlap], async_finish: bool,
-                allocate_on_comm_stream: bool, num_sms: int = 0) -> Tuple[Tuple[Tensor, Optional[Tensor]], EventOverlap]:
+                allocate_on_comm_stream: bool, config=None) -> Tuple[Tuple[Tensor, Optional[Tensor]], EventOverlap]:
         """Send expert outputs back and reduce them per token; see ``Buffer.combine``. No host sync."""
         with self._call(previous_event, allocate_on_comm_stream) as call:
             num_topk = topk_weights.shape[1] if topk_weights is not None else 0
