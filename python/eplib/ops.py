@@ -82,12 +82,12 @@ class TensorHandle(NamedTuple):
 
     Fields:
         rank_prefix_matrix, recv_src_idx, is_token_in_rank, send_pos: the handle's tensors.
-        host: int64 ``[5 + 2R]`` on the CPU: ``slot_rows, hidden, max_recv_rows, max_send_rows,
-            num_recv_tokens``, then ``send_counts`` and ``recv_counts`` (R each); -1 for the counts
+        host: int64 ``[3 + 2R]`` on the CPU: ``slot_rows, hidden, num_recv_tokens``, then ``send_counts`` and ``recv_counts`` (R each); -1 for the counts
             that are device tensors (padded mode, ``slot_rows > 0``).
         device_counts: int32 on the device of the dispatch: empty on the cpu transport; else the
             handle's device values concatenated: ``device_recv_counts [R]``, preceded in padded
             mode by ``send_counts [R], recv_counts [R], num_recv_tokens [1]``.
+        channel_counts: the handle's ``channel_counts [R, C]`` flattened (ipc transport), else empty.
     """
 
     rank_prefix_matrix: Tensor
@@ -96,9 +96,10 @@ class TensorHandle(NamedTuple):
     send_pos: Tensor
     host: Tensor
     device_counts: Tensor
+    channel_counts: Tensor
 
 
-_HOST_HEAD = 5  # slot_rows, hidden, max_recv_rows, max_send_rows, num_recv_tokens
+_HOST_HEAD = 3  # slot_rows, hidden, num_recv_tokens
 
 
 def to_tensor_handle(handle: DispatchHandle) -> TensorHandle:
@@ -107,19 +108,21 @@ def to_tensor_handle(handle: DispatchHandle) -> TensorHandle:
     padded = handle.slot_rows > 0
     counts = [handle.send_counts, handle.recv_counts, handle.num_recv_tokens] if padded else []
     on_device = [t.reshape(-1).to(torch.int32) for t in counts + [handle.device_recv_counts] if t is not None]
-    host = [handle.slot_rows, handle.hidden, handle.max_recv_rows, handle.max_send_rows]
+    host = [handle.slot_rows, handle.hidden]
     host += [-1] * (1 + 2 * num_ranks) if padded else [handle.num_recv_tokens, *handle.send_counts,
                                                        *handle.recv_counts]
-    device_counts = (torch.cat(on_device) if on_device
-                     else torch.empty(0, dtype=torch.int32, device=handle.rank_prefix_matrix.device))
+    device = handle.rank_prefix_matrix.device
+    device_counts = torch.cat(on_device) if on_device else torch.empty(0, dtype=torch.int32, device=device)
+    channel_counts = (handle.channel_counts.reshape(-1) if handle.channel_counts is not None
+                      else torch.empty(0, dtype=torch.int32, device=device))
     return TensorHandle(handle.rank_prefix_matrix, handle.recv_src_idx, handle.is_token_in_rank, handle.send_pos,
-                        torch.tensor(host, dtype=torch.int64), device_counts)
+                        torch.tensor(host, dtype=torch.int64), device_counts, channel_counts)
 
 
 def to_dispatch_handle(handle: TensorHandle) -> DispatchHandle:
     """The Buffer's ``DispatchHandle`` from its ``TensorHandle`` (reads only the CPU ``host`` tensor)."""
     num_ranks = handle.rank_prefix_matrix.shape[0]
-    slot_rows, hidden, max_recv_rows, max_send_rows, num_recv_tokens = handle.host[:_HOST_HEAD].tolist()
+    slot_rows, hidden, num_recv_tokens = handle.host[:_HOST_HEAD].tolist()
     device_recv_counts = handle.device_counts[-num_ranks:] if handle.device_counts.numel() else None
     if slot_rows > 0:
         send_counts, recv_counts, num_recv = handle.device_counts[:2 * num_ranks + 1].split(
@@ -132,8 +135,9 @@ def to_dispatch_handle(handle: TensorHandle) -> DispatchHandle:
                           recv_counts=recv_counts, recv_src_idx=handle.recv_src_idx,
                           is_token_in_rank=handle.is_token_in_rank, send_pos=handle.send_pos,
                           num_recv_tokens=num_recv, hidden=hidden, slot_rows=slot_rows,
-                          device_recv_counts=device_recv_counts, max_recv_rows=max_recv_rows,
-                          max_send_rows=max_send_rows)
+                          device_recv_counts=device_recv_counts,
+                          channel_counts=(handle.channel_counts.view(num_ranks, -1)
+                                          if handle.channel_counts.numel() else None))
 
 
 def _fake_tensor_handle(buffer: Buffer, device: torch.device, num_tokens: int, num_rows, num_worst_tokens: int
@@ -141,15 +145,17 @@ def _fake_tensor_handle(buffer: Buffer, device: torch.device, num_tokens: int, n
     """Empty tensors of a dispatch's ``TensorHandle`` shapes (for the fake implementations)."""
     num_ranks = buffer.group_size
     if device.type == "cpu":
-        device_values = 0
-    else:
+        device_values, channel_values = 0, 0
+    else:  # channel counts: ipc only, as many as its channels
         device_values = num_ranks + (2 * num_ranks + 1 if num_worst_tokens > 0 else 0)
+        channel_values = torch.library.get_ctx().new_dynamic_size()
     return TensorHandle(torch.empty(num_ranks, num_ranks, dtype=torch.int32, device=device),
                         torch.empty(num_rows, dtype=torch.int32, device=device),
                         torch.empty(num_tokens, num_ranks, dtype=torch.bool, device=device),
                         torch.empty(num_tokens, num_ranks, dtype=torch.int32, device=device),
                         torch.empty(_HOST_HEAD + 2 * num_ranks, dtype=torch.int64),
-                        torch.empty(device_values, dtype=torch.int32, device=device))
+                        torch.empty(device_values, dtype=torch.int32, device=device),
+                        torch.empty(channel_values, dtype=torch.int32, device=device))
 
 
 def _unaliased(tensor: Tensor, *inputs: Optional[Tensor]) -> Tensor:
@@ -191,11 +197,11 @@ def _dispatch_fake(x, topk_idx, topk_weights, buffer_key, num_experts, expert_al
 
 
 def _combine_impl(x: Tensor, rank_prefix_matrix: Tensor, recv_src_idx: Tensor, is_token_in_rank: Tensor,
-                  send_pos: Tensor, host: Tensor, device_counts: Tensor, buffer_key: int,
+                  send_pos: Tensor, host: Tensor, device_counts: Tensor, channel_counts: Tensor, buffer_key: int,
                   topk_weights: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
     """-> (combined_x [T, H], combined_topk_weights [T, K], or an empty tensor without topk_weights)."""
     handle = to_dispatch_handle(TensorHandle(rank_prefix_matrix, recv_src_idx, is_token_in_rank, send_pos, host,
-                                             device_counts))
+                                             device_counts, channel_counts))
     with phase("combine", x.device):
         combined_x, combined_topk_weights, _ = buffer_of(buffer_key).combine(x, handle, topk_weights=topk_weights)
     if combined_topk_weights is None:
@@ -203,8 +209,8 @@ def _combine_impl(x: Tensor, rank_prefix_matrix: Tensor, recv_src_idx: Tensor, i
     return combined_x, combined_topk_weights
 
 
-def _combine_fake(x, rank_prefix_matrix, recv_src_idx, is_token_in_rank, send_pos, host, device_counts, buffer_key,
-                  topk_weights):
+def _combine_fake(x, rank_prefix_matrix, recv_src_idx, is_token_in_rank, send_pos, host, device_counts,
+                  channel_counts, buffer_key, topk_weights):
     num_tokens = is_token_in_rank.shape[0]
     weights = (topk_weights.new_empty(num_tokens, topk_weights.shape[1]) if topk_weights is not None
                else x.new_empty(0, dtype=torch.float32))
@@ -212,17 +218,18 @@ def _combine_fake(x, rank_prefix_matrix, recv_src_idx, is_token_in_rank, send_po
 
 
 def _cached_dispatch_impl(x: Tensor, rank_prefix_matrix: Tensor, recv_src_idx: Tensor, is_token_in_rank: Tensor,
-                          send_pos: Tensor, host: Tensor, device_counts: Tensor, buffer_key: int) -> Tensor:
+                          send_pos: Tensor, host: Tensor, device_counts: Tensor, channel_counts: Tensor,
+                          buffer_key: int) -> Tensor:
     """-> recv_x [N, H]: x along the layout of an earlier dispatch."""
     handle = to_dispatch_handle(TensorHandle(rank_prefix_matrix, recv_src_idx, is_token_in_rank, send_pos, host,
-                                             device_counts))
+                                             device_counts, channel_counts))
     with phase("dispatch", x.device):
         recv_x, *_ = buffer_of(buffer_key).dispatch(x, handle=handle)
     return recv_x
 
 
 def _cached_dispatch_fake(x, rank_prefix_matrix, recv_src_idx, is_token_in_rank, send_pos, host, device_counts,
-                          buffer_key):
+                          channel_counts, buffer_key):
     return x.new_empty(recv_src_idx.shape[0], x.shape[1])
 
 
@@ -244,20 +251,21 @@ def _dispatch_backward(ctx, grad_recv_x, grad_recv_topk_idx, grad_recv_topk_weig
 def _combine_setup_context(ctx, inputs, output) -> None:
     if inputs[-1] is not None and inputs[-1].requires_grad:
         raise NotImplementedError("topk_weights: eplib::combine is differentiable in x only")
-    ctx.buffer_key = inputs[7]
-    ctx.save_for_backward(*inputs[1:7])
+    ctx.buffer_key = inputs[8]
+    ctx.save_for_backward(*inputs[1:8])  # the handle
 
 
 def _combine_backward(ctx, grad_combined_x, grad_combined_topk_weights):
     grad_x = torch.ops.eplib.cached_dispatch(grad_combined_x.contiguous(), *ctx.saved_tensors, ctx.buffer_key)
-    return grad_x, None, None, None, None, None, None, None, None
+    return (grad_x,) + (None,) * 9
 
 
 _HANDLE_SCHEMA = ("Tensor rank_prefix_matrix, Tensor recv_src_idx, Tensor is_token_in_rank, Tensor send_pos, "
-                  "Tensor host, Tensor device_counts, int buffer_key")
+                  "Tensor host, Tensor device_counts, Tensor channel_counts, int buffer_key")
 define("dispatch(Tensor x, Tensor topk_idx, Tensor topk_weights, int buffer_key, int num_experts, "
        "int expert_alignment, int num_worst_tokens, Tensor? num_tokens_per_rank, Tensor? num_tokens_per_expert, "
-       "Tensor? is_token_in_rank) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+       "Tensor? is_token_in_rank) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, "
+       "Tensor)",
        _dispatch_impl, _dispatch_fake, _dispatch_backward, _dispatch_setup_context)
 define(f"combine(Tensor x, {_HANDLE_SCHEMA}, Tensor? topk_weights) -> (Tensor, Tensor)",
        _combine_impl, _combine_fake, _combine_backward, _combine_setup_context)
