@@ -16,7 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from setuptools import Extension, setup
+from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
@@ -103,5 +103,5 @@ setup(
     ext_modules=[CMakeExtension("eplib._C")],
     cmdclass={"build_ext": CMakeBuild},
     package_dir={"": "python"},
-    packages=["eplib", "eplib.transports"],
+    packages=find_packages("python"),  # eplib and its subpackages (transports, moe, deep_ep)
 )

@@ -46,6 +46,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+import bench_low_latency
 import copy_efficiency
 import eplib
 import report
@@ -111,9 +112,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true",
                         help=f"tiny sweep for CI smoke runs: {QUICK_SWEEP} unless given explicitly "
                              f"(without it, --transport ipc defaults to {IPC_SWEEP})")
+    parser.add_argument("--mode", choices=("normal", "ll"), default="normal",
+                        help="normal: the sweep above; ll: low-latency dispatch/combine beside the normal mode on "
+                             "the same inputs (benchmarks/bench_low_latency.py; cpu transport; defaults "
+                             f"{bench_low_latency.LL_SWEEP}, --quick {bench_low_latency.LL_QUICK})")
     parser.add_argument("--json", metavar="PATH", help="write every figure and the machine info here")
     parser.add_argument("--plot", metavar="PATH", help="draw latency vs tokens here (needs matplotlib)")
     args = parser.parse_args(argv)
+    if args.mode == "ll":  # bench_low_latency.run fills in its own defaults
+        return args
     defaults = QUICK_SWEEP if args.quick else IPC_SWEEP if args.transport == "ipc" else FULL_SWEEP
     for key, value in defaults.items():
         if getattr(args, key) is None:
@@ -319,6 +326,9 @@ def run_ipc_point(point: Point, pipelines: List[Pipeline], args: argparse.Namesp
 
 def main() -> None:
     args = parse_args()
+    if args.mode == "ll":
+        bench_low_latency.run(args)
+        return
     points = sweep(args)
     if args.plot:
         report.require_matplotlib()

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "cpu/kernels.h"
+#include "cpu/low_latency.h"
 #include "cpu/parallel.h"
 #include "cuda/ipc.h"  // plain C++: the ipc buffer's layout sizes are known without CUDA too
 #include "eplib/errors.h"
@@ -155,7 +156,8 @@ void def_kernel_args(py::module_& m) {
       EPLIB_FIELD(DispatchCheckArgs, num_experts) EPLIB_FIELD(DispatchCheckArgs, error_flag);
   ArgsBinding<DispatchPackArgs>(m, "DispatchPackArgs") EPLIB_FIELD(DispatchPackArgs, x)
       EPLIB_FIELD(DispatchPackArgs, x_bytes) EPLIB_FIELD(DispatchPackArgs, x_scales)
-      EPLIB_FIELD(DispatchPackArgs, scales_bytes) EPLIB_FIELD(DispatchPackArgs, topk_idx)
+      EPLIB_FIELD(DispatchPackArgs, scales_bytes) EPLIB_FIELD(DispatchPackArgs, scales_token_stride)
+      EPLIB_FIELD(DispatchPackArgs, scales_column_stride) EPLIB_FIELD(DispatchPackArgs, topk_idx)
       EPLIB_FIELD(DispatchPackArgs, topk_weights) EPLIB_FIELD(DispatchPackArgs, num_topk)
       EPLIB_FIELD(DispatchPackArgs, num_experts) EPLIB_FIELD(DispatchPackArgs, send_pos)
       EPLIB_FIELD(DispatchPackArgs, num_tokens) EPLIB_FIELD(DispatchPackArgs, num_ranks)
@@ -414,6 +416,166 @@ void def_cuda_cpu(py::module_& m) {
 }
 #endif
 
+
+// ---------------------------------------------------------------------------------------------
+// Low-latency mode, CPU side (cpu/low_latency.h): the kernels on raw addresses and the shared host
+// memory of the cpu transport. A layout is passed as (num_max, hidden, num_topk, num_local_experts,
+// fp8); message addresses as lists of ints (0: a masked rank).
+// ---------------------------------------------------------------------------------------------
+
+template <typename Pointer>
+std::vector<Pointer> addresses(const std::vector<uintptr_t>& values) {
+  std::vector<Pointer> pointers;
+  pointers.reserve(values.size());
+  for (const uintptr_t value : values) pointers.push_back(reinterpret_cast<Pointer>(value));
+  return pointers;
+}
+
+std::vector<int32_t> header_fields(const std::vector<int32_t>& fields) {
+  if (fields.size() != static_cast<size_t>(eplib::kLLHeaderFields))
+    throw std::invalid_argument("eplib: a low-latency header has " + std::to_string(eplib::kLLHeaderFields) +
+                                " fields, got " + std::to_string(fields.size()));
+  return fields;
+}
+
+void def_low_latency_cpu(py::module_& m) {
+  namespace cpu = eplib::cpu;
+  using eplib::LowLatencyLayout;
+  using eplib::make_low_latency_layout;
+  const auto release_gil = py::call_guard<py::gil_scoped_release>();
+  m.attr("LL_HEADER_FIELDS") = static_cast<int>(eplib::kLLHeaderFields);
+  m.attr("LL_MAGIC") = eplib::kLLMagic;
+  m.attr("LL_MAX_TOPK") = eplib::kLLMaxTopk;
+  {
+    py::dict fields, formats;
+    fields["magic"] = static_cast<int>(eplib::kLLFieldMagic);
+    fields["num_max"] = static_cast<int>(eplib::kLLFieldNumMax);
+    fields["hidden"] = static_cast<int>(eplib::kLLFieldHidden);
+    fields["num_experts"] = static_cast<int>(eplib::kLLFieldNumExperts);
+    fields["num_topk"] = static_cast<int>(eplib::kLLFieldNumTopk);
+    fields["format"] = static_cast<int>(eplib::kLLFieldFormat);
+    fields["rejected"] = static_cast<int>(eplib::kLLFieldRejected);
+    fields["num_tokens"] = static_cast<int>(eplib::kLLFieldNumTokens);
+    fields["pulled"] = static_cast<int>(eplib::kLLFieldPulled);
+    formats["fp8"] = static_cast<int>(eplib::kLLFp8);
+    formats["round_scale"] = static_cast<int>(eplib::kLLRoundScale);
+    formats["ue8m0"] = static_cast<int>(eplib::kLLUe8m0);
+    formats["combine"] = static_cast<int>(eplib::kLLCombine);
+    m.attr("LL_FIELDS") = fields;
+    m.attr("LL_FORMATS") = formats;
+  }
+  m.def(
+      "low_latency_layout",
+      [](int64_t num_max, int64_t hidden, int num_topk, int num_local_experts, bool fp8) {
+        const LowLatencyLayout layout = make_low_latency_layout(num_max, hidden, num_topk, num_local_experts, fp8);
+        py::dict sizes;
+        sizes["header_bytes"] = layout.header_bytes;
+        sizes["dispatch_stride"] = layout.dispatch_stride;
+        sizes["combine_stride"] = layout.combine_stride;
+        sizes["capacity"] = layout.capacity;
+        sizes["message_bytes"] = layout.message_bytes;
+        return sizes;
+      },
+      "Sizes of the low-latency messages of a call (eplib/low_latency.h): header_bytes, dispatch_stride, "
+      "combine_stride, capacity (rows) and message_bytes.");
+  m.def(
+      "ll_layout",
+      [](uintptr_t topk_idx, int64_t num_tokens, int num_topk, int num_experts, int num_ranks, uintptr_t send_slot,
+         uintptr_t send_counts, uintptr_t send_offset) {
+        cpu::ll_layout(as_ptr<const int64_t>(topk_idx), num_tokens, num_topk, num_experts, num_ranks,
+                       as_ptr<int32_t>(send_slot), as_ptr<int32_t>(send_counts), as_ptr<int32_t>(send_offset));
+      },
+      release_gil);
+  m.def(
+      "ll_quantize",
+      [](uintptr_t x, int64_t num_tokens, int64_t hidden, bool round_scale, uintptr_t values, uintptr_t scales) {
+        for (int64_t t = 0; t < num_tokens; ++t)
+          cpu::ll_quantize_row(as_ptr<const eplib::bf16_t>(x) + t * hidden, hidden, round_scale,
+                               as_ptr<uint8_t>(values) + t * hidden, as_ptr<float>(scales) + t * (hidden / 128));
+      },
+      release_gil, "bf16 x [T, H] -> FP8 values [T, H] and scale_inv float32 [T, H / 128], as a dispatch casts them.");
+  m.def(
+      "ll_write_header",
+      [](uintptr_t message, int64_t num_max, int64_t hidden, int num_topk, int num_local_experts, bool fp8,
+         const std::vector<int32_t>& fields, const std::vector<int32_t>& counts) {
+        const LowLatencyLayout layout = make_low_latency_layout(num_max, hidden, num_topk, num_local_experts, fp8);
+        if (counts.size() != static_cast<size_t>(num_local_experts))
+          throw std::invalid_argument("eplib: ll_write_header needs one count per local expert");
+        cpu::ll_write_header(as_ptr<uint8_t>(message), layout, header_fields(fields).data(), counts.data());
+      });
+  m.def("ll_message_status",
+        [](uintptr_t message, int64_t num_max, int64_t hidden, int num_topk, int num_local_experts, bool fp8,
+           const std::vector<int32_t>& fields) {
+          const LowLatencyLayout layout = make_low_latency_layout(num_max, hidden, num_topk, num_local_experts, fp8);
+          return cpu::ll_message_status(as_ptr<const uint8_t>(message), layout, header_fields(fields).data());
+        });
+  m.def(
+      "ll_dispatch_pack",
+      [](uintptr_t x, int64_t num_tokens, int64_t num_max, int64_t hidden, int num_topk, int num_local_experts,
+         bool fp8, bool round_scale, uintptr_t topk_idx, int num_experts, int num_ranks, uintptr_t send_slot,
+         uintptr_t send_counts, uintptr_t send_offset, const std::vector<int32_t>& fields,
+         const std::vector<uintptr_t>& messages) {
+        const LowLatencyLayout layout = make_low_latency_layout(num_max, hidden, num_topk, num_local_experts, fp8);
+        cpu::ll_dispatch_pack(as_ptr<const eplib::bf16_t>(x), num_tokens, layout, round_scale,
+                              as_ptr<const int64_t>(topk_idx), num_topk, num_experts, num_ranks,
+                              as_ptr<const int32_t>(send_slot), as_ptr<const int32_t>(send_counts),
+                              as_ptr<const int32_t>(send_offset), header_fields(fields).data(),
+                              addresses<uint8_t*>(messages));
+      },
+      release_gil);
+  m.def(
+      "ll_dispatch_unpack",
+      [](const std::vector<uintptr_t>& messages, int64_t num_max, int64_t hidden, int num_topk, int num_local_experts,
+         bool fp8, bool ue8m0, uintptr_t recv_x, uintptr_t recv_scales, uintptr_t src_info, uintptr_t layout_range,
+         uintptr_t recv_count, uintptr_t cumulative_stats) {
+        const LowLatencyLayout layout = make_low_latency_layout(num_max, hidden, num_topk, num_local_experts, fp8);
+        cpu::ll_dispatch_unpack(addresses<const uint8_t*>(messages), layout, ue8m0, as_ptr<uint8_t>(recv_x),
+                                as_ptr<uint8_t>(recv_scales), as_ptr<int32_t>(src_info), as_ptr<int64_t>(layout_range),
+                                as_ptr<int32_t>(recv_count), as_ptr<int32_t>(cumulative_stats));
+      },
+      release_gil);
+  m.def(
+      "ll_combine_pack",
+      [](uintptr_t x, uintptr_t layout_range, int64_t num_max, int64_t hidden, int num_topk, int num_local_experts,
+         int num_ranks, const std::vector<int32_t>& fields, const std::vector<uintptr_t>& messages) {
+        const LowLatencyLayout layout = make_low_latency_layout(num_max, hidden, num_topk, num_local_experts, false);
+        cpu::ll_combine_pack(as_ptr<const eplib::bf16_t>(x), as_ptr<const int64_t>(layout_range), layout, num_ranks,
+                             header_fields(fields).data(), addresses<uint8_t*>(messages));
+      },
+      release_gil);
+  m.def(
+      "ll_combine_reduce",
+      [](const std::vector<uintptr_t>& messages, const std::vector<uintptr_t>& pulled, int64_t num_max, int64_t hidden,
+         int num_topk, int num_local_experts, uintptr_t topk_idx, uintptr_t topk_weights, int64_t num_tokens,
+         int num_experts, uintptr_t send_slot, uintptr_t send_offset, uintptr_t out) {
+        const LowLatencyLayout layout = make_low_latency_layout(num_max, hidden, num_topk, num_local_experts, false);
+        if (pulled.size() != messages.size())
+          throw std::invalid_argument("eplib: ll_combine_reduce needs one zero-copy address per message");
+        cpu::ll_combine_reduce(addresses<const uint8_t*>(messages), addresses<const uint8_t*>(pulled), layout,
+                               as_ptr<const int64_t>(topk_idx),
+                               as_ptr<const float>(topk_weights), num_tokens, num_topk, num_experts,
+                               static_cast<int>(messages.size()), as_ptr<const int32_t>(send_slot),
+                               as_ptr<const int32_t>(send_offset), as_ptr<eplib::bf16_t>(out));
+      },
+      release_gil);
+  py::class_<cpu::SharedRegion>(m, "SharedRegion",
+                                "Host memory shared between the rank processes of one host (memfd); zeroed.")
+      .def(py::init<int64_t>(), py::arg("num_bytes"))
+      .def("handle", &cpu::SharedRegion::handle)
+      .def("open_peer", &cpu::SharedRegion::open_peer, py::arg("handle"))
+      .def_property_readonly("address", &cpu::SharedRegion::address)
+      .def_property_readonly("num_bytes", &cpu::SharedRegion::num_bytes);
+  m.def("publish_flag", [](uintptr_t flag, uint64_t value) { cpu::publish_flag(as_ptr<uint64_t>(flag), value); },
+        "Release store of a uint64 flag in shared memory.");
+  m.def(
+      "wait_flags",
+      [](const std::vector<uintptr_t>& flags, uint64_t target, double timeout_s) {
+        return cpu::wait_flags(addresses<const uint64_t*>(flags), target, timeout_s);
+      },
+      release_gil,
+      "Waits until every uint64 flag (0: none) holds >= target or timeout_s passed; per flag the nanoseconds it "
+      "took, -1 if it did not arrive.");
+}
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -485,11 +647,11 @@ PYBIND11_MODULE(_C, m) {
 
   m.def(
       "dispatch_pack",
-      [](uintptr_t x, int64_t x_bytes, uintptr_t x_scales, int64_t scales_bytes, uintptr_t topk_idx,
-         uintptr_t topk_weights, int num_topk, int num_experts, uintptr_t send_pos, int64_t num_tokens, int num_ranks,
-         uintptr_t send_buffer) {
+      [](uintptr_t x, int64_t x_bytes, uintptr_t x_scales, int64_t scales_bytes, int64_t scales_token_stride,
+         int64_t scales_column_stride, uintptr_t topk_idx, uintptr_t topk_weights, int num_topk, int num_experts,
+         uintptr_t send_pos, int64_t num_tokens, int num_ranks, uintptr_t send_buffer) {
         cpu::dispatch_pack(as_ptr<const uint8_t>(x), x_bytes, as_ptr<const uint8_t>(x_scales), scales_bytes,
-                           as_ptr<const int64_t>(topk_idx), as_ptr<const float>(topk_weights), num_topk, num_experts,
+                           scales_token_stride, scales_column_stride, as_ptr<const int64_t>(topk_idx), as_ptr<const float>(topk_weights), num_topk, num_experts,
                            as_ptr<const int32_t>(send_pos), num_tokens, num_ranks, as_ptr<uint8_t>(send_buffer));
       },
       release_gil);
@@ -556,6 +718,7 @@ PYBIND11_MODULE(_C, m) {
       },
       release_gil);
 
+  def_low_latency_cpu(m);
 #ifdef EPLIB_WITH_CUDA
   def_cuda_kernels(m);
 #endif

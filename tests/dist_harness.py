@@ -39,6 +39,8 @@ import torch.multiprocessing as mp
 GLOO_TIMEOUT_S = 30
 #: Waiting for all ranks to import torch and join the group.
 STARTUP_TIMEOUT_S = 60
+#: What a forkserver-started pool's server imports once, so that its ranks start in a fraction of a second.
+FORKSERVER_PRELOAD = ["torch", "torch.distributed", "eplib", "dist_harness"]
 
 
 class RemoteError(Exception):
@@ -73,14 +75,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker_main(rank: int, world_size: int, init_method: str, job_queue: Any, result_queue: Any) -> None:
+def _worker_main(rank: int, world_size: int, init_method: str, gloo_timeout_s: float, job_queue: Any,
+                 result_queue: Any) -> None:
     """Body of one rank: join the group, then run jobs until a None arrives."""
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     try:
         dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size,
-                                timeout=timedelta(seconds=GLOO_TIMEOUT_S))
+                                timeout=timedelta(seconds=gloo_timeout_s))
     except BaseException as e:  # report instead of leaving the parent waiting for "ready"
         result_queue.put(("startup-failed", rank, f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
         return
@@ -103,15 +106,29 @@ def _worker_main(rank: int, world_size: int, init_method: str, job_queue: Any, r
         dist.destroy_process_group()
 
 
-class RankPool:
-    """`world_size` spawned processes in one gloo group, running jobs on all ranks at once."""
+def _context(start_method: str) -> Any:
+    """A multiprocessing context; "forkserver" preloads FORKSERVER_PRELOAD in its server."""
+    ctx = mp.get_context(start_method)
+    if start_method == "forkserver":
+        ctx.set_forkserver_preload(FORKSERVER_PRELOAD)
+    return ctx
 
-    def __init__(self, world_size: int) -> None:
+
+class RankPool:
+    """`world_size` processes in one gloo group, running jobs on all ranks at once.
+
+    start_method "spawn" (default) or "forkserver" (a fresh pool in a fraction of a second, for tests
+    that need a group of their own); gloo_timeout_s: the group's own timeout (init_process_group).
+    """
+
+    def __init__(self, world_size: int, start_method: str = "spawn", gloo_timeout_s: float = GLOO_TIMEOUT_S) -> None:
         self.world_size = world_size
-        self._ctx = mp.get_context("spawn")
+        self._ctx = _context(start_method)
+        self._gloo_timeout_s = gloo_timeout_s
         self._procs: List[Any] = []
         self._job_queues: List[Any] = []
         self._result_queue: Any = None
+        self._mailbox: Dict[Any, Any] = {}  # (job id, rank) -> what the rank sent back, until collected
         self._job_ids = itertools.count()
         # Set when a job ended with some ranks raising and others not: the raising ranks may have
         # skipped a collective the others completed or abandoned, so the group is restarted.
@@ -122,6 +139,7 @@ class RankPool:
 
     def _start(self) -> None:
         self._suspect = False
+        self._mailbox = {}
         init_method = f"tcp://127.0.0.1:{_free_port()}"
         self._job_queues = [self._ctx.Queue() for _ in range(self.world_size)]
         self._result_queue = self._ctx.Queue()
@@ -132,7 +150,8 @@ class RankPool:
         try:
             self._procs = [
                 self._ctx.Process(target=_worker_main, daemon=True, name=f"rank{r}of{self.world_size}",
-                                  args=(r, self.world_size, init_method, self._job_queues[r], self._result_queue))
+                                  args=(r, self.world_size, init_method, self._gloo_timeout_s, self._job_queues[r],
+                                        self._result_queue))
                 for r in range(self.world_size)
             ]
             for p in self._procs:
@@ -151,14 +170,15 @@ class RankPool:
                 raise RuntimeError(f"rank {rank} of a {self.world_size}-rank pool failed to start: {info}")
             ready.add(rank)
 
-    def _get_result(self, deadline: float, what: str) -> Any:
-        """Next message from the ranks; raises PoolTimeout (after killing) or if a rank died."""
+    def _get_result(self, deadline: float, what: str, gone: Sequence[int] = ()) -> Any:
+        """Next message from the ranks; raises PoolTimeout (after killing) or if a rank died (other
+        than those in ``gone``)."""
         while True:
             try:
                 return self._result_queue.get(timeout=0.2)
             except queue.Empty:
                 pass
-            dead = [(r, p.exitcode) for r, p in enumerate(self._procs) if not p.is_alive()]
+            dead = [(r, p.exitcode) for r, p in enumerate(self._procs) if not p.is_alive() and r not in gone]
             if dead:
                 self.kill()
                 raise RuntimeError(f"{self.world_size}-rank pool: rank(s) died during {what}: "
@@ -170,6 +190,23 @@ class RankPool:
     @property
     def alive(self) -> bool:
         return bool(self._procs) and all(p.is_alive() for p in self._procs)
+
+    def signal(self, rank: int, signum: int) -> None:
+        """Sends ``signum`` to rank ``rank``'s process (SIGCONT to a rank that stopped itself, say)."""
+        os.kill(self._procs[rank].pid, signum)
+
+    def is_stopped(self, rank: int) -> bool:
+        """Whether rank ``rank``'s process is stopped (SIGSTOP)."""
+        with open(f"/proc/{self._procs[rank].pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "T"
+
+    def wait_stopped(self, rank: int, timeout: float = 30) -> None:
+        """Waits until rank ``rank`` has stopped itself; raises PoolTimeout otherwise."""
+        deadline = time.monotonic() + timeout
+        while not self.is_stopped(rank):
+            if time.monotonic() > deadline:
+                raise PoolTimeout(f"rank {rank} did not stop within {timeout} s")
+            time.sleep(0.01)
 
     def kill(self) -> None:
         """Ends the rank processes now (used after a timeout: the group may be wedged)."""
@@ -198,6 +235,40 @@ class RankPool:
 
     # -- jobs
 
+    def submit(self, fn: Callable[..., Any], *args: Any, per_rank_args: Optional[Sequence[Sequence[Any]]] = None) -> int:
+        """Starts fn(rank, world_size, group, *args, *per_rank_args[rank]) on every rank (a dead rank
+        never answers); returns the job's id for ``collect``."""
+        if not self._procs:
+            self._start()
+        if per_rank_args is not None and len(per_rank_args) != self.world_size:
+            raise ValueError(f"per_rank_args needs {self.world_size} entries, got {len(per_rank_args)}")
+        job_id = next(self._job_ids)
+        for r in range(self.world_size):
+            extra = tuple(per_rank_args[r]) if per_rank_args is not None else ()
+            self._job_queues[r].put((job_id, pickle.dumps((fn, tuple(args) + extra))))
+        return job_id
+
+    def collect(self, job_id: int, ranks: Optional[Sequence[int]] = None, timeout: float = 60,
+                gone: Sequence[int] = ()) -> Dict[int, Any]:
+        """{rank: result, or RemoteError if it raised} of job ``job_id`` for ``ranks`` (default: all).
+        Ranks in ``gone`` may die meanwhile without failing the wait (their results are not awaited
+        unless asked for). Past ``timeout`` seconds the pool is killed and PoolTimeout raised."""
+        wanted = list(range(self.world_size)) if ranks is None else list(ranks)
+        deadline = time.monotonic() + timeout
+        name = f"job {job_id}"
+        while any((job_id, r) not in self._mailbox for r in wanted):
+            got_id, rank, answer = self._get_result(deadline, name, gone)
+            self._mailbox[(got_id, rank)] = answer
+        results = {}
+        for r in wanted:
+            kind, data = self._mailbox.pop((job_id, r))
+            if kind == "ok":
+                results[r] = pickle.loads(data)
+            else:
+                mro, exc_name, message, tb = data
+                results[r] = RemoteError(r, exc_name, mro, message, tb)
+        return results
+
     def run(self, fn: Callable[..., Any], *args: Any, per_rank_args: Optional[Sequence[Sequence[Any]]] = None,
             timeout: float = 60, return_exceptions: bool = False) -> List[Any]:
         """Runs fn(rank, world_size, group, *args, *per_rank_args[rank]) on every rank.
@@ -209,23 +280,7 @@ class RankPool:
         """
         if not self.alive or self._suspect:
             self.restart()
-        if per_rank_args is not None and len(per_rank_args) != self.world_size:
-            raise ValueError(f"per_rank_args needs {self.world_size} entries, got {len(per_rank_args)}")
-        job_id = next(self._job_ids)
-        for r in range(self.world_size):
-            extra = tuple(per_rank_args[r]) if per_rank_args is not None else ()
-            self._job_queues[r].put((job_id, pickle.dumps((fn, tuple(args) + extra))))
-        results: Dict[int, Any] = {}
-        deadline = time.monotonic() + timeout
-        while len(results) < self.world_size:
-            got_id, rank, (kind, data) = self._get_result(deadline, f"job {getattr(fn, '__name__', fn)}")
-            if got_id != job_id:
-                continue  # a late answer of an earlier job cannot happen after kill; ignore anyway
-            if kind == "ok":
-                results[rank] = pickle.loads(data)
-            else:
-                mro, name, message, tb = data
-                results[rank] = RemoteError(rank, name, mro, message, tb)
+        results = self.collect(self.submit(fn, *args, per_rank_args=per_rank_args), timeout=timeout)
         ordered = [results[r] for r in range(self.world_size)]
         errors = [e for e in ordered if isinstance(e, RemoteError)]
         if 0 < len(errors) < self.world_size:
@@ -588,11 +643,15 @@ def job_closed_form(rank: int, R: int, group, impl: str, case: dict) -> List[str
     buffer_kwargs (optional). Returns a list of mismatch descriptions (empty = pass). All
     collectives run before any comparison, so a mismatch on one rank cannot strand the others.
     """
+    return closed_form_errors(make_buffer(impl, group, **case.get("buffer_kwargs", {})), rank, R, impl, case)
+
+
+def closed_form_errors(buf, rank: int, R: int, impl: str, case: dict) -> List[str]:
+    """job_closed_form's calls and checks on an existing Buffer ``buf`` (``impl`` labels the messages)."""
     seed, Ts, H, K, E = case["seed"], case["Ts"], case["H"], case["K"], case["E"]
     skew, dtype, alignment, num_worst = case["skew"], case["dtype"], case["alignment"], case["num_worst"]
     with_topk, nbias = case["with_topk"], case["bias"]
     cdtype = "bf16" if dtype == "fp8" else dtype  # combine has no FP8 form
-    buf = make_buffer(impl, group, **case.get("buffer_kwargs", {}))
 
     xs = [make_payload(seed, s, Ts[s], H, dtype) for s in range(R)]
     x2s = [make_payload(seed + 1, s, Ts[s], H, dtype) for s in range(R)]
@@ -684,6 +743,21 @@ def job_closed_form(rank: int, R: int, group, impl: str, case: dict) -> List[str
     return errs
 
 
+# The FP8 scale forms DeepEP accepts: float32 [T, H/128] or int32 [T, H/512] (four UE8M0 exponents
+# each), row-major or column-major (DeepEP's intranode test passes x[1].T.contiguous().T).
+SCALE_FORMS = ("row_major", "column_major", "int32", "int32_column_major")
+
+
+def make_scales(g: torch.Generator, T: int, H: int, form: str) -> torch.Tensor:
+    """Random FP8 scales for T tokens of hidden size H in one of SCALE_FORMS."""
+    if form.startswith("int32"):
+        scales = torch.randint(0, 256, (T, 4 * max(1, H // (4 * FP8_BLOCK))), dtype=torch.uint8,
+                               generator=g).view(torch.int32)
+    else:
+        scales = torch.rand((T, max(1, H // FP8_BLOCK)), generator=g) + 0.5
+    return scales.T.contiguous().T if form.endswith("column_major") else scales
+
+
 def _compare_sequence(buf, rank: int, R: int, case: dict):
     """The call sequence job_compare runs on one implementation; returns its outputs."""
     seed, Ts, H, K, E = case["seed"], case["Ts"], case["H"], case["K"], case["E"]
@@ -694,8 +768,7 @@ def _compare_sequence(buf, rank: int, R: int, case: dict):
     w = make_topk_weights(seed, rank, T, K)
     if dtype == "fp8":
         g = _gen(seed, rank, 30)
-        x = ((torch.randn((T, H), generator=g) * 4).to(FP8),
-             torch.rand((T, max(1, H // FP8_BLOCK)), generator=g) + 0.5)
+        x = ((torch.randn((T, H), generator=g) * 4).to(FP8), make_scales(g, T, H, case.get("scales", "row_major")))
     else:
         x = make_random_rows(seed, rank, T, H, dtype, salt=30)
     lay = buf.get_dispatch_layout(idx, E)

@@ -9,6 +9,8 @@ from typing import Dict
 import pytest
 import torch
 
+from eplib.transports.records import header_words
+
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _BENCH = os.path.join(_ROOT, "benchmarks")
 if _BENCH not in sys.path:
@@ -20,9 +22,6 @@ from routing import RoutingSpec  # noqa: E402
 ELEMENT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 OPS = ("layout", "dispatch", "combine", "end_to_end")
 IMPLS = ("eplib", "reference", "framework")
-# eplib's cpu transport exchanges one int64 record per rank in dispatch: R send counts + 7 fields
-# (README, "Collectives per call").
-EPLIB_RECORD_FIELDS = 7
 
 
 def _align16(n: int) -> int:
@@ -69,8 +68,10 @@ def expected_bytes(point: dict, num_ranks: int, seed: int) -> Dict[str, Dict[str
     result = {name: {op: [] for op in OPS} for name in IMPLS}
     for rank in range(num_ranks):
         per_impl = {
-            "eplib": (gather * 8 * (num_ranks + EPLIB_RECORD_FIELDS) + int(sent_tokens[rank]) * eplib_stride,
-                      int(returned_tokens[rank]) * hidden_bytes),
+            # eplib's cpu transport starts dispatch and combine with its call header (README,
+            # "Collectives per call").
+            "eplib": (gather * 8 * header_words(num_ranks) + int(sent_tokens[rank]) * eplib_stride,
+                      gather * 8 * header_words(num_ranks) + int(returned_tokens[rank]) * hidden_bytes),
             "reference": (gather * 8 * (num_ranks + experts + 1) + int(sent_tokens[rank]) * (hidden_bytes + 12 * top_k),
                           int(returned_tokens[rank]) * hidden_bytes),
             "framework": (8 * (experts - experts_per_rank) + int(sent_slots[rank]) * hidden_bytes,
@@ -232,3 +233,24 @@ def test_ipc_report_prints_the_chunk_configuration(quick_run):
         assert (f"{op} {config.num_channels} channels, chunks of {config.num_max_nvl_chunked_send_tokens} rows, "
                 f"rings of up to {config.num_max_nvl_chunked_recv_tokens} rows") in text, text
     assert "123456 bytes of buffer" in text
+
+
+def test_quick_low_latency_run(tmp_path):
+    """``bench_dispatch.py --mode ll --quick`` on 2 ranks: every point timed in both modes, guard passed."""
+    from bench_low_latency import LL_QUICK, OPS as LL_OPS
+
+    out = tmp_path / "ll.json"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               os.path.join(_BENCH, "bench_dispatch.py"), "--mode", "ll", "--quick", "--json", str(out)]
+    done = subprocess.run(command, cwd=_ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "Correctness guard: passed at every point" in done.stdout
+    with open(out) as f:
+        result = json.load(f)
+    assert {(p["tokens_per_rank"], p["dtype"]) for p in result["points"]} == {
+        (t, d) for t in LL_QUICK["tokens"] for d in LL_QUICK["dtype"]}
+    for point in result["points"]:
+        for mode in ("ll", "normal"):
+            for op in LL_OPS:
+                figures = point["results"][mode][op]
+                assert 0 < figures["p10_ms"] <= figures["median_ms"] <= figures["p90_ms"], (mode, op)

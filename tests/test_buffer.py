@@ -6,7 +6,7 @@ closed-form checks (payloads encoding source rank and token index) run on eplib.
 
 import pytest
 
-from dist_harness import base_case, fill_case, job_closed_form, job_compare, job_hand_example
+from dist_harness import SCALE_FORMS, base_case, fill_case, job_closed_form, job_compare, job_hand_example
 from test_reference import CASES, check_num_worst_too_small, make_case
 
 
@@ -34,6 +34,15 @@ COMPARE_CASES = {
 def test_buffer_equals_reference(pool, name):
     case = fill_case(base_case(**COMPARE_CASES[name]), pool.world_size)
     errs = pool.run(job_compare, case, timeout=60)
+    assert not any(errs), "\n".join(e for rank_errs in errs for e in rank_errs)
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 4])
+@pytest.mark.parametrize("scales", SCALE_FORMS)
+def test_buffer_fp8_scale_forms_equal_reference(pool_cache, world_size, scales):
+    """Column-major and int32 (UE8M0) scales, as DeepEP takes them, arrive as the reference's."""
+    case = fill_case(base_case(dtype="fp8", H=1024, K=3, E_per_rank=4, skew="zipf", scales=scales), world_size)
+    errs = pool_cache(world_size).run(job_compare, case, timeout=60)
     assert not any(errs), "\n".join(e for rank_errs in errs for e in rank_errs)
 
 

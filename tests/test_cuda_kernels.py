@@ -14,7 +14,7 @@ import torch
 import eplib
 from eplib import _C
 from eplib._dtypes import KERNEL_DTYPE_CODES
-from eplib.transports.tensors import as_bytes, ptr, row_bytes
+from eplib.transports.tensors import as_bytes, ptr, row_bytes, scale_strides
 from gpu_harness import gpu_usable
 from test_kernels import native_layout as cpu_layout
 
@@ -216,7 +216,8 @@ def make_dispatch_case(num_tokens, hidden, dtype, num_topk, num_experts, num_ran
 
 def cpu_pack(x, scales, idx, weights, num_experts, send_pos, num_rows, stride):
     buffer = torch.zeros(num_rows * stride, dtype=torch.uint8)
-    _C.dispatch_pack(x.data_ptr(), row_bytes(x), ptr(scales), row_bytes(scales), ptr(idx), ptr(weights),
+    _C.dispatch_pack(x.data_ptr(), row_bytes(x), ptr(scales), row_bytes(scales), *scale_strides(scales), ptr(idx),
+                     ptr(weights),
                      idx.shape[1] if idx is not None else 0, num_experts, send_pos.data_ptr(), x.shape[0],
                      send_pos.shape[1], buffer.data_ptr())
     return buffer
@@ -226,7 +227,8 @@ def cuda_pack(dev, x, scales, idx, weights, num_experts, send_pos, num_rows, str
     x_, scales_, idx_, weights_, send_pos_ = (dev.put(t) for t in (x, scales, idx, weights, send_pos))
     buffer = dev.put(torch.zeros(num_rows * stride, dtype=torch.uint8))
     dev.launch("dispatch_pack", x=x_.data_ptr(), x_bytes=row_bytes(x), x_scales=ptr(scales_),
-               scales_bytes=row_bytes(scales), topk_idx=ptr(idx_), topk_weights=ptr(weights_),
+               scales_bytes=row_bytes(scales), scales_token_stride=scale_strides(scales_)[0],
+               scales_column_stride=scale_strides(scales_)[1], topk_idx=ptr(idx_), topk_weights=ptr(weights_),
                num_topk=idx.shape[1] if idx is not None else 0, num_experts=num_experts,
                send_pos=send_pos_.data_ptr(), num_tokens=x.shape[0], num_ranks=send_pos.shape[1],
                send_buffer=buffer.data_ptr(), error_flag=flag.data_ptr())
@@ -288,6 +290,35 @@ def test_dispatch_pack_and_unpack(dev, name, with_topk):
             if with_topk and num_out_rows >= num_rows:
                 assert_same(got_per_expert, want_out[5], "num_recv_tokens_per_expert")
             assert bits == (_C.ERR_OVERFLOW if num_out_rows < num_rows else 0)
+
+
+# FP8 scales in the forms DeepEP accepts besides row-major float32: each is read through its strides.
+SCALE_FORMS = {
+    "column_major": lambda scales: scales.T.contiguous().T,  # what DeepEP's intranode test passes
+    "int32_ue8m0": lambda scales: scales.view(torch.int32),
+    "int32_column_major": lambda scales: scales.view(torch.int32).T.contiguous().T,
+}
+
+
+@pytest.mark.parametrize("form", list(SCALE_FORMS))
+def test_dispatch_pack_reads_scales_through_strides(dev, form):
+    """Strided and int32 scales pack to the bytes of their row-major copy, on the CPU and CUDA kernels."""
+    num_tokens, num_topk, num_experts, num_ranks = 70, 2, 8, 4
+    x, scales, idx, weights = make_dispatch_case(num_tokens, 512, None, num_topk, num_experts, num_ranks, 3, True)
+    given = SCALE_FORMS[form](scales)
+    assert given.shape == scales.shape
+    row_major = given.contiguous()
+    _, _, in_rank = cpu_layout(idx, num_experts, num_ranks)
+    send_pos, counts = cpu_send_positions(in_rank)
+    num_rows = int(counts.sum())
+    stride = _C.dispatch_row_stride(row_bytes(x), row_bytes(given), num_topk)
+    want = cpu_pack(x, row_major, idx, weights, num_experts, send_pos, num_rows, stride)
+    assert_same(cpu_pack(x, given, idx, weights, num_experts, send_pos, num_rows, stride), want, "cpu send buffer")
+    assert dev.put(given).stride() == given.stride()  # the device copy keeps the form
+    flag = new_flag(dev)
+    got = cuda_pack(dev, x, given, idx, weights, num_experts, send_pos, num_rows, stride, flag)
+    assert flag_bits(dev, flag) == 0
+    assert_same(got, want, "cuda send buffer")
 
 
 def cpu_unpack(buffer, num_rows, x, scales, num_topk, num_local_experts):

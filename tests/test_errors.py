@@ -21,6 +21,7 @@ BAD_INPUTS = {
     "x_non_contiguous": r"\bx\b.*contiguous|contiguous.*\bx\b",
     "fp8_scales_dtype": r"\bx\b|scales",
     "fp8_scales_rows": r"\bx\b|scales",
+    "fp8_values_non_contiguous": r"\bx\b.*contiguous|contiguous.*\bx\b",
     "topk_idx_dtype_layout": r"topk_idx",
     "topk_idx_dtype_dispatch": r"topk_idx",
     "topk_weights_dtype": r"topk_weights",
@@ -85,6 +86,8 @@ def job_bad_input(rank, R, group, impl, name):
                                                 torch.ones(T, 1, dtype=torch.float64))),
         "fp8_scales_rows": lambda: dispatch(x=(torch.zeros(T, 128).to(torch.float8_e4m3fn),
                                                torch.ones(T + 1, 1))),
+        "fp8_values_non_contiguous": lambda: dispatch(x=(torch.zeros(128, T).to(torch.float8_e4m3fn).T,
+                                                         torch.ones(T, 1))),
         "topk_idx_dtype_layout": lambda: buf.get_dispatch_layout(idx.to(torch.int32), E),
         "topk_idx_dtype_dispatch": lambda: dispatch(topk_idx=idx.to(torch.int32)),
         "topk_weights_dtype": lambda: dispatch(topk_weights=w.double()),
@@ -155,12 +158,13 @@ def job_timeout(rank, R, group):
         first = [c.__name__ for c in type(e).__mro__], str(e), time.monotonic() - t0
     else:
         return None, "dispatch returned", time.monotonic() - t0, None
-    # The timed-out collective may still complete later: every further call must refuse at once.
+    # The abandoned collective is still pending: the next call waits for rank 1 to come back (it does
+    # not), starts nothing, and says who is missing.
     t0 = time.monotonic()
     try:
         dispatch()
     except Exception as e:  # noqa: BLE001
-        return (*first, (type(e).__name__, str(e), time.monotonic() - t0))
+        return (*first, ([c.__name__ for c in type(e).__mro__], str(e), time.monotonic() - t0))
     return (*first, None)
 
 
@@ -177,7 +181,25 @@ def test_timeout_names_phase():
     assert mro is not None and "RuntimeError" in mro, f"rank 0: expected RuntimeError, got {mro}: {message}"
     assert elapsed < 10, f"rank 0 waited {elapsed:.1f} s with EPLIB_TIMEOUT_S=2"
     assert re.search(r"dispatch", message, re.I), f"message does not name the phase: {message}"
-    assert re.search(r"\brank\b", message, re.I), f"message does not name the rank: {message}"
-    assert second is not None, "a call after the timeout went ahead on an out-of-step group"
-    kind, second_message, second_elapsed = second
-    assert kind == "RuntimeError" and "out of step" in second_message and second_elapsed < 1, second
+    assert "rank 1 never arrived" in message, f"message does not name the missing rank: {message}"
+    assert second is not None, "a call after the timeout went ahead without the missing rank"
+    mro, second_message, second_elapsed = second
+    assert "RuntimeError" in mro and "rank 1 did not come back" in second_message, second
+    assert 1.5 < second_elapsed < 10, second
+
+
+def test_check_allocation_bounds():
+    """Sizes that cannot exist raise ValueError naming the argument, before any allocation: beyond
+    int64, or beyond the device's memory; a size that fits passes."""
+    import torch
+
+    from eplib.validation import INT64_LIMIT, check_allocation, device_memory_bytes
+
+    cpu = torch.device("cpu")
+    with pytest.raises(ValueError, match=r"^num_worst_tokens: .* more than int64 can count"):
+        check_allocation("num_worst_tokens", "rows", INT64_LIMIT + 1, cpu)
+    memory = device_memory_bytes(cpu)
+    if memory is not None:
+        with pytest.raises(ValueError, match=r"^num_experts: .* GiB, more than the .* GiB of memory on cpu"):
+            check_allocation("num_experts", "counts", memory + 1, cpu)
+    check_allocation("num_experts", "counts", 1 << 20, cpu)

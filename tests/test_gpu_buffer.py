@@ -43,6 +43,9 @@ GPU_CASES = {
     "fp32-empty_ranks-align8": dict(Ts=[0, 21, 5], alignment=8),
     "bf16-x_only": dict(dtype="bf16", with_topk=False),
     "fp8-x_only-num_worst": dict(dtype="fp8", H=128, with_topk=False, num_worst=80),
+    # DeepEP's other scale forms: int32 (UE8M0) scales, column-major, read through their strides.
+    "fp8-int32_column_major_scales": dict(dtype="fp8", skew="zipf", H=1024, K=3, E_per_rank=3,
+                                          scales="int32_column_major"),
     "fp32-E_equals_R-K1": dict(E_per_rank=1, K=1),
     # Row sizes that are not a multiple of 16 bytes take the kernels' scalar tails.
     "fp32-H20": dict(dtype="fp32", H=20, K=2),

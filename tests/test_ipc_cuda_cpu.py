@@ -41,10 +41,11 @@ HEADER_BYTES = _C.ipc_header_bytes() if hasattr(_C, "ipc_header_bytes") else 0
 # Buffer's default configs for rows of up to ~1 KB on 4 ranks (rings longer than a chunk where it fits).
 SMALL_CALLS_BYTES = HEADER_BYTES + (1 << 20)
 
-# A subset of the GPU contract cases: every layout path (normal, num_worst_tokens slots, FP8 scales,
-# x only, empty ranks, duplicate ids, bias forms).
+# A subset of the GPU contract cases: every layout path (normal, num_worst_tokens slots, FP8 scales in
+# both dtypes and column-major, x only, empty ranks, duplicate ids, bias forms).
 COMPARE_CASES = ["fp32-uniform", "bf16-zipf", "fp8-masked", "fp32-dup-bias_single", "bf16-hot-bias_tuple-num_worst",
-                 "fp32-masked-num_worst-bias", "fp32-empty_ranks-align8", "fp8-x_only-num_worst", "bf16-many_tokens"]
+                 "fp32-masked-num_worst-bias", "fp32-empty_ranks-align8", "fp8-x_only-num_worst", "bf16-many_tokens",
+                 "fp8-int32_column_major_scales"]
 
 
 @pytest.mark.parametrize("name", COMPARE_CASES)
@@ -637,7 +638,8 @@ def job_mismatch_ipc(rank, R, group, name):
 
 # Not "dtype_differs_same_width": its odd rank passes fp16, which CUDA transports refuse on that rank alone
 # (TypeError before any exchange), so the others' exchange pairs with that rank's next call.
-@pytest.mark.parametrize("name", ["nan_weight_on_last_rank", "top_k_differs", "hidden_differs", "num_experts_differs"])
+@pytest.mark.parametrize("name", ["nan_weight_on_last_rank", "top_k_differs", "hidden_differs", "num_experts_differs",
+                                  "fp8_scales_dtype_differs"])
 def test_ipc_cuda_cpu_mismatch(pool, name):
     from test_peer_errors import check_mismatch_results
 

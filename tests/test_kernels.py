@@ -155,7 +155,7 @@ def test_pack_then_unpack_round_trips_rows_and_metadata(threads):
     rows = int(counts.sum())
     stride = _C.dispatch_row_stride(hidden * 2, 0, num_topk)
     buffer = torch.empty(rows * stride, dtype=torch.uint8)
-    _C.dispatch_pack(x.data_ptr(), hidden * 2, 0, 0, topk_idx.data_ptr(), topk_weights.data_ptr(), num_topk,
+    _C.dispatch_pack(x.data_ptr(), hidden * 2, 0, 0, 0, 0, topk_idx.data_ptr(), topk_weights.data_ptr(), num_topk,
                      num_experts, send_pos.data_ptr(), num_tokens, num_ranks, buffer.data_ptr())
     recv_x = torch.empty(rows, hidden, dtype=torch.bfloat16)
     recv_src = torch.empty(rows, dtype=torch.int32)
@@ -188,7 +188,7 @@ def test_pack_rejects_non_finite_weights(bad_weight, message):
     x = torch.zeros(2, 4)
     buffer = torch.empty(2 * _C.dispatch_row_stride(16, 0, 2), dtype=torch.uint8)
     with pytest.raises(ValueError, match=r"topk_weights\[1, 1\] = .* " + message):
-        _C.dispatch_pack(x.data_ptr(), 16, 0, 0, topk_idx.data_ptr(), topk_weights.data_ptr(), 2, 2,
+        _C.dispatch_pack(x.data_ptr(), 16, 0, 0, 0, 0, topk_idx.data_ptr(), topk_weights.data_ptr(), 2, 2,
                          send_pos.data_ptr(), 2, 1, buffer.data_ptr())
 
 
@@ -198,7 +198,7 @@ def test_pack_rejects_expert_on_rank_not_marked():
     x = torch.zeros(1, 4)
     buffer = torch.empty(_C.dispatch_row_stride(16, 0, 2), dtype=torch.uint8)
     with pytest.raises(ValueError, match=r"lives on rank 1, but is_token_in_rank\[0, 1\] is False"):
-        _C.dispatch_pack(x.data_ptr(), 16, 0, 0, topk_idx.data_ptr(), torch.ones(1, 2).data_ptr(), 2, 4,
+        _C.dispatch_pack(x.data_ptr(), 16, 0, 0, 0, 0, topk_idx.data_ptr(), torch.ones(1, 2).data_ptr(), 2, 4,
                          send_pos.data_ptr(), 1, 2, buffer.data_ptr())
 
 

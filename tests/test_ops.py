@@ -100,17 +100,22 @@ def _handles():
     from eplib import DispatchHandle
 
     prefix = torch.tensor([[1, 2], [3, 3]], dtype=torch.int32)
-    tensors = dict(rank_prefix_matrix=prefix, recv_src_idx=torch.arange(4, dtype=torch.int32),
+    sent = torch.tensor([1, 2], dtype=torch.int32)
+    tensors = dict(rank_prefix_matrix=prefix, device_send_counts=sent, recv_src_idx=torch.arange(4, dtype=torch.int32),
                    is_token_in_rank=torch.ones(3, 2, dtype=torch.bool),
                    send_pos=torch.arange(6, dtype=torch.int32).view(3, 2), hidden=16)
     host = DispatchHandle(send_counts=(1, 2), recv_counts=(3, 1), num_recv_tokens=4, **tensors)
-    padded = DispatchHandle(send_counts=torch.tensor([1, 2], dtype=torch.int32),
-                            recv_counts=torch.tensor([3, 1], dtype=torch.int32),
+    padded = DispatchHandle(send_counts=sent, recv_counts=torch.tensor([3, 1], dtype=torch.int32),
                             num_recv_tokens=torch.tensor([4], dtype=torch.int32), slot_rows=2,
                             device_recv_counts=torch.tensor([3, 1], dtype=torch.int32), **tensors)
-    channels = host._replace(device_recv_counts=torch.tensor([3, 1], dtype=torch.int32),
-                             channel_counts=torch.tensor([[1, 2, 0], [1, 0, 0]], dtype=torch.int32))
+    channels = DispatchHandle(send_counts=(1, 2), recv_counts=(3, 1), num_recv_tokens=4,
+                              device_recv_counts=torch.tensor([3, 1], dtype=torch.int32),
+                              channel_counts=torch.tensor([[1, 2, 0], [1, 0, 0]], dtype=torch.int32), **tensors)
     return {"host": host, "padded": padded, "channels": channels}
+
+
+ATTRIBUTES = ("send_counts", "recv_counts", "num_recv_tokens", "hidden", "slot_rows", "device_recv_counts",
+              "channel_counts")
 
 
 @pytest.mark.parametrize("form", ["host", "padded", "channels"])
@@ -122,10 +127,10 @@ def test_tensor_handle_round_trip(form):
     tensors = ops.to_tensor_handle(handle)
     assert all(isinstance(t, torch.Tensor) for t in tensors)
     back = ops.to_dispatch_handle(tensors)
-    assert back._fields == handle._fields
-    for name, want in zip(handle._fields, handle):
-        got = getattr(back, name)
+    assert len(back) == len(handle) == 6
+    pairs = list(zip(back, handle)) + [(getattr(back, name), getattr(handle, name)) for name in ATTRIBUTES]
+    for index, (got, want) in enumerate(pairs):
         if isinstance(want, torch.Tensor):
-            assert torch.equal(got, want), name
+            assert torch.equal(got, want), index
         else:
-            assert got == want, name
+            assert got == want, index

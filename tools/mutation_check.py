@@ -96,6 +96,10 @@ MUTATIONS: List[Mutation] = [
              "      (void)cudaGetLastError();  // \"not ready\" is an answer, not an error for the next launch\n",
              "",
              ("tests/test_ipc_cuda_cpu.py::test_ipc_cuda_cpu_not_ready_answers_and_preloaded_kernels",)),
+    Mutation("FP8 scales read as row-major whatever their strides (write_dispatch_row)", "csrc/cuda/rows.cuh",
+             "  if (args.scales_column_stride == 1) {",
+             "  if (true) {",
+             ("tests/test_cuda_kernels.py::test_dispatch_pack_reads_scales_through_strides",)),
 ]
 # The last mutation needs the launch helper's clear removed too (either one alone is enough).
 EXTRA_EDITS = {

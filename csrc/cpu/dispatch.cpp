@@ -39,10 +39,22 @@ void check_token_topk(const int64_t* topk_idx, const float* topk_weights, int nu
   }
 }
 
+// Scales [token, 0..num_scales) through their strides into a packed row.
+void copy_scales(uint8_t* row_scales, const uint8_t* x_scales, int64_t token, int64_t num_scales, int64_t token_stride,
+                 int64_t column_stride) {
+  if (column_stride == 1) {
+    std::memcpy(row_scales, x_scales + scale_offset(token, 0, token_stride, 1), num_scales * kScaleBytes);
+    return;
+  }
+  for (int64_t j = 0; j < num_scales; ++j)
+    std::memcpy(row_scales + j * kScaleBytes, x_scales + scale_offset(token, j, token_stride, column_stride),
+                kScaleBytes);
+}
+
 }  // namespace
 
 void dispatch_pack(const uint8_t* x, int64_t x_bytes, const uint8_t* x_scales, int64_t scales_bytes,
-                   const int64_t* topk_idx, const float* topk_weights, int num_topk, int num_experts,
+                   int64_t scales_token_stride, int64_t scales_column_stride, const int64_t* topk_idx, const float* topk_weights, int num_topk, int num_experts,
                    const int32_t* send_pos, int64_t num_tokens, int num_ranks, uint8_t* send_buffer) {
   const bool has_topk = topk_idx != nullptr;
   const DispatchRowLayout layout = make_dispatch_row_layout(x_bytes, scales_bytes, has_topk ? num_topk : 0);
@@ -59,7 +71,9 @@ void dispatch_pack(const uint8_t* x, int64_t x_bytes, const uint8_t* x_scales, i
         if (token_send_pos[r] < 0) continue;
         uint8_t* row = send_buffer + static_cast<int64_t>(token_send_pos[r]) * layout.stride;
         std::memcpy(row, x + t * x_bytes, x_bytes);
-        if (scales_bytes > 0) std::memcpy(row + layout.scales_offset, x_scales + t * scales_bytes, scales_bytes);
+        if (scales_bytes > 0)
+          copy_scales(row + layout.scales_offset, x_scales, t, scales_bytes / kScaleBytes, scales_token_stride,
+                      scales_column_stride);
         const int32_t src_idx = static_cast<int32_t>(t);
         std::memcpy(row + layout.src_idx_offset, &src_idx, sizeof(src_idx));
         for (int k = 0; k < layout.num_topk; ++k) {

@@ -22,10 +22,11 @@ void send_positions(const bool* is_token_in_rank, int64_t num_tokens, int num_ra
                     int32_t* num_tokens_per_rank);
 
 // Gathers each token's row into the send region once per destination rank (DispatchRowLayout):
-// x, FP8 scales (scales_bytes may be 0), the source token index, and, when topk_idx is not null,
+// x, FP8 scales (scales_bytes may be 0; scale [t, j] is read at scale_offset(t, j, scales_token_stride,
+// scales_column_stride) of eplib/layout.h), the source token index, and, when topk_idx is not null,
 // receiver-local expert ids and their weights (weight 0 where the expert lives elsewhere).
 void dispatch_pack(const uint8_t* x, int64_t x_bytes, const uint8_t* x_scales, int64_t scales_bytes,
-                   const int64_t* topk_idx, const float* topk_weights, int num_topk, int num_experts,
+                   int64_t scales_token_stride, int64_t scales_column_stride, const int64_t* topk_idx, const float* topk_weights, int num_topk, int num_experts,
                    const int32_t* send_pos, int64_t num_tokens, int num_ranks, uint8_t* send_buffer);
 
 // Splits received rows back into recv_x [N, x_bytes], recv_x_scales, recv_src_idx [N] int32 and,

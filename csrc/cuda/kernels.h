@@ -72,8 +72,10 @@ struct DispatchCheckArgs {
 struct DispatchPackArgs {
   const uint8_t* x;  // [T, x_bytes]
   int64_t x_bytes;
-  const uint8_t* x_scales;  // [T, scales_bytes] or null
+  const uint8_t* x_scales;  // [T, scales_bytes / kScaleBytes] 4-byte scales or null, read through the strides
   int64_t scales_bytes;
+  int64_t scales_token_stride;   // in elements
+  int64_t scales_column_stride;  // in elements; 1 for row-major scales
   const int64_t* topk_idx;    // [T, K]
   const float* topk_weights;  // [T, K]
   int num_topk;               // 0: x only

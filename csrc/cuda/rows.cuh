@@ -53,6 +53,21 @@ __device__ __forceinline__ void store_vector(T* row, int64_t v, const Acc (&acc)
   vector_store(reinterpret_cast<ElementVector<T, N>*>(row) + v, stored);
 }
 
+// Scales [t, :] through their strides into a packed row: row-major ones as one warp copy, others one
+// 4-byte scale per lane.
+__device__ __forceinline__ void warp_copy_scales(uint8_t* row_scales, const DispatchPackArgs& args,
+                                                 const DispatchRowLayout& layout, int64_t t, int lane) {
+  const uint8_t* first = args.x_scales + scale_offset(t, 0, args.scales_token_stride, args.scales_column_stride);
+  if (args.scales_column_stride == 1) {
+    warp_copy(row_scales, first, layout.scales_bytes, lane);
+    return;
+  }
+  const int64_t num_scales = layout.scales_bytes / kScaleBytes;
+  for (int64_t j = lane; j < num_scales; j += kWarpSize)
+    vector_store(reinterpret_cast<int32_t*>(row_scales) + j,
+                 vector_load(reinterpret_cast<const int32_t*>(first + scale_offset(0, j, 0, args.scales_column_stride))));
+}
+
 // Token t's dispatch row for `destination`, written by the whole warp: x, FP8 scales, the source
 // index, the token's ids as the destination's local ids (-1 where another rank owns the expert, and
 // for an id outside [-1, E), which is no rank's) and its weights where the id is local (else 0).
@@ -60,8 +75,7 @@ __device__ __forceinline__ void write_dispatch_row(uint8_t* row, const DispatchP
                                                    const DispatchRowLayout& layout, int64_t t, int destination,
                                                    int lane) {
   warp_copy(row, args.x + t * layout.x_bytes, layout.x_bytes, lane);
-  if (layout.scales_bytes > 0)
-    warp_copy(row + layout.scales_offset, args.x_scales + t * layout.scales_bytes, layout.scales_bytes, lane);
+  if (layout.scales_bytes > 0) warp_copy_scales(row + layout.scales_offset, args, layout, t, lane);
   if (lane == 0) *reinterpret_cast<int32_t*>(row + layout.src_idx_offset) = static_cast<int32_t>(t);
   const int experts_per_rank = args.num_experts / args.num_ranks;
   for (int k = lane; k < layout.num_topk; k += kWarpSize) {

@@ -8,13 +8,15 @@ baseline); ``eplib.ops`` makes dispatch and combine differentiable; ``eplib.MoE`
 
 from . import _C, ops, reference, timing
 from .buffer import Buffer
+from .collectives import CollectiveError
 from .config import Config
 from .event import EventOverlap
+from .exchange import PeerInputError, abort
 from .handle import DispatchHandle
 from .moe import MoE
 from .permute import PermuteHandle, permute_by_expert, unpermute_by_expert
 
 __version__ = "0.1.0"
 
-__all__ = ["Buffer", "Config", "EventOverlap", "DispatchHandle", "MoE", "PermuteHandle", "ops", "permute_by_expert",
-           "reference", "unpermute_by_expert", "__version__"]
+__all__ = ["Buffer", "CollectiveError", "Config", "EventOverlap", "DispatchHandle", "MoE", "PeerInputError",
+           "PermuteHandle", "abort", "ops", "permute_by_expert", "reference", "unpermute_by_expert", "__version__"]

@@ -2,9 +2,10 @@
 
 import torch
 
-# FP8 dispatch input: (float8_e4m3fn [T, H], float32 scales [T, H / FP8_BLOCK]).
+# FP8 dispatch input: (float8_e4m3fn [T, H], scales [T, S]); the scales are float32 (S = H / 128 for
+# DeepSeek's 1x128 blocks) or int32 holding four UE8M0 exponents each, as DeepEP accepts them.
 FP8_DTYPE = torch.float8_e4m3fn
-FP8_BLOCK = 128
+SCALE_DTYPES = (torch.float32, torch.int32)
 
 # Element types the native kernels handle; keep in step with eplib::DType (csrc/include/eplib/dtype.h).
 # float64 (accumulated in float64) is for gradchecks of the autograd ops; CPU kernels only.

@@ -4,8 +4,9 @@ Code written for DeepEP runs on eplib by changing the import. The Buffer checks 
 then hands the call to a transport (``eplib.transports``) that moves the rows between ranks.
 """
 
+import contextlib
 import logging
-from typing import Any, List, Optional, Tuple, Union
+from typing import Any, Iterator, List, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -13,11 +14,13 @@ import torch.distributed as dist
 from . import _C
 from ._dtypes import CUDA_KERNEL_DTYPES, KERNEL_DTYPE_CODES
 from .config import Config, nvl_buffer_size_hint
-from .event import EventOverlap
+from .event import EventHandle, EventOverlap
 from .handle import DispatchHandle
+from .low_latency import CombineCall, DispatchCall, LowLatencyHandle, check_clean_args, rdma_size_hint
 from .transports import CpuTransport, CudaTransport, IpcTransport, IpcUnavailable, NcclTransport
-from .validation import (check_bias, check_int, check_int32_product, check_num_experts, check_tensor,
-                         check_topk, check_x)
+from .transports.low_latency_cpu import CpuLowLatency
+from .validation import (check_allocation, check_bias, check_int, check_int32_product, check_num_experts,
+                         check_tensor, check_topk, check_x)
 
 Tensor = torch.Tensor
 XType = Union[Tensor, Tuple[Tensor, Tensor]]
@@ -66,6 +69,16 @@ class Buffer:
     ``previous_event`` and ``async_finish``. On CPU the calls finish before returning and the event
     is a completed no-op.
 
+    Errors on one rank are every rank's (cpu transport): a rank whose input fails any check of
+    ``get_dispatch_layout``, ``dispatch`` (cached or not) or ``combine`` tells the other ranks,
+    through the exchange they wait in or reach next, then raises its ValueError/TypeError; they raise
+    ``eplib.PeerInputError`` (a RuntimeError) naming it and quoting its message, and every Buffer stays
+    usable. So the other ranks' next collective on the group after a failed ``get_dispatch_layout``
+    must be an eplib call (as in layout, then dispatch). A rank that is stuck or gone makes the others
+    raise after ``EPLIB_TIMEOUT_S`` naming it; README "Failure behaviour" says what each fault does
+    and what to do next (``eplib.abort``). CUDA transports report bad device values as below; their
+    argument checks raise on the failing rank only.
+
     Device-side errors (CUDA): bad values found by kernels (expert ids out of range, non-finite
     weights, inconsistent layout tensors, more rows than ``num_worst_tokens``) are raised as
     ValueError at the next normal-mode dispatch (``num_worst_tokens == 0``, no handle), whose one
@@ -109,6 +122,10 @@ class Buffer:
         self._cuda: Optional[CudaTransport] = self._open_ipc() if transport in ("ipc", "auto") else None
         self._backend = backend
         self._destroyed = False
+        self._local_buffers = {}  # get_local_buffer_tensor's memory, made at its first call
+        self.enable_shrink = enable_shrink
+        self._low_latency: dict = {}  # transport -> its low-latency engine (made by the first LL call)
+        self._masked = [False] * self.group_size  # low-latency masks set by the user, for engines made later
 
     def _open_ipc(self) -> Optional[IpcTransport]:
         """The ipc transport on the current device, or None where "auto" falls back to nccl."""
@@ -141,6 +158,7 @@ class Buffer:
                                "released when it is garbage-collected")
         self._destroyed = True
         self._cpu = None  # frees the staging bytes
+        self._local_buffers = {}
         if isinstance(self._cuda, IpcTransport):
             self._cuda.destroy()  # a barrier with the other ranks, then the ipc memory is freed
         self._cuda = None  # its communication stream and error flag
@@ -169,11 +187,50 @@ class Buffer:
     @staticmethod
     def capture() -> EventOverlap:
         """An event on the current CUDA stream, or a completed no-op event without CUDA."""
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            event = torch.cuda.Event()
-            event.record(torch.cuda.current_stream())
-            return EventOverlap(event)
-        return EventOverlap()
+        return EventOverlap(EventHandle())
+
+    @staticmethod
+    def is_sm90_compiled() -> bool:
+        """True. DeepEP says whether its build has the SM90 features that its FP8 dispatch needs, and its
+        callers test FP8 only then; eplib takes the FP8 tuple on every transport, GPU or not."""
+        return True
+
+    def get_local_buffer_tensor(self, dtype: torch.dtype, size: Optional[torch.Size] = None, offset: int = 0,
+                                use_rdma_buffer: bool = False) -> Tensor:
+        """This rank's ``num_nvl_bytes`` (``use_rdma_buffer``: ``num_rdma_bytes``) of buffer as a 1-D
+        tensor of ``dtype`` from byte ``offset`` on, or its first ``size.numel()`` elements viewed as
+        ``size``, as DeepEP's. The memory is made at the first call and stays the same for the Buffer's
+        life: scratch memory for the caller, which eplib's calls never touch (eplib does not hand out
+        the ipc buffer its transport moves rows through, where a write would corrupt a call in flight).
+        It is on the device of the Buffer's CUDA calls (the current CUDA device before the first one),
+        or on the CPU with ``transport='cpu'`` or without a usable GPU."""
+        self._check_alive()
+        if not isinstance(dtype, torch.dtype):
+            raise TypeError(f"dtype: expected a torch.dtype, got {type(dtype).__name__}")
+        num_bytes = self.num_rdma_bytes if use_rdma_buffer else self.num_nvl_bytes
+        check_int("offset", offset, 0, num_bytes)
+        key = "rdma" if use_rdma_buffer else "nvl"
+        if key not in self._local_buffers:
+            self._local_buffers[key] = torch.empty(num_bytes, dtype=torch.uint8, device=self._local_device())
+        element_size = dtype.itemsize
+        if offset % element_size != 0:
+            raise ValueError(f"offset: expected a multiple of the {element_size}-byte size of {dtype}, got {offset}")
+        num_elements = (num_bytes - offset) // element_size
+        tensor = self._local_buffers[key][offset:offset + num_elements * element_size].view(dtype)
+        if size is None:
+            return tensor
+        size = torch.Size(size)
+        if size.numel() > num_elements:
+            raise ValueError(f"size: {list(size)} needs {size.numel()} elements of {dtype}, the buffer has "
+                             f"{num_elements} from byte {offset} on")
+        return tensor[:size.numel()].view(size)
+
+    def _local_device(self) -> torch.device:
+        if self._cuda is not None:
+            return self._cuda.device
+        if self.transport == "cpu" or not _cuda_usable():
+            return torch.device("cpu")
+        return torch.device("cuda", torch.cuda.current_device())
 
     def get_comm_stream(self) -> Optional["torch.cuda.Stream"]:
         """The communication stream of CUDA calls (created on the current device if no CUDA call ran
@@ -223,18 +280,14 @@ class Buffer:
 
     @staticmethod
     def get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int,
-                                       num_experts: int) -> int:
-        """Bytes of eplib's low-latency layout (not DeepEP's figure: size eplib's buffer with this
-        method): bf16 rows with a 16-byte header, send and receive regions of dispatch
-        (``[max_tokens]`` and ``[E_local, max_tokens * R]`` rows) and of combine, double-buffered,
-        rounded up to 128 bytes. No transport uses it yet."""
-        max_tokens = check_int("num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank, 1)
-        check_int("hidden", hidden, 1)
-        check_num_experts(num_experts, check_int("num_ranks", num_ranks, 1))
-        row_bytes = 16 + (hidden * 2 + 15) // 16 * 16
-        experts_per_rank = num_experts // num_ranks
-        one_direction = max_tokens * row_bytes + experts_per_rank * max_tokens * num_ranks * row_bytes
-        return (2 * 2 * one_direction + 127) // 128 * 128
+                                       num_experts: int, num_topk: int = 32) -> int:
+        """Bytes of ``num_rdma_bytes`` that eplib's low-latency calls need per rank (the ipc transport's
+        peer memory, the cpu transport's shared memory) for up to ``num_max_dispatch_tokens_per_rank`` tokens
+        per rank of hidden size ``hidden`` with up to ``num_topk`` (eplib only; default 32, the most)
+        experts per token: flags, then two buffers of ``num_ranks`` message slots, each of
+        ``num_max * min(num_topk, E / R)`` bf16 rows (``eplib.low_latency``). eplib's own figure, not
+        DeepEP's."""
+        return rdma_size_hint(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts, num_topk)
 
     # ----------------------------------------------------------------------------------------
     # Normal-mode API
@@ -280,6 +333,28 @@ class Buffer:
                              f"got previous_event={'set' if previous_event is not None else None}, "
                              f"async_finish={async_finish}")
 
+    @contextlib.contextmanager
+    def _failures_shared(self, call: str, tensor: Any) -> Iterator[None]:
+        """Around the Buffer's checks of a call: a failure is told to the other ranks (through the
+        transport the call would take, when it can: ``share_error``) before it propagates. ``tensor``
+        is the call's main argument, which says where the other ranks are."""
+        try:
+            yield
+        except Exception as error:
+            share = getattr(self._peer_transport(tensor), "share_error", None)
+            if share is not None:
+                share(call, error)
+            raise
+
+    def _peer_transport(self, tensor: Any) -> Optional[Transport]:
+        """The transport this call takes on ranks whose arguments are right: CUDA calls on a Buffer
+        made for CUDA, or on CUDA tensors under "auto"; the cpu transport otherwise."""
+        if isinstance(tensor, tuple) and tensor:
+            tensor = tensor[0]
+        on_cuda = self.transport in ("nccl", "ipc") or (
+            self.transport == "auto" and isinstance(tensor, Tensor) and tensor.device.type == "cuda")
+        return self._cuda if on_cuda else self._cpu
+
     def _run(self, transport: Transport, method: str, *args: Any, previous_event: Optional[EventOverlap],
              async_finish: bool, allocate_on_comm_stream: bool,
              config: Optional[Config] = None) -> Tuple[Any, EventOverlap]:
@@ -310,12 +385,15 @@ class Buffer:
             ValueError here on CPU; on CUDA the device flags it and the next normal-mode dispatch raises.
         """
         self._check_alive()
-        check_num_experts(num_experts, self.group_size)
-        topk_idx = check_tensor("topk_idx", topk_idx, [torch.int64], [None, None])
-        check_int32_product("topk_idx", "T * K", *topk_idx.shape)
-        check_int32_product("topk_idx", "T * R", topk_idx.shape[0], self.group_size)
-        transport = self._transport_for("topk_idx", topk_idx)
-        self._check_stream_args(transport, previous_event, async_finish, allocate_on_comm_stream)
+        with self._failures_shared("get_dispatch_layout", topk_idx):
+            check_num_experts(num_experts, self.group_size)
+            topk_idx = check_tensor("topk_idx", topk_idx, [torch.int64], [None, None])
+            check_int32_product("topk_idx", "T * K", *topk_idx.shape)
+            check_int32_product("topk_idx", "T * R", topk_idx.shape[0], self.group_size)
+            transport = self._transport_for("topk_idx", topk_idx)
+            self._check_stream_args(transport, previous_event, async_finish, allocate_on_comm_stream)
+            check_allocation("num_experts", "the layout outputs", 4 * (num_experts + self.group_size)
+                             + topk_idx.shape[0] * self.group_size, topk_idx.device)
         (num_tokens_per_rank, num_tokens_per_expert, is_token_in_rank), event = self._run(
             transport, "get_dispatch_layout", topk_idx, num_experts, previous_event=previous_event,
             async_finish=async_finish, allocate_on_comm_stream=allocate_on_comm_stream)
@@ -333,8 +411,9 @@ class Buffer:
         """Send each token to every rank that owns one of its experts, once per rank.
 
         Args:
-            x: ``[T, H]`` contiguous bf16/fp16/fp32, or the FP8 tuple (float8_e4m3fn ``[T, H]``,
-                float32 scales ``[T, H/128]``). A non-contiguous x raises ValueError (no silent copy).
+            x: ``[T, H]`` contiguous bf16/fp16/fp32, or the FP8 tuple (contiguous float8_e4m3fn ``[T, H]``,
+                float32 or int32 (UE8M0) scales ``[T, S]`` of any strides, e.g. column-major, which are read
+                through their strides). A non-contiguous x raises ValueError (no silent copy).
             handle: the handle of an earlier dispatch: cached mode, only x travels, along the same layout.
             num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert: from ``get_dispatch_layout``;
                 required without a handle, and checked against each other and topk_idx (ValueError
@@ -361,45 +440,15 @@ class Buffer:
             ``handle``; an ``EventOverlap``. In cached mode only ``recv_x`` and the event are set.
         """
         self._check_alive()
-        values, scales = check_x(x, list(KERNEL_DTYPE_CODES), allow_fp8=True)
-        transport = self._transport_for("x", values)
-        if scales is None:
-            self._check_x_dtype(values, transport)
-        self._check_stream_args(transport, previous_event, async_finish, allocate_on_comm_stream)
+        with self._failures_shared("dispatch" if handle is None else "cached dispatch", x):
+            values, scales, topk_idx, topk_weights, transport = self._check_dispatch(
+                x, handle, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert, topk_idx, topk_weights,
+                expert_alignment, num_worst_tokens, config, previous_event, async_finish, allocate_on_comm_stream)
         streams = dict(previous_event=previous_event, async_finish=async_finish,
                        allocate_on_comm_stream=allocate_on_comm_stream, config=config)
-        num_tokens = values.shape[0]
-        check_int32_product("x", "T * R", num_tokens, self.group_size)
-        check_int("expert_alignment", expert_alignment, 1)
-        check_int("num_worst_tokens", num_worst_tokens, 0)
-        if config is not None and not isinstance(config, Config):
-            raise TypeError(f"config: expected an eplib.Config or None, got {type(config).__name__}")
-
         if handle is not None:
-            given = [name for name, value in (("num_tokens_per_rank", num_tokens_per_rank),
-                                              ("is_token_in_rank", is_token_in_rank),
-                                              ("num_tokens_per_expert", num_tokens_per_expert),
-                                              ("topk_idx", topk_idx), ("topk_weights", topk_weights))
-                     if value is not None]
-            if given:
-                raise ValueError(f"{given[0]}: a cached dispatch (handle given) takes x only, got {', '.join(given)}")
-            self._check_handle(handle, values)
             (recv_x, recv_scales), event = self._run(transport, "cached_dispatch", values, scales, handle, **streams)
             return (recv_x, recv_scales) if scales is not None else recv_x, None, None, None, None, event
-
-        for name, value in (("num_tokens_per_rank", num_tokens_per_rank), ("is_token_in_rank", is_token_in_rank),
-                            ("num_tokens_per_expert", num_tokens_per_expert)):
-            if value is None:
-                raise ValueError(f"{name}: required when no handle is given (compute it with get_dispatch_layout)")
-        if num_worst_tokens == 0 and values.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise ValueError("num_worst_tokens: a normal-mode dispatch (num_worst_tokens=0) reads the receive counts "
-                             "on the host, which a CUDA graph capture cannot do; pass num_worst_tokens > 0")
-        device = values.device
-        check_tensor("num_tokens_per_rank", num_tokens_per_rank, [torch.int32], [self.group_size], device)
-        check_tensor("is_token_in_rank", is_token_in_rank, [torch.bool], [num_tokens, self.group_size], device)
-        check_tensor("num_tokens_per_expert", num_tokens_per_expert, [torch.int32], [None], device)
-        check_num_experts(num_tokens_per_expert.shape[0], self.group_size)
-        topk_idx, topk_weights = check_topk(topk_idx, topk_weights, num_tokens, device, require_weights=True)
 
         (recv_x, recv_scales, recv_topk_idx, recv_topk_weights, per_expert, new_handle), event = self._run(
             transport, "dispatch", values, scales, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert,
@@ -426,23 +475,79 @@ class Buffer:
             an ``EventOverlap``.
         """
         self._check_alive()
-        values, _ = check_x(x, list(KERNEL_DTYPE_CODES), allow_fp8=False)
-        transport = self._transport_for("x", values)
-        self._check_x_dtype(values, transport)
-        self._check_stream_args(transport, previous_event, async_finish, allocate_on_comm_stream)
-        if config is not None and not isinstance(config, Config):
-            raise TypeError(f"config: expected an eplib.Config or None, got {type(config).__name__}")
-        self._check_handle(handle, values, combine=True)
-        if values.shape[0] != handle.num_output_rows:
-            raise ValueError(f"x: expected {handle.num_output_rows} rows (the dispatch output of this handle), "
-                             f"got {values.shape[0]}")
-        if topk_weights is not None:
-            check_tensor("topk_weights", topk_weights, [torch.float32], [values.shape[0], None], values.device)
-        bias_0, bias_1 = check_bias(bias, handle.num_tokens, values.shape[1], values.dtype, values.device)
+        with self._failures_shared("combine", x):
+            values, _ = check_x(x, list(KERNEL_DTYPE_CODES), allow_fp8=False)
+            transport = self._transport_for("x", values)
+            self._check_x_dtype(values, transport)
+            self._check_stream_args(transport, previous_event, async_finish, allocate_on_comm_stream)
+            if config is not None and not isinstance(config, Config):
+                raise TypeError(f"config: expected an eplib.Config or None, got {type(config).__name__}")
+            self._check_handle(handle, values, combine=True)
+            if values.shape[0] != handle.num_output_rows:
+                raise ValueError(f"x: expected {handle.num_output_rows} rows (the dispatch output of this handle), "
+                                 f"got {values.shape[0]}")
+            if topk_weights is not None:
+                check_tensor("topk_weights", topk_weights, [torch.float32], [values.shape[0], None], values.device)
+            bias_0, bias_1 = check_bias(bias, handle.num_tokens, values.shape[1], values.dtype, values.device)
         (combined_x, combined_topk_weights), event = self._run(
             transport, "combine", values, handle, topk_weights, bias_0, bias_1, previous_event=previous_event,
             async_finish=async_finish, allocate_on_comm_stream=allocate_on_comm_stream, config=config)
         return combined_x, combined_topk_weights, event
+
+    def _check_dispatch(self, x: XType, handle: Optional[DispatchHandle], num_tokens_per_rank: Optional[Tensor],
+                        is_token_in_rank: Optional[Tensor], num_tokens_per_expert: Optional[Tensor],
+                        topk_idx: Optional[Tensor], topk_weights: Optional[Tensor], expert_alignment: int,
+                        num_worst_tokens: int, config: Optional[Config], previous_event: Optional[EventOverlap],
+                        async_finish: bool, allocate_on_comm_stream: bool):
+        """The argument checks of ``dispatch``, before anything runs -> (x values, FP8 scales or None,
+        topk_idx, topk_weights, the transport)."""
+        values, scales = check_x(x, list(KERNEL_DTYPE_CODES), allow_fp8=True)
+        transport = self._transport_for("x", values)
+        if scales is None:
+            self._check_x_dtype(values, transport)
+        self._check_stream_args(transport, previous_event, async_finish, allocate_on_comm_stream)
+        num_tokens = values.shape[0]
+        check_int32_product("x", "T * R", num_tokens, self.group_size)
+        check_int("expert_alignment", expert_alignment, 1)
+        check_int("num_worst_tokens", num_worst_tokens, 0)
+        if config is not None and not isinstance(config, Config):
+            raise TypeError(f"config: expected an eplib.Config or None, got {type(config).__name__}")
+
+        if handle is not None:
+            given = [name for name, value in (("num_tokens_per_rank", num_tokens_per_rank),
+                                              ("is_token_in_rank", is_token_in_rank),
+                                              ("num_tokens_per_expert", num_tokens_per_expert),
+                                              ("topk_idx", topk_idx), ("topk_weights", topk_weights))
+                     if value is not None]
+            if given:
+                raise ValueError(f"{given[0]}: a cached dispatch (handle given) takes x only, got {', '.join(given)}")
+            self._check_handle(handle, values)
+            return values, scales, None, None, transport
+
+        for name, value in (("num_tokens_per_rank", num_tokens_per_rank), ("is_token_in_rank", is_token_in_rank),
+                            ("num_tokens_per_expert", num_tokens_per_expert)):
+            if value is None:
+                raise ValueError(f"{name}: required when no handle is given (compute it with get_dispatch_layout)")
+        if num_worst_tokens == 0 and values.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise ValueError("num_worst_tokens: a normal-mode dispatch (num_worst_tokens=0) reads the receive counts "
+                             "on the host, which a CUDA graph capture cannot do; pass num_worst_tokens > 0")
+        device = values.device
+        check_tensor("num_tokens_per_rank", num_tokens_per_rank, [torch.int32], [self.group_size], device)
+        check_tensor("is_token_in_rank", is_token_in_rank, [torch.bool], [num_tokens, self.group_size], device)
+        check_tensor("num_tokens_per_expert", num_tokens_per_expert, [torch.int32], [None], device)
+        num_experts = check_num_experts(num_tokens_per_expert.shape[0], self.group_size)
+        topk_idx, topk_weights = check_topk(topk_idx, topk_weights, num_tokens, device, require_weights=True)
+        if num_worst_tokens > 0:
+            num_topk = topk_idx.shape[1] if topk_idx is not None else 0
+            # Per output row: x, FP8 scales, the int32 source index, int64 ids and float32 weights.
+            out_row_bytes = (values.shape[1] * values.element_size() + (scales.shape[1] * 4 if scales is not None
+                                                                         else 0) + 4 + 12 * num_topk)
+            check_allocation("num_worst_tokens", f"{num_worst_tokens} output rows of {out_row_bytes} bytes",
+                             num_worst_tokens * out_row_bytes, device)
+        elif topk_idx is None:
+            check_allocation("num_tokens_per_expert", f"the per-expert counts of {self.group_size} ranks",
+                             8 * self.group_size * num_experts, device)
+        return values, scales, topk_idx, topk_weights, transport
 
     @staticmethod
     def _check_x_dtype(x: Tensor, transport: Transport) -> None:
@@ -469,6 +574,134 @@ class Buffer:
             raise ValueError(f"x: the handle was made for hidden size {handle.hidden}, x has {x.shape[1]}")
         if handle.send_pos.device != x.device:
             raise ValueError(f"handle: its tensors are on {handle.send_pos.device}, x is on {x.device}")
+
+    # ----------------------------------------------------------------------------------------
+    # Low-latency mode (eplib.low_latency: rows, order, buffers, masks)
+    # ----------------------------------------------------------------------------------------
+
+    def _low_latency_engine(self, name: str, tensor: Tensor):
+        """The low-latency engine of the transport for tensors on ``tensor``'s device (made at first use)."""
+        self._check_alive()
+        if not isinstance(tensor, Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(tensor).__name__}")
+        transport = self._transport_for(name, tensor)
+        if not isinstance(transport, CpuTransport):
+            raise NotImplementedError(f"{name}: eplib's low-latency mode runs on the cpu transport (CPU tensors) "
+                                      f"only so far; the nccl and ipc transports do not have it yet")
+        engine = self._low_latency.get(transport)
+        if engine is None:
+            engine = CpuLowLatency(self.group, self.enable_shrink, self.num_rdma_bytes, self._masked)
+            self._low_latency[transport] = engine
+        return engine
+
+    def low_latency_dispatch(self, x: Tensor, topk_idx: Tensor, num_max_dispatch_tokens_per_rank: int,
+                             num_experts: int, cumulative_local_expert_recv_stats: Optional[Tensor] = None,
+                             dispatch_wait_recv_cost_stats: Optional[Tensor] = None, use_fp8: bool = True,
+                             round_scale: bool = False, use_ue8m0: bool = False, async_finish: bool = False,
+                             return_recv_hook: bool = False):
+        """Send each token to each of its top-k experts (once per distinct expert), into fixed-shape outputs.
+
+        Args:
+            x: bf16 ``[T, H]``, T <= num_max_dispatch_tokens_per_rank; any H (a multiple of 128 with use_fp8).
+            topk_idx: int64 ``[T, K]``, 1 <= K <= 32, ids in ``[-1, E)``.
+            num_max_dispatch_tokens_per_rank: M, the same on every rank (sizes the outputs and messages).
+            num_experts: E, the same on every rank, a multiple of the group size R.
+            cumulative_local_expert_recv_stats: int32 ``[E/R]`` or None; the received rows are added to it.
+            dispatch_wait_recv_cost_stats: int64 ``[R]`` or None; the nanoseconds this rank waited for each
+                source are added (cpu and ipc transports; the nccl transport leaves it as it is).
+            use_fp8: cast to float8_e4m3fn with a float32 scale per 128 channels (DeepEP's default).
+            round_scale: power-of-two scales. use_ue8m0: scales as UE8M0 bytes (needs round_scale).
+            async_finish: return an event to wait on (CUDA) instead of making the current stream wait.
+            return_recv_hook: only send; ``hook()`` receives (at most two calls may await their hooks).
+
+        Returns:
+            ``recv_x``: bf16 ``[E/R, R*M, H]``, or with use_fp8 (float8_e4m3fn ``[E/R, R*M, H]``, scales:
+            float32 ``[E/R, R*M, H/128]`` or, use_ue8m0, int32 ``[E/R, R*M, ceil(H/512)]``, column-major in the
+            last two dims); ``recv_count`` int32 ``[E/R]`` (rows past it are unspecified); the handle
+            (``eplib.low_latency.LowLatencyHandle``, DeepEP's five entries); an ``EventOverlap``; the hook or
+            None. Rows of expert le: by source rank, then source token; ``handle[1][le, s] = begin << 32 | count``.
+        """
+        engine = self._low_latency_engine("x", x)
+        try:
+            call = DispatchCall(x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, self.group_size,
+                                cumulative_local_expert_recv_stats, dispatch_wait_recv_cost_stats, use_fp8,
+                                round_scale, use_ue8m0)
+        except (ValueError, TypeError) as error:
+            engine.reject("low_latency_dispatch", error)
+        return engine.dispatch(call, async_finish=async_finish, return_recv_hook=return_recv_hook)
+
+    def low_latency_combine(self, x: Tensor, topk_idx: Tensor, topk_weights: Tensor, handle: LowLatencyHandle,
+                            use_logfmt: bool = False, zero_copy: bool = False, async_finish: bool = False,
+                            return_recv_hook: bool = False, out: Optional[Tensor] = None,
+                            combine_wait_recv_cost_stats: Optional[Tensor] = None):
+        """Send the expert outputs back and reduce them per token with the gate weights.
+
+        Args:
+            x: bf16 ``[E/R, R*M, H]``, row for row as low_latency_dispatch's recv_x (ignored with zero_copy).
+            topk_idx, topk_weights: int64 and float32 ``[T, K]``, this rank's routing of the dispatch.
+            handle: the dispatch's. use_logfmt: must be False (LogFMT is not implemented).
+            zero_copy: the rows are in the tensor that get_next_low_latency_combine_buffer(handle) returned.
+            out: bf16 ``[T, H]`` to write into, or None. combine_wait_recv_cost_stats: int64 ``[R]`` or None.
+
+        Returns:
+            ``combined_x`` bf16 ``[T, H]``: per token, sum over slots k ascending (expert not -1, its rank not
+            masked) of ``topk_weights[t, k] * row``, in fp32 from 0, cast once; an ``EventOverlap``; the hook
+            or None.
+        """
+        engine = self._low_latency_engine("x", x)
+        try:
+            call = CombineCall(x, topk_idx, topk_weights, handle, self.group_size, use_logfmt, zero_copy, out,
+                               combine_wait_recv_cost_stats)
+        except (ValueError, TypeError) as error:
+            engine.reject("low_latency_combine", error)
+        return engine.combine(call, async_finish=async_finish, return_recv_hook=return_recv_hook)
+
+    def get_next_low_latency_combine_buffer(self, handle: LowLatencyHandle) -> Tensor:
+        """bf16 ``[E/R, R*M, H]`` to fill with the expert outputs of the next low_latency_combine, which then
+        reads them from there with ``zero_copy=True`` (it belongs to the buffer of the next LL call)."""
+        if not isinstance(handle, LowLatencyHandle):
+            raise TypeError(f"handle: expected the handle of this Buffer's low_latency_dispatch, got "
+                            f"{type(handle).__name__}")
+        return self._low_latency_engine("handle", handle.src_info).next_combine_buffer(handle)
+
+    def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
+        """DeepEP's buffer cleaning. eplib's low-latency memory is its own (normal-mode calls never touch it)
+        and its flags carry round numbers, so there is nothing to zero: this checks the arguments and that no
+        low-latency call awaits its receive hook. Call it between normal and LL calls as with DeepEP."""
+        check_clean_args(num_max_dispatch_tokens_per_rank, hidden, num_experts, self.group_size)
+        self._check_alive()
+        for engine in self._low_latency.values():
+            engine.clean()
+
+    def _check_shrink(self, what: str) -> None:
+        self._check_alive()
+        if not self.enable_shrink:
+            raise RuntimeError(f"{what}: needs a Buffer made with enable_shrink=True (as in DeepEP)")
+
+    def low_latency_update_mask_buffer(self, rank_to_mask: int, mask: bool = False) -> None:
+        """Mask (mask=True) or unmask a rank for the low-latency calls: nothing is sent to it or received from
+        it. Needs enable_shrink=True; a rank cannot mask itself."""
+        self._check_shrink("low_latency_update_mask_buffer")
+        check_int("rank_to_mask", rank_to_mask, 0, self.group_size - 1)
+        if rank_to_mask == self.rank:
+            raise ValueError(f"rank_to_mask: a rank cannot mask itself (this is rank {self.rank})")
+        self._masked[rank_to_mask] = bool(mask)
+        for engine in self._low_latency.values():
+            engine.set_masked(rank_to_mask, bool(mask))
+
+    def low_latency_query_mask_buffer(self, mask_status: Tensor) -> None:
+        """Writes each rank's mask into mask_status (int32 ``[R]``: 1 masked, 0 not), ranks masked by a timeout
+        included."""
+        self._check_shrink("low_latency_query_mask_buffer")
+        check_tensor("mask_status", mask_status, [torch.int32], [self.group_size])
+        self._low_latency_engine("mask_status", mask_status).query_mask(mask_status)
+
+    def low_latency_clean_mask_buffer(self) -> None:
+        """Unmasks every rank."""
+        self._check_shrink("low_latency_clean_mask_buffer")
+        self._masked = [False] * self.group_size
+        for engine in self._low_latency.values():
+            engine.clear_mask()
 
 
 def _cuda_usable() -> bool:

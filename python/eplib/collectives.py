@@ -26,7 +26,13 @@ DEFAULT_TIMEOUT_S = 100.0
 
 class CollectiveError(RuntimeError):
     """A collective timed out or lost a peer. The abandoned operation may still complete later,
-    so the group's collectives are out of step from then on."""
+    so the group's collectives are out of step from then on (the cpu transport's exchanges settle
+    that: see ``eplib.exchange``). ``missing_ranks``: the ranks that never arrived or left the group,
+    when known, else None."""
+
+    def __init__(self, message: str, missing_ranks: Optional[List[int]] = None) -> None:
+        super().__init__(message)
+        self.missing_ranks = missing_ranks
 
 
 def timeout_seconds() -> float:

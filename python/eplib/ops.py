@@ -131,7 +131,11 @@ def to_dispatch_handle(handle: TensorHandle) -> DispatchHandle:
         host_counts = handle.host[_HOST_HEAD:].tolist()
         send_counts, recv_counts = tuple(host_counts[:num_ranks]), tuple(host_counts[num_ranks:])
         num_recv = num_recv_tokens
-    return DispatchHandle(rank_prefix_matrix=handle.rank_prefix_matrix, send_counts=send_counts,
+    # Entry 1 of the DeepEP-style tuple views the rows sent to each rank, on the device (as Buffer makes it).
+    device_send_counts = (send_counts if isinstance(send_counts, Tensor) else
+                          torch.tensor(send_counts, dtype=torch.int32)).to(handle.rank_prefix_matrix.device)
+    return DispatchHandle(rank_prefix_matrix=handle.rank_prefix_matrix, device_send_counts=device_send_counts,
+                          send_counts=send_counts,
                           recv_counts=recv_counts, recv_src_idx=handle.recv_src_idx,
                           is_token_in_rank=handle.is_token_in_rank, send_pos=handle.send_pos,
                           num_recv_tokens=num_recv, hidden=hidden, slot_rows=slot_rows,

@@ -11,7 +11,8 @@ Conventions (shared with eplib.Buffer, bit for bit):
 - R = group size, E experts with E % R == 0; rank r owns experts [r*E/R, (r+1)*E/R).
 - topk_idx int64 [T, K] in [-1, E) (-1 = masked slot), topk_weights float32 [T, K].
 - x is [T, H] float32 / bfloat16 / float16 / float64, or the FP8 tuple
-  (float8_e4m3fn [T, H], float32 scales [T, S]) whose scales travel with their token.
+  (float8_e4m3fn [T, H], float32 or int32 scales [T, S] of any strides) whose scales travel with
+  their token.
 - A token goes to a rank at most once; received rows are ordered by source rank, then by
   source token index.
 - combine sums in fp32 (fp64 for float64 x): 0, then bias_0, then bias_1, then the rows sent back by the
@@ -90,10 +91,12 @@ def _check_dispatch_x(x: object) -> Tuple[Tensor, Optional[Tensor]]:
             _fail(ValueError, "x", "a tensor or the FP8 tuple (values, scales)", f"a tuple of {len(x)}")
         values, scales = x
         _check_tensor(values, "x[0]", _FP8_DTYPE, (None, None))
-        _check_tensor(scales, "x[1]", torch.float32, (values.shape[0], None))
-        for part, name in ((values, "x[0]"), (scales, "x[1]")):
-            if not part.is_contiguous():
-                _fail(ValueError, name, "a contiguous tensor", f"strides {part.stride()}")
+        if not values.is_contiguous():
+            _fail(ValueError, "x[0]", "a contiguous tensor", f"strides {values.stride()}")
+        # Scales of any strides, float32 or int32 (four UE8M0 exponents each), as DeepEP takes them.
+        if not isinstance(scales, Tensor) or scales.dtype not in (torch.float32, torch.int32):
+            _fail(TypeError, "x[1]", "a float32 or int32 tensor", scales)
+        _check_tensor(scales, "x[1]", scales.dtype, (values.shape[0], None))
         return values, scales
     return _check_float_x(x, "x"), None
 
@@ -204,7 +207,7 @@ class ReferenceBuffer:
         """Sends every token to each rank that owns one of its experts (at most once per rank).
 
         Args:
-            x: [T, H] float32/bfloat16/float16/float64, or (float8_e4m3fn [T, H], float32 scales [T, S]).
+            x: [T, H] float32/bfloat16/float16/float64, or (float8_e4m3fn [T, H], float32 or int32 scales [T, S]).
             handle: a handle from an earlier dispatch (cached mode: the layout is reused and only
                 x travels; every other argument is ignored).
             num_tokens_per_rank: int32 [R], is_token_in_rank: bool [T, R],
@@ -457,5 +460,190 @@ class ReferenceBuffer:
             _fail(ValueError, "handle", f"a handle of a group of {self.group_size}",
                   f"rank_prefix_matrix of shape {list(handle.rank_prefix_matrix.shape)}")
 
+    # ------------------------------------------------------------------ low-latency mode
 
-__all__ = ["ReferenceBuffer", "ReferenceHandle", "DispatchX"]
+    def low_latency_dispatch(
+        self,
+        x: Tensor,
+        topk_idx: Tensor,
+        num_max_dispatch_tokens_per_rank: int,
+        num_experts: int,
+        use_fp8: bool = True,
+        round_scale: bool = False,
+        use_ue8m0: bool = False,
+        masked_ranks: Sequence[int] = (),
+    ) -> Tuple[Union[Tensor, Tuple[Tensor, Tensor]], Tensor, Tuple, None, None]:
+        """DeepEP's low_latency_dispatch in plain torch: every rank's x and topk_idx are all-gathered,
+        then `low_latency_dispatch_expected` computes this rank's outputs.
+
+        Returns (recv_x, recv_count, handle, None, None) as eplib.Buffer.low_latency_dispatch does;
+        handle = (src_info, layout_range, num_max, hidden, num_experts, all ranks' topk_idx).
+        """
+        xs = self._all_gather_rows(x)
+        idxs = self._all_gather_rows(topk_idx)
+        recv_x, recv_count, src_info, layout_range = low_latency_dispatch_expected(
+            self.rank, xs, idxs, num_max_dispatch_tokens_per_rank, num_experts, use_fp8, round_scale, use_ue8m0,
+            masked_ranks)
+        handle = (src_info, layout_range, num_max_dispatch_tokens_per_rank, x.shape[1], num_experts, idxs)
+        return recv_x, recv_count, handle, None, None
+
+    def low_latency_combine(
+        self,
+        x: Tensor,
+        topk_idx: Tensor,
+        topk_weights: Tensor,
+        handle: Tuple,
+        masked_ranks: Sequence[int] = (),
+    ) -> Tuple[Tensor, None, None]:
+        """DeepEP's low_latency_combine in plain torch: every rank's expert outputs x [E_local, R * num_max, H]
+        are all-gathered, then `low_latency_combine_expected` reduces this rank's tokens."""
+        num_experts, idxs = handle[4], handle[5]
+        ys = self._all_gather_rows(x.reshape(-1, x.shape[-1]))
+        ys = [y.view(x.shape) for y in ys]
+        combined = low_latency_combine_expected(self.rank, ys, idxs, topk_weights, num_experts, masked_ranks)
+        return combined, None, None
+
+    def _all_gather_rows(self, t: Tensor) -> List[Tensor]:
+        """Every rank's 2-D tensor t (row counts may differ between ranks), in rank order."""
+        sizes = self._all_gather_vector(torch.tensor([t.shape[0]], dtype=torch.int64)).flatten().tolist()
+        padded = torch.zeros((max(sizes),) + tuple(t.shape[1:]), dtype=t.dtype)
+        padded[: t.shape[0]] = t
+        raw = padded.view(torch.uint8) if padded.element_size() == 1 else padded
+        parts = [torch.empty_like(raw) for _ in range(self.group_size)]
+        dist.all_gather(parts, raw.contiguous(), group=self.group)
+        return [p.view(t.dtype)[:n] for p, n in zip(parts, sizes)]
+
+
+# ---------------------------------------------------------------------- low-latency mode
+#
+# DeepEP's low_latency_dispatch / low_latency_combine, as pure functions of every rank's inputs (the
+# tests also use them where a rank is gone). Conventions (eplib's, bit for bit on every transport):
+# - A token travels once to each distinct expert among its slots. On the receiving rank, expert le's
+#   rows are ordered by source rank, then source token; a masked source contributes no rows.
+# - FP8: per token and block of 128 channels, amax = max(|x|, 1e-4) in fp32; scale = 448 / amax and
+#   scale_inv = amax * (1 / 448) (round_scale: scale_inv = 2^ceil(log2(amax * (1 / 448))), scale =
+#   1 / scale_inv); values = cast(x * scale) to float8_e4m3fn (nearest even, saturating at 448); the
+#   scales that travel are scale_inv, float32 [E_local, R * num_max, H / 128] column-major in the last
+#   two dims, or (use_ue8m0) their exponent bytes packed four to an int32 [.., ceil(H / 512)].
+# - Combine: per token, acc = 0 in fp32, then for each slot k ascending whose expert is not -1 and
+#   whose rank is not masked, acc = acc + w[t, k] * float(row of that expert); cast once to bf16.
+
+_FP8_MAX = 448.0
+
+
+def fp8_quantize(x: Tensor, round_scale: bool = False, use_ue8m0: bool = False) -> Tuple[Tensor, Tensor]:
+    """bf16 x [T, H] (H a multiple of 128) -> (float8_e4m3fn values [T, H], float32 scale_inv [T, H / 128]).
+    use_ue8m0 needs round_scale (the scales are then powers of two)."""
+    if use_ue8m0 and not round_scale:
+        _fail(ValueError, "use_ue8m0", "round_scale=True with it", "round_scale=False")
+    num_tokens, hidden = x.shape
+    blocks = x.float().view(num_tokens, hidden // 128, 128)
+    amax = blocks.abs().amax(dim=-1).clamp_min(torch.tensor(1e-4, dtype=torch.float32))
+    max_inv = torch.tensor(1.0, dtype=torch.float32) / torch.tensor(_FP8_MAX, dtype=torch.float32)
+    if round_scale:
+        bits = (amax * max_inv).view(torch.int32)
+        exponent = ((bits >> 23) & 0xFF) - 127 + ((bits & 0x7FFFFF) != 0).to(torch.int32)
+        scale_inv = ((exponent + 127) << 23).view(torch.float32)
+        scale = ((127 - exponent) << 23).view(torch.float32)
+    else:
+        scale_inv = amax * max_inv
+        scale = torch.tensor(_FP8_MAX, dtype=torch.float32) / amax
+    values = (blocks * scale[..., None]).clamp(-_FP8_MAX, _FP8_MAX).to(_FP8_DTYPE)
+    return values.view(num_tokens, hidden), scale_inv
+
+
+def _tokens_naming(topk_idx: Tensor, expert: int) -> Tensor:
+    """int64 indices of the tokens whose slots name `expert` (once per token), ascending."""
+    return (topk_idx == expert).any(dim=1).nonzero().flatten()
+
+
+def low_latency_dispatch_expected(rank: int, xs: Sequence[Tensor], topk_idxs: Sequence[Tensor], num_max: int,
+                                  num_experts: int, use_fp8: bool = True, round_scale: bool = False,
+                                  use_ue8m0: bool = False, masked_ranks: Sequence[int] = ()):
+    """Rank `rank`'s low_latency_dispatch outputs from every rank's bf16 x [T_s, H] and topk_idx [T_s, K].
+
+    Returns (recv_x, recv_count int32 [E_local], src_info int32 [E_local, R * num_max], layout_range int64
+    [E_local, R]). recv_x is bf16 [E_local, R * num_max, H], or with use_fp8 the tuple (float8_e4m3fn values,
+    scales) laid out as DeepEP's. Rows past recv_count are zero (src_info -1 there): DeepEP leaves them
+    unspecified, and eplib's transports do too.
+    """
+    num_ranks = len(xs)
+    hidden = xs[0].shape[1]
+    experts_per_rank = num_experts // num_ranks
+    rows = num_ranks * num_max
+    quantized = [fp8_quantize(x, round_scale, use_ue8m0) if use_fp8 else None for x in xs]
+    num_scales = hidden // 128
+    recv_values = torch.zeros((experts_per_rank, rows, hidden), dtype=_FP8_DTYPE if use_fp8 else torch.bfloat16)
+    recv_scales = torch.zeros((experts_per_rank, rows, num_scales), dtype=torch.float32)
+    src_info = torch.full((experts_per_rank, rows), -1, dtype=torch.int32)
+    layout_range = torch.zeros((experts_per_rank, num_ranks), dtype=torch.int64)
+    recv_count = torch.zeros(experts_per_rank, dtype=torch.int32)
+    for local in range(experts_per_rank):
+        expert = rank * experts_per_rank + local
+        begin = 0
+        for source in range(num_ranks):
+            tokens = _tokens_naming(topk_idxs[source], expert) if source not in masked_ranks else \
+                torch.zeros(0, dtype=torch.int64)
+            count = tokens.numel()
+            if use_fp8:
+                recv_values[local, begin:begin + count] = quantized[source][0][tokens]
+                recv_scales[local, begin:begin + count] = quantized[source][1][tokens]
+            else:
+                recv_values[local, begin:begin + count] = xs[source][tokens]
+            src_info[local, begin:begin + count] = tokens.to(torch.int32)
+            layout_range[local, source] = (begin << 32) | count
+            begin += count
+        recv_count[local] = begin
+    if not use_fp8:
+        return recv_values, recv_count, src_info, layout_range
+    return (recv_values, _column_major_scales(recv_scales, use_ue8m0)), recv_count, src_info, layout_range
+
+
+def _column_major_scales(scales: Tensor, use_ue8m0: bool) -> Tensor:
+    """float32 [E_local, RM, S] -> DeepEP's layout: the same values with strides (S * RM, 1, RM), or
+    (use_ue8m0) int32 [E_local, RM, ceil(S / 4)], strides likewise, scale c in byte c % 4 of int32 c // 4."""
+    experts, rows, num_scales = scales.shape
+    if not use_ue8m0:
+        return scales.transpose(1, 2).contiguous().transpose(1, 2)
+    packs = (num_scales + 3) // 4
+    exponents = torch.zeros((experts, rows, packs * 4), dtype=torch.uint8)
+    exponents[..., :num_scales] = ((scales.view(torch.int32) >> 23) & 0xFF).to(torch.uint8)
+    packed = exponents.view(experts, rows, packs, 4).permute(0, 2, 1, 3).contiguous()  # [E_local, S4, RM, 4]
+    return packed.view(torch.int32).view(experts, packs, rows).transpose(1, 2)
+
+
+def low_latency_combine_expected(rank: int, ys: Sequence[Tensor], topk_idxs: Sequence[Tensor], topk_weights: Tensor,
+                                 num_experts: int, masked_ranks: Sequence[int] = ()) -> Tensor:
+    """Rank `rank`'s low_latency_combine output bf16 [T, H] from every rank's expert outputs ys[r] (bf16
+    [E_local, R * num_max, H], row for row as r's low_latency_dispatch output), every rank's topk_idx (they
+    give the rows' places) and this rank's topk_weights [T, K]."""
+    num_ranks = len(ys)
+    experts_per_rank = num_experts // num_ranks
+    # names[s][t, e]: token t of rank s names expert e; its row on e's rank sits at begin[s][e] (the rows of
+    # unmasked ranks before s) + the tokens of s before t that name e.
+    names = []
+    for idx in topk_idxs:
+        named = torch.zeros((idx.shape[0], num_experts + 1), dtype=torch.int64)
+        named.scatter_(1, torch.where(idx >= 0, idx, num_experts), 1)
+        names.append(named[:, :num_experts])
+    begin = torch.zeros(num_experts, dtype=torch.int64)
+    for source in range(rank):
+        if source not in masked_ranks:
+            begin += names[source].sum(0)
+    position = begin[None, :] + names[rank].cumsum(0) - 1  # [T, E]
+    topk_idx = topk_idxs[rank]
+    num_tokens, num_topk = topk_idx.shape
+    acc = torch.zeros((num_tokens, ys[0].shape[-1]), dtype=torch.float32)
+    for k in range(num_topk):
+        expert = topk_idx[:, k]
+        for owner in range(num_ranks):
+            sel = ((expert >= 0) & (expert // experts_per_rank == owner)).nonzero().flatten()
+            if owner in masked_ranks or sel.numel() == 0:
+                continue
+            rows = position[sel, expert[sel]]
+            acc[sel] = acc[sel] + topk_weights[sel, k:k + 1] * ys[owner][expert[sel] % experts_per_rank, rows].float()
+    return acc.to(torch.bfloat16)
+
+
+__all__ = ["ReferenceBuffer", "ReferenceHandle", "DispatchX", "fp8_quantize", "low_latency_dispatch_expected",
+           "low_latency_combine_expected"]

@@ -5,11 +5,14 @@ naming the argument, the expected form and what was given. Checks that need a sc
 (expert ids in range, finite weights) run in the native kernels, still before any collective.
 """
 
+import os
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
-from ._dtypes import FP8_BLOCK, FP8_DTYPE, INT32_LIMIT
+from ._dtypes import FP8_DTYPE, INT32_LIMIT, SCALE_DTYPES
+
+INT64_LIMIT = 2**63 - 1
 
 Tensor = torch.Tensor
 
@@ -21,8 +24,9 @@ def _describe(value) -> str:
 
 
 def check_tensor(name: str, value, dtypes: Sequence[torch.dtype], shape: Sequence[Optional[int]],
-                 device: Optional[torch.device] = None) -> Tensor:
-    """A contiguous tensor of one of ``dtypes`` whose shape matches ``shape`` (None = any size)."""
+                 device: Optional[torch.device] = None, contiguous: bool = True) -> Tensor:
+    """A tensor of one of ``dtypes`` whose shape matches ``shape`` (None = any size), contiguous
+    unless ``contiguous`` is False (the kernels then read it through its strides)."""
     expected = f"{' or '.join(str(d) for d in dtypes)} tensor of shape [{', '.join('*' if s is None else str(s) for s in shape)}]"
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name}: expected a {expected}, got {_describe(value)}")
@@ -32,7 +36,7 @@ def check_tensor(name: str, value, dtypes: Sequence[torch.dtype], shape: Sequenc
         raise ValueError(f"{name}: expected a {expected}, got {_describe(value)}")
     if device is not None and value.device != device:
         raise ValueError(f"{name}: expected a tensor on {device} (where x is), got {_describe(value)}")
-    if not value.is_contiguous():
+    if contiguous and not value.is_contiguous():
         raise ValueError(f"{name}: expected a contiguous tensor (eplib does not copy), got strides {value.stride()}; "
                          f"call .contiguous() first")
     return value
@@ -40,18 +44,24 @@ def check_tensor(name: str, value, dtypes: Sequence[torch.dtype], shape: Sequenc
 
 def check_x(x: Union[Tensor, Tuple[Tensor, Tensor]], x_dtypes: Sequence[torch.dtype],
             allow_fp8: bool) -> Tuple[Tensor, Optional[Tensor]]:
-    """Split ``x`` into (values [T, H], FP8 scales [T, H/128] or None) after checking both."""
+    """Split ``x`` into (values [T, H], FP8 scales [T, S] or None) after checking both.
+
+    As in DeepEP, the scales are float32, or int32 holding four UE8M0 exponents each, of any count S
+    per token, and may have any strides (DeepEP's tests pass column-major ones): the kernels read
+    them through their strides. The values must be contiguous."""
     if isinstance(x, tuple):
         if not allow_fp8:
             raise TypeError("x: the FP8 tuple is accepted by dispatch only, got a tuple here")
         if len(x) != 2:
-            raise ValueError(f"x: expected the FP8 tuple (float8_e4m3fn [T, H], float32 scales [T, H/{FP8_BLOCK}]), "
+            raise ValueError(f"x: expected the FP8 tuple (float8_e4m3fn [T, H], float32 or int32 scales [T, S]), "
                              f"got a tuple of {len(x)} items")
         values = check_tensor("x[0]", x[0], [FP8_DTYPE], [None, None])
-        num_tokens, hidden = values.shape
-        if hidden % FP8_BLOCK != 0 or hidden == 0:
-            raise ValueError(f"x[0]: the FP8 hidden size must be a positive multiple of {FP8_BLOCK}, got {hidden}")
-        scales = check_tensor("x[1]", x[1], [torch.float32], [num_tokens, hidden // FP8_BLOCK], values.device)
+        if values.shape[1] == 0:
+            raise ValueError(f"x[0]: expected a hidden size > 0, got {_describe(values)}")
+        scales = check_tensor("x[1]", x[1], list(SCALE_DTYPES), [values.shape[0], None], values.device,
+                              contiguous=False)
+        if scales.shape[1] == 0:
+            raise ValueError(f"x[1]: expected at least one scale per token, got {_describe(scales)}")
         return values, scales
     values = check_tensor("x", x, list(x_dtypes), [None, None])
     if values.shape[1] == 0:
@@ -75,6 +85,28 @@ def check_int32_product(name: str, what: str, *factors: int) -> None:
         product *= factor
     if product > INT32_LIMIT:
         raise ValueError(f"{name}: {what} = {product} exceeds the int32 limit {INT32_LIMIT}")
+
+
+def device_memory_bytes(device: torch.device) -> Optional[int]:
+    """Bytes of memory the device has (CPU: physical memory; CUDA: the GPU's), None if unknown."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def check_allocation(name: str, what: str, num_bytes: int, device: torch.device) -> None:
+    """Raises ValueError naming the argument ``name`` before anything is allocated when ``what`` (the
+    allocation it sizes, e.g. "2147483647 output rows of 4100 bytes") needs ``num_bytes`` bytes that
+    cannot exist: more than int64 counts, or more than the device's memory."""
+    if num_bytes > INT64_LIMIT:
+        raise ValueError(f"{name}: {what} need {num_bytes} bytes, more than int64 can count")
+    capacity = device_memory_bytes(device)
+    if capacity is not None and num_bytes > capacity:
+        raise ValueError(f"{name}: {what} need {num_bytes / 2**30:.1f} GiB, more than the {capacity / 2**30:.1f} GiB "
+                         f"of memory on {device}")
 
 
 def check_num_experts(num_experts, num_ranks: int) -> int:

@@ -28,6 +28,15 @@ EPLIB_HOST_DEVICE int32_t local_expert_id(int64_t expert, int rank, int experts_
   return (expert >= first && expert < first + experts_per_rank) ? static_cast<int32_t>(expert - first) : -1;
 }
 
+// FP8 scales are 4-byte elements (float32, or int32 holding four UE8M0 exponents) that the pack
+// kernels read through their strides, in elements: DeepEP's callers pass column-major scales.
+constexpr int64_t kScaleBytes = 4;
+
+// Byte offset of scale [token, column] from the first scale.
+EPLIB_HOST_DEVICE int64_t scale_offset(int64_t token, int64_t column, int64_t token_stride, int64_t column_stride) {
+  return (token * token_stride + column * column_stride) * kScaleBytes;
+}
+
 // Byte layout of one dispatched row in a send or receive region:
 //   [x: x_bytes][pad][scales: scales_bytes][pad][src_idx: int32][topk_idx: int32 x K][topk_weights: f32 x K][pad]
 // scales_bytes is 0 unless x is the FP8 tuple; num_topk is 0 when no top-k travels.

@@ -2,37 +2,45 @@
 (``torch.distributed``) for the exchange.
 
 Collectives per call:
-    dispatch          2: an all-gather of fixed-size per-rank records (tokens sent to each rank,
-                         the row format, num_worst_tokens, an error flag), then one all-to-all of
-                         the packed rows (x, FP8 scales, source index, local expert ids, weights);
-                         3 for a dispatch of x alone without num_worst_tokens, whose per-expert
-                         counts need one more all-gather;
-    cached dispatch   1: all-to-all of the packed x rows;
-    combine           1: all-to-all of the expert outputs (plus weights when given).
+    get_dispatch_layout  none (see "Errors").
+    dispatch          2: the call header (below), which carries the tokens sent to each rank, the
+                         row format and num_worst_tokens, then one all-to-all of the packed rows (x,
+                         FP8 scales, source index, local expert ids, weights); 3 for a dispatch of x
+                         alone without num_worst_tokens, whose per-expert counts need one more
+                         all-gather;
+    cached dispatch   2: the call header, then an all-to-all of the packed x rows;
+    combine           2: the call header, then an all-to-all of the expert outputs (plus weights
+                         when given).
 
-Every rank checks every rank's record, so a format mismatch, a rank whose input failed its value
-checks, or a too small ``num_worst_tokens`` makes all ranks raise together and the group stays
-usable. A collective that times out leaves the group out of step: the transport then refuses
-every later call.
+The call header is one all-gather of a fixed-size int64 record per rank (``records.make_header``),
+the same size in every call: the call and its op index, whether this rank's input failed a check
+(and its message), the row format, and the rows each rank sends to and expects from each rank.
+Every rank checks every rank's header (``records.check_headers``) before any row travels.
+
+Errors. Everything that can fail on this rank's own input (argument checks in the Buffer, the
+kernels' value checks, layout consistency) runs before the header exchange. A rank whose input
+fails joins the exchange its peers are waiting in (or will reach next: after a failed
+``get_dispatch_layout``, the next call's header) with its error in its header, then raises; the
+peers raise ``PeerInputError`` quoting it, at once, and every rank's Buffer stays usable. The
+collectives run through the group's ``exchange.GroupChannel``, which keeps the ranks in step when
+one of them is late, stuck or gone (see there).
 """
 
-from typing import Callable, List, Optional, Tuple
+import contextlib
+from typing import Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
 from .. import _C
-from .._dtypes import KERNEL_DTYPE_CODES
-from ..collectives import CollectiveError, all_gather, all_to_all
+from .._dtypes import KERNEL_DTYPE_CODES, WIRE_DTYPE_IDS
+from ..collectives import CollectiveError
+from ..exchange import channel_for
 from ..handle import DispatchHandle
-from .records import FORMAT_FIELDS, check_format_agreement, check_receive_totals, format_values
-from .tensors import as_bytes, ptr, row_bytes
+from .records import Headers, check_headers, check_receive_totals, format_values, header_words, make_header
+from .tensors import as_bytes, ptr, row_bytes, scale_strides
 
 Tensor = torch.Tensor
-
-# Fields after the R send counts in each rank's record; the format fields (records.FORMAT_FIELDS)
-# must agree on all ranks.
-_RECORD_FIELDS = ("rejected", "num_worst_tokens", *FORMAT_FIELDS)
 
 
 # Fresh allocations at least this large get huge pages before their first write: on the test VM a
@@ -61,27 +69,46 @@ class CpuTransport:
         # Send and receive staging bytes, kept between calls: a fresh allocation of tens of MB
         # costs as much in page faults as the copy into it. Never handed out to callers.
         self._staging = {"send": torch.empty(0, dtype=torch.uint8), "recv": torch.empty(0, dtype=torch.uint8)}
-        self._out_of_step: Optional[str] = None
+        self.channel = channel_for(group)
 
     # ------------------------------------------------------------------------------------------
     # Plumbing
     # ------------------------------------------------------------------------------------------
 
     def _start_call(self) -> None:
-        if self._out_of_step is not None:
-            raise RuntimeError(f"eplib: this Buffer's group is out of step since an earlier collective failed "
-                               f"({self._out_of_step}); create a new process group and Buffer")
+        self.channel.check_usable()
         # Follow torch's setting (torchrun sets OMP_NUM_THREADS=1 per rank) so ranks sharing a
         # machine do not oversubscribe it.
         _C.set_num_threads(torch.get_num_threads())
 
-    def _collective(self, collective: Callable[..., None], *args, phase: str) -> None:
-        """Runs collective(*args, group, phase); a failure marks the group out of step."""
+    @contextlib.contextmanager
+    def _failures_shared(self, call: str) -> Iterator[None]:
+        """Around the local part of a call, before its header exchange: an input that fails here is
+        told to the peers (``share_error``) before the error propagates."""
         try:
-            collective(*args, self.group, phase)
-        except CollectiveError as error:
-            self._out_of_step = str(error)
+            yield
+        except Exception as error:
+            self.share_error(call, error)
             raise
+
+    def share_error(self, call: str, error: Exception) -> None:
+        """Joins the exchange that the other ranks wait in, or reach next, with this rank's error in
+        its header, so that they raise at once. ``call`` is the call that failed (records.CALLS). The
+        caller raises ``error`` afterwards. Errors of the group itself (CollectiveError) are not told:
+        the group reports them to every rank."""
+        if isinstance(error, CollectiveError):
+            return
+        try:
+            self._exchange_headers(call, error=error)
+        except CollectiveError:
+            pass  # the group is failing too: its next call reports that, the caller raises the input error
+
+    def _exchange_headers(self, call: str, **fields) -> Headers:
+        """All-gathers this rank's call header (records.make_header(**fields)) -> every rank's."""
+        header = make_header(self.num_ranks, self.channel.ready(), call, **fields)
+        gathered = torch.empty(self.num_ranks, header_words(self.num_ranks), dtype=torch.int64)
+        self.channel.all_gather(gathered.view(-1), header, phase=f"{call} (header exchange)")
+        return Headers(gathered)
 
     def _staging_bytes(self, name: str, num_bytes: int) -> Tensor:
         """The first num_bytes of the reusable staging tensor `name`, grown when too small."""
@@ -116,16 +143,16 @@ class CpuTransport:
         num_topk = topk_idx.shape[1] if topk_idx is not None else 0
         stride = _C.dispatch_row_stride(row_bytes(x), row_bytes(x_scales), num_topk)
         send_buffer = self._staging_bytes("send", num_send_rows * stride)
-        _C.dispatch_pack(ptr(x), row_bytes(x), ptr(x_scales), row_bytes(x_scales), ptr(topk_idx),
-                         ptr(topk_weights), num_topk, num_experts, send_pos.data_ptr(), x.shape[0], self.num_ranks,
-                         send_buffer.data_ptr())
+        _C.dispatch_pack(ptr(x), row_bytes(x), ptr(x_scales), row_bytes(x_scales), *scale_strides(x_scales),
+                         ptr(topk_idx), ptr(topk_weights), num_topk, num_experts, send_pos.data_ptr(), x.shape[0],
+                         self.num_ranks, send_buffer.data_ptr())
         return send_buffer, stride
 
     def _exchange_rows(self, send_buffer: Tensor, stride: int, send_counts: Tuple[int, ...],
                        recv_counts: Tuple[int, ...], phase: str) -> Tensor:
         recv_buffer = self._staging_bytes("recv", sum(recv_counts) * stride)
-        self._collective(all_to_all, recv_buffer, send_buffer, [n * stride for n in recv_counts],
-                         [n * stride for n in send_counts], phase=phase)
+        self.channel.all_to_all(recv_buffer, send_buffer, [n * stride for n in recv_counts],
+                                [n * stride for n in send_counts], phase)
         return recv_buffer
 
     def _unpack(self, recv_buffer: Tensor, num_recv: int, num_rows: int, x: Tensor, x_scales: Optional[Tensor],
@@ -152,33 +179,15 @@ class CpuTransport:
         return recv_x, recv_x_scales, recv_src_idx, recv_topk_idx, recv_topk_weights, per_expert
 
     # ------------------------------------------------------------------------------------------
-    # The record exchange of a dispatch
+    # The headers of a dispatch
     # ------------------------------------------------------------------------------------------
 
-    def _exchange_records(self, send_counts: Optional[Tensor], **fields: int) -> Tensor:
-        """All-gather each rank's [R send counts | _RECORD_FIELDS] -> int64 [R, R + fields]."""
-        record = torch.zeros(self.num_ranks + len(_RECORD_FIELDS), dtype=torch.int64)
-        if send_counts is not None:
-            record[:self.num_ranks] = send_counts
-        for name, value in fields.items():
-            record[self.num_ranks + _RECORD_FIELDS.index(name)] = value
-        records = torch.empty(self.num_ranks * record.numel(), dtype=torch.int64)
-        self._collective(all_gather, records, record, phase="dispatch (counts exchange)")
-        return records.view(self.num_ranks, record.numel())
-
-    def _check_records(self, records: Tensor) -> List[int]:
-        """Raises on every rank alike when any record is unusable; returns rows received per rank."""
-        def column(name: str) -> List[int]:
-            return records[:, self.num_ranks + _RECORD_FIELDS.index(name)].tolist()
-
-        rejected = [r for r, flag in enumerate(column("rejected")) if flag]
-        if rejected:
-            raise RuntimeError(f"eplib: dispatch abandoned on rank {self.rank}: rank(s) {rejected} rejected their "
-                               f"input (their ValueError says why)")
-        check_format_agreement(column, self.num_ranks)
-        recv_totals = records[:, :self.num_ranks].sum(0).tolist()
+    def _check_dispatch_headers(self, headers: Headers) -> List[int]:
+        """Raises on every rank alike when any header is unusable; returns rows received per rank."""
+        check_headers(headers, self.rank, "dispatch", self.channel)
+        recv_totals = headers.sends.sum(0).tolist()
         check_receive_totals(recv_totals)
-        worst = column("num_worst_tokens")
+        worst = headers.column("num_worst_tokens")
         too_small = [r for r in range(self.num_ranks) if 0 < worst[r] < recv_totals[r]]
         if self.rank in too_small:
             raise ValueError(f"num_worst_tokens: rank {self.rank} receives {recv_totals[self.rank]} tokens, "
@@ -197,7 +206,8 @@ class CpuTransport:
         """topk_idx int64 [T, K] -> (num_tokens_per_rank int32 [R], num_tokens_per_expert int32 [E],
         is_token_in_rank bool [T, R])."""
         self._start_call()
-        return self._layout(topk_idx, num_experts)
+        with self._failures_shared("get_dispatch_layout"):
+            return self._layout(topk_idx, num_experts)
 
     def dispatch(self, x: Tensor, x_scales: Optional[Tensor], num_tokens_per_rank: Tensor, is_token_in_rank: Tensor,
                  num_tokens_per_expert: Tensor, topk_idx: Optional[Tensor], topk_weights: Optional[Tensor],
@@ -207,20 +217,16 @@ class CpuTransport:
         self._start_call()
         num_experts = num_tokens_per_expert.shape[0]
         num_topk = topk_idx.shape[1] if topk_idx is not None else 0
-        try:
+        with self._failures_shared("dispatch"):
             send_pos, send_counts = self._local_dispatch_checks(num_tokens_per_rank, is_token_in_rank,
                                                                 num_tokens_per_expert, topk_idx)
             # Packing checks expert ids and weights, so it runs before the first collective.
             send_buffer, stride = self._pack(x, x_scales, topk_idx, topk_weights, num_experts, send_pos,
                                              int(send_counts.sum()))
-        except ValueError:
-            # Tell the peers, so that they raise now instead of waiting for this rank to time out.
-            self._exchange_records(None, rejected=1)
-            raise
-        records = self._exchange_records(send_counts, num_worst_tokens=num_worst_tokens,
+        headers = self._exchange_headers("dispatch", sends=send_counts, num_worst_tokens=num_worst_tokens,
                                          **format_values(x, x_scales, num_experts, num_topk))
-        recv_totals = self._check_records(records)
-        counts_matrix = records[:, :self.num_ranks]  # [source, destination]
+        recv_totals = self._check_dispatch_headers(headers)
+        counts_matrix = headers.sends  # [source, destination]
         recv_counts = tuple(counts_matrix[:, self.rank].tolist())
         num_recv = recv_totals[self.rank]
 
@@ -240,6 +246,7 @@ class CpuTransport:
                                                for n in per_expert.tolist()]
         handle = DispatchHandle(
             rank_prefix_matrix=counts_matrix.cumsum(0).to(torch.int32),
+            device_send_counts=send_counts,
             send_counts=host_send_counts,
             recv_counts=recv_counts,
             recv_src_idx=recv_src_idx,
@@ -271,16 +278,21 @@ class CpuTransport:
         """Sum over source ranks of their num_tokens_per_expert for this rank's experts (int64)."""
         num_experts = num_tokens_per_expert.shape[0]
         gathered = torch.empty(self.num_ranks * num_experts, dtype=torch.int64)
-        self._collective(all_gather, gathered, num_tokens_per_expert.to(torch.int64),
-                         phase="dispatch (expert counts exchange)")
+        self.channel.all_gather(gathered, num_tokens_per_expert.to(torch.int64),
+                                phase="dispatch (expert counts exchange)")
         num_local = num_experts // self.num_ranks
         return gathered.view(self.num_ranks, num_experts)[:, self.rank * num_local:(self.rank + 1) * num_local].sum(0)
 
     def cached_dispatch(self, x: Tensor, x_scales: Optional[Tensor],
                         handle: DispatchHandle) -> Tuple[Tensor, Optional[Tensor]]:
-        """Dispatch x (and FP8 scales) along the layout of an earlier dispatch: one collective."""
+        """Dispatch x (and FP8 scales) along the layout of an earlier dispatch: the header, then one all-to-all."""
         self._start_call()
-        send_buffer, stride = self._pack(x, x_scales, None, None, 0, handle.send_pos, sum(handle.send_counts))
+        with self._failures_shared("cached dispatch"):
+            send_buffer, stride = self._pack(x, x_scales, None, None, 0, handle.send_pos, sum(handle.send_counts))
+        headers = self._exchange_headers("cached dispatch", sends=handle.send_counts, expects=handle.recv_counts,
+                                         x_dtype=WIRE_DTYPE_IDS[x.dtype], hidden=x.shape[1],
+                                         scales_per_token=x_scales.shape[1] if x_scales is not None else 0)
+        check_headers(headers, self.rank, "cached dispatch", self.channel)
         recv_buffer = self._exchange_rows(send_buffer, stride, handle.send_counts, handle.recv_counts,
                                           "cached dispatch (payload)")
         recv_x, recv_x_scales, *_ = self._unpack(recv_buffer, handle.num_recv_tokens, handle.num_output_rows,
@@ -293,17 +305,34 @@ class CpuTransport:
         self._start_call()
         num_recv = handle.num_recv_tokens
         num_topk = topk_weights.shape[1] if topk_weights is not None else 0
+        with self._failures_shared("combine"):
+            send_buffer, stride = self._pack_combine(x, topk_weights, num_recv)
+        # The way back inverts the dispatch: send what was received from each rank, receive what was sent to it.
+        headers = self._exchange_headers("combine", sends=handle.recv_counts, expects=handle.send_counts,
+                                         x_dtype=WIRE_DTYPE_IDS[x.dtype], hidden=x.shape[1], num_topk=num_topk)
+        check_headers(headers, self.rank, "combine", self.channel)
+        return self._combine_reduce(self._combine_rows(send_buffer, stride, handle), x, handle, num_topk, bias_0,
+                                    bias_1)
+
+    def _pack_combine(self, x: Tensor, topk_weights: Optional[Tensor], num_recv: int) -> Tuple[Tensor, int]:
+        """The rows combine sends back (x, plus the weights when given) and their stride."""
+        num_topk = topk_weights.shape[1] if topk_weights is not None else 0
         x_bytes = row_bytes(x)
         stride = _C.combine_row_stride(x_bytes, num_topk)
         if topk_weights is None:
-            send_buffer = as_bytes(x[:num_recv])  # rows are already in the order they go back
-        else:
-            send_buffer = self._staging_bytes("send", num_recv * stride)
-            _C.combine_pack(x.data_ptr(), x_bytes, topk_weights.data_ptr(), num_topk, num_recv,
-                            send_buffer.data_ptr())
-        # The way back inverts the dispatch: send what was received from each rank, receive what was sent to it.
-        recv_buffer = self._exchange_rows(send_buffer, stride, handle.recv_counts, handle.send_counts,
-                                          "combine (payload)")
+            return as_bytes(x[:num_recv]), stride  # rows are already in the order they go back
+        send_buffer = self._staging_bytes("send", num_recv * stride)
+        _C.combine_pack(x.data_ptr(), x_bytes, topk_weights.data_ptr(), num_topk, num_recv, send_buffer.data_ptr())
+        return send_buffer, stride
+
+    def _combine_rows(self, send_buffer: Tensor, stride: int, handle: DispatchHandle) -> Tensor:
+        """The payload of a combine: what was received from each rank goes back to it."""
+        return self._exchange_rows(send_buffer, stride, handle.recv_counts, handle.send_counts, "combine (payload)")
+
+    def _combine_reduce(self, recv_buffer: Tensor, x: Tensor, handle: DispatchHandle, num_topk: int,
+                        bias_0: Optional[Tensor], bias_1: Optional[Tensor]) -> Tuple[Tensor, Optional[Tensor]]:
+        """The received rows summed per token (bias first, then the ranks in order) -> (combined_x
+        [T, H] in x's dtype, combined_topk_weights float32 [T, K] or None)."""
         num_tokens, hidden = handle.num_tokens, x.shape[1]
         combined_x = _empty(num_tokens, hidden, dtype=x.dtype)
         combined_topk_weights = torch.empty(num_tokens, num_topk, dtype=torch.float32) if num_topk else None

@@ -137,10 +137,13 @@ class CudaTransport:
 
     @staticmethod
     def _normal_handle(counts: NormalCounts, rank_prefix_matrix: Tensor, recv_counts: Tensor, recv_src_idx: Tensor,
-                       is_token_in_rank: Tensor, send_pos: Tensor, hidden: int) -> DispatchHandle:
-        """The handle of a normal-mode dispatch: host counts, device prefix matrix and receive counts."""
+                       is_token_in_rank: Tensor, send_pos: Tensor, send_counts: Tensor, hidden: int,
+                       channel_counts: Optional[Tensor] = None) -> DispatchHandle:
+        """The handle of a normal-mode dispatch: host counts, device prefix matrix and send and receive counts
+        (and the ipc transport's channel counts)."""
         return DispatchHandle(
             rank_prefix_matrix=rank_prefix_matrix,
+            device_send_counts=send_counts,
             send_counts=counts.send_counts,
             recv_counts=counts.recv_counts,
             recv_src_idx=recv_src_idx,
@@ -150,14 +153,17 @@ class CudaTransport:
             hidden=hidden,
             slot_rows=0,
             device_recv_counts=recv_counts,
+            channel_counts=channel_counts,
         )
 
     def _padded_handle(self, rank_prefix_matrix: Tensor, recv_counts: Tensor, outputs: UnpackOutputs,
                        is_token_in_rank: Tensor, send_pos: Tensor, send_counts: Tensor, hidden: int,
-                       num_worst_tokens: int) -> DispatchHandle:
-        """The handle of a num_worst_tokens dispatch (slot layout): device counts only."""
+                       num_worst_tokens: int, channel_counts: Optional[Tensor] = None) -> DispatchHandle:
+        """The handle of a num_worst_tokens dispatch (slot layout): device counts only (and the ipc
+        transport's channel counts)."""
         return DispatchHandle(
             rank_prefix_matrix=rank_prefix_matrix,
+            device_send_counts=send_counts,
             send_counts=send_counts,
             recv_counts=recv_counts,
             recv_src_idx=outputs.recv_src_idx,
@@ -167,6 +173,7 @@ class CudaTransport:
             hidden=hidden,
             slot_rows=num_worst_tokens,
             device_recv_counts=recv_counts,
+            channel_counts=channel_counts,
         )
 
     @staticmethod
@@ -217,7 +224,7 @@ class CudaTransport:
             else:
                 result = self._dispatch_normal(call, *layout, expert_alignment, send_pos, send_counts, config)
             recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, _, handle = result
-            in_flight = inputs + (recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights) + handle_tensors(handle)
+            in_flight = inputs + (recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights) + handle.tensors()
             return result, call.finish(async_finish, in_flight)
 
     def _before_dispatch(self, x: Tensor, x_scales: Optional[Tensor], topk_idx: Optional[Tensor],
@@ -227,11 +234,6 @@ class CudaTransport:
     def _check_records(self, records: Tensor) -> None:
         """Raises on every rank alike when a rank's error flag is set or the ranks' formats differ."""
         check_records(records, self.rank, self.error_flag)
-
-
-def handle_tensors(handle: DispatchHandle) -> Tuple[Tensor, ...]:
-    """The device tensors of a handle (the others are host values)."""
-    return tuple(value for value in handle if isinstance(value, torch.Tensor))
 
 
 def normal_records_for_rank(records: Tensor, rank: int, num_ranks: int) -> Tensor:

@@ -51,7 +51,7 @@ from ..collectives import all_gather, timeout_seconds
 from ..config import Config
 from ..event import EventOverlap
 from ..handle import DispatchHandle
-from .cuda import CombineOutputs, CudaTransport, NormalCounts, UnpackOutputs, handle_tensors
+from .cuda import CombineOutputs, CudaTransport, NormalCounts, UnpackOutputs
 from .kernels import combine_pack_args, dispatch_pack_args
 from .records import format_values
 from .streams import CallStreams
@@ -276,7 +276,7 @@ class IpcTransport(CudaTransport):
                                                      send_pos, outputs, recv_counts, 0, rank_prefix_matrix,
                                                      config.num_channels)
         handle = self._normal_handle(counts, rank_prefix_matrix, recv_counts, outputs.recv_src_idx, is_token_in_rank,
-                                     send_pos, x.shape[1])._replace(channel_counts=channel_counts)
+                                     send_pos, send_counts, x.shape[1], channel_counts)
         return self._dispatch_result(outputs, counts.num_recv_tokens_per_expert_list, handle)
 
     def _dispatch_padded(self, call: CallStreams, x: Tensor, x_scales: Optional[Tensor], is_token_in_rank: Tensor,
@@ -294,7 +294,7 @@ class IpcTransport(CudaTransport):
                                                      send_pos, outputs, recv_counts, num_worst_tokens, None,
                                                      config.num_channels)
         handle = self._padded_handle(rank_prefix_matrix, recv_counts, outputs, is_token_in_rank, send_pos,
-                                     send_counts, x.shape[1], num_worst_tokens)._replace(channel_counts=channel_counts)
+                                     send_counts, x.shape[1], num_worst_tokens, channel_counts)
         return self._dispatch_result(outputs, [], handle)
 
     # ------------------------------------------------------------------------------------------
@@ -316,7 +316,7 @@ class IpcTransport(CudaTransport):
                                         handle.device_recv_counts, handle.slot_rows,
                                         handle.rank_prefix_matrix if handle.slot_rows == 0 else None,
                                         handle.channel_counts.shape[1])
-            in_flight = (x, x_scales, outputs.recv_x, outputs.recv_x_scales) + handle_tensors(handle)
+            in_flight = (x, x_scales, outputs.recv_x, outputs.recv_x_scales) + handle.tensors()
             return (outputs.recv_x, outputs.recv_x_scales), call.finish(async_finish, in_flight)
 
     def combine(self, x: Tensor, handle: DispatchHandle, topk_weights: Optional[Tensor], bias_0: Optional[Tensor],
@@ -334,7 +334,7 @@ class IpcTransport(CudaTransport):
             with self._launching():
                 pack = combine_pack_args(x, topk_weights, handle.device_recv_counts, handle.slot_rows, None)
                 in_flight = (x, topk_weights, bias_0, bias_1, outputs.combined_x,
-                             outputs.combined_topk_weights) + handle_tensors(handle)
+                             outputs.combined_topk_weights) + handle.tensors()
                 self.ipc_buffer.combine(pack, outputs.args(None, handle, bias_0, bias_1), exchange,
                                         self.context.current_stream())
                 self.context.hold(in_flight)

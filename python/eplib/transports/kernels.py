@@ -16,7 +16,7 @@ import torch
 
 from .. import _C
 from .._dtypes import KERNEL_DTYPE_CODES
-from .tensors import ptr, row_bytes
+from .tensors import ptr, row_bytes, scale_strides
 
 Tensor = torch.Tensor
 
@@ -25,12 +25,14 @@ def dispatch_pack_args(x: Tensor, x_scales: Optional[Tensor], topk_idx: Optional
                        topk_weights: Optional[Tensor], num_experts: int, send_pos: Tensor,
                        send_buffer: Optional[Tensor], error_flag: Tensor, *,
                        rank_prefix_matrix: Optional[Tensor] = None, slot_rows: int = 0) -> "_C.DispatchPackArgs":
-    """Rows of x [T, H] (and scales, source index, ids [T, K], weights [T, K]) to their send_pos [T, R] rows
-    of send_buffer (uint8; nccl), or (ipc) of the destinations' regions, placed by the device int32
-    [R, R] rank_prefix_matrix or by slots of slot_rows rows."""
+    """Rows of x [T, H] (and scales [T, S], read through their strides; source index, ids [T, K], weights
+    [T, K]) to their send_pos [T, R] rows of send_buffer (uint8; nccl), or (ipc) of the destinations'
+    regions, placed by the device int32 [R, R] rank_prefix_matrix or by slots of slot_rows rows."""
     num_tokens, num_ranks = send_pos.shape
+    scales_token_stride, scales_column_stride = scale_strides(x_scales)
     return _C.DispatchPackArgs(
         x=ptr(x), x_bytes=row_bytes(x), x_scales=ptr(x_scales), scales_bytes=row_bytes(x_scales),
+        scales_token_stride=scales_token_stride, scales_column_stride=scales_column_stride,
         topk_idx=ptr(topk_idx), topk_weights=ptr(topk_weights),
         num_topk=topk_idx.shape[1] if topk_idx is not None else 0, num_experts=num_experts,
         send_pos=send_pos.data_ptr(), num_tokens=num_tokens, num_ranks=num_ranks, slot_rows=slot_rows,

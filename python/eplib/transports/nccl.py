@@ -50,7 +50,7 @@ from .. import _C
 from ..collectives import CollectiveError, all_gather, all_to_all
 from ..event import EventOverlap
 from ..handle import DispatchHandle
-from .cuda import CombineOutputs, CudaTransport, NormalCounts, UnpackOutputs, handle_tensors, normal_records_for_rank
+from .cuda import CombineOutputs, CudaTransport, NormalCounts, UnpackOutputs, normal_records_for_rank
 from .device_errors import RECORD_FIELDS
 from .records import format_values
 from .streams import CallStreams
@@ -157,7 +157,7 @@ class NcclTransport(CudaTransport):
         outputs = UnpackOutputs(call, counts.num_recv, x, x_scales, num_topk, with_count=False)
         self._unpack(outputs, recv_buffer, recv_counts, 0, x, x_scales, num_local)
         handle = self._normal_handle(counts, rank_prefix_matrix, recv_counts, outputs.recv_src_idx, is_token_in_rank,
-                                     send_pos, x.shape[1])
+                                     send_pos, send_counts, x.shape[1])
         return self._dispatch_result(outputs, counts.num_recv_tokens_per_expert_list, handle)
 
     def _unpack(self, outputs: UnpackOutputs, recv_buffer: Tensor, recv_counts: Tensor, slot_rows: int, x: Tensor,
@@ -220,7 +220,7 @@ class NcclTransport(CudaTransport):
             recv_buffer = self._exchange_rows(send_buffer, stride, handle, False, "cached dispatch (payload)")
             outputs = UnpackOutputs(call, handle.num_output_rows, x, x_scales, 0, with_count=False)
             self._unpack(outputs, recv_buffer, handle.device_recv_counts, handle.slot_rows, x, x_scales, 0)
-            in_flight = (x, x_scales, outputs.recv_x, outputs.recv_x_scales) + handle_tensors(handle)
+            in_flight = (x, x_scales, outputs.recv_x, outputs.recv_x_scales) + handle.tensors()
             return (outputs.recv_x, outputs.recv_x_scales), call.finish(async_finish, in_flight)
 
     def combine(self, x: Tensor, handle: DispatchHandle, topk_weights: Optional[Tensor], bias_0: Optional[Tensor],
@@ -240,7 +240,7 @@ class NcclTransport(CudaTransport):
             outputs = CombineOutputs(call, handle, x, num_topk)
             self.kernels.combine_reduce(outputs.args(recv_buffer, handle, bias_0, bias_1),
                                         (recv_buffer, outputs.combined_x, outputs.combined_topk_weights, bias_0,
-                                         bias_1) + handle_tensors(handle))
+                                         bias_1) + handle.tensors())
             in_flight = (x, topk_weights, bias_0, bias_1, outputs.combined_x,
-                         outputs.combined_topk_weights) + handle_tensors(handle)
+                         outputs.combined_topk_weights) + handle.tensors()
             return (outputs.combined_x, outputs.combined_topk_weights), call.finish(async_finish, in_flight)

@@ -1,6 +1,6 @@
 """The raw views of tensors that every transport hands to the native kernels."""
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -15,6 +15,12 @@ def ptr(tensor: Optional[Tensor]) -> int:
 def row_bytes(tensor: Optional[Tensor]) -> int:
     """Bytes of one row of a 2-D ``tensor``; 0 for None."""
     return 0 if tensor is None else tensor.shape[1] * tensor.element_size()
+
+
+def scale_strides(x_scales: Optional[Tensor]) -> Tuple[int, int]:
+    """(token, column) strides of FP8 scales [T, S] in elements, which the pack kernels read them
+    through; (0, 0) for None."""
+    return (0, 0) if x_scales is None else (x_scales.stride(0), x_scales.stride(1))
 
 
 def as_bytes(tensor: Tensor) -> Tensor:
