@@ -4,11 +4,12 @@ standard-library source (no download), with auxiliary-loss-free load balancing.
 Run:  torchrun --standalone --nproc_per_node=4 examples/moe_layer.py [--parallel ep|tp|auto] ...
 
 Every rank holds all of the model except the routed experts, of which it owns ``E / R`` (the
-``eplib.MoE`` layers place them). Each rank trains on its own batches; the gradients of the
-replicated parameters are summed over the ranks after each backward, the expert gradients already
-arrive summed (through combine's backward in ep mode, the reduce-scatter in tp mode).
-``eplib.moe.Balancer`` moves the routing bias once per step. CPU ranks over gloo by default; with
-GPUs, one GPU per rank over NCCL.
+``eplib.MoE`` layers place them). Each rank trains on its own batches. The replicated parameters
+train data-parallel with torch's own wrappers, the experts left out of them
+(``eplib.moe.ddp``, or ``--data-parallel fsdp``: ``eplib.moe.fully_shard_dense``, FSDP2 on each
+block and the rest); the expert gradients already arrive summed over the ranks (through combine's
+backward in ep mode, the reduce-scatter in tp mode). ``eplib.moe.Balancer`` moves the routing bias
+once per step. CPU ranks over gloo by default; with GPUs, one GPU per rank over NCCL.
 
 ``--balancer quantile`` swaps DeepSeek-V3's sign rule for the quantile controller. It prints a line
 every ``--log-every`` steps (loss, batch MaxVio, tokens/s, time in dispatch and combine or in the tp
@@ -23,7 +24,7 @@ import math
 import os
 import sys
 import time
-from typing import Dict, List
+from typing import Dict, Iterator, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -88,20 +89,42 @@ class TinyMoELM(nn.Module):
         return self.norm(x) @ self.embed.weight.T
 
 
-def sum_replicated_grads(model: nn.Module) -> None:
-    """Sum the gradients of every parameter that all ranks hold (all but the routed experts) in
-    one all-reduce; the expert gradients are already the sum over the ranks' tokens."""
-    expert_params = {id(p) for m in model.modules() if isinstance(m, eplib.moe.Experts) for p in m.parameters()}
-    grads = [p.grad for p in model.parameters() if id(p) not in expert_params and p.grad is not None]
-    flat = torch.cat([g.flatten() for g in grads])
-    dist.all_reduce(flat)
-    for grad, part in zip(grads, flat.split([g.numel() for g in grads])):
-        grad.copy_(part.view_as(grad))
+def data_parallel(model: TinyMoELM, mode: str) -> nn.Module:
+    """The module to train: ``model`` under DDP (``"ddp"``), or sharded by FSDP2 per block and at
+    the root (``"fsdp"``, returns ``model`` itself), the routed experts left out either way."""
+    if mode == "ddp":
+        return eplib.moe.ddp(model)
+    return eplib.moe.fully_shard_dense(model, blocks=model.blocks)
 
 
-def parse_args() -> argparse.Namespace:
+def batches(args: argparse.Namespace, device: torch.device) -> Iterator[Tensor]:
+    """This rank's windows of ``seq_len + 1`` characters, ``[batch, seq_len + 1]`` int64, forever."""
+    corpus = load_corpus().to(device)
+    generator = torch.Generator(device=device).manual_seed(args.seed * 10_000 + 1 + dist.get_rank())
+    while True:
+        starts = torch.randint(0, corpus.numel() - args.seq_len - 1, (args.batch,), generator=generator,
+                               device=device)
+        yield corpus[starts.unsqueeze(1) + torch.arange(args.seq_len + 1, device=device)]
+
+
+def train_step(module: nn.Module, optimizer: torch.optim.Optimizer, balancer: Balancer, window: Tensor) -> Tensor:
+    """One step on ``window [batch, seq_len + 1]``; returns this rank's loss. Each rank minimises its
+    own loss; the data-parallel wrapper averages the replicated gradients, the expert gradients are
+    scaled to match (the objective is the mean of the ranks' losses)."""
+    logits = module(window[:, :-1])
+    loss = F.cross_entropy(logits.reshape(-1, VOCAB), window[:, 1:].reshape(-1))
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    balancer.step()
+    return loss
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--parallel", choices=("ep", "tp", "auto"), default="ep")
+    parser.add_argument("--data-parallel", choices=("ddp", "fsdp"), default="ddp",
+                        help="how the replicated parameters train: DDP, or FSDP2 (fully_shard) per block")
     parser.add_argument("--experts", type=int, default=8, help="a multiple of the number of ranks")
     parser.add_argument("--top-k", type=int, default=2)
     parser.add_argument("--steps", type=int, default=200)
@@ -123,7 +146,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--log-every", type=int, default=20)
     parser.add_argument("--plot", metavar="OUT.png", help="write loss and MaxVio curves (needs matplotlib)")
     parser.add_argument("--json", metavar="OUT.json", help="write the per-step loss and MaxVio and the summary")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if min(args.experts, args.top_k, args.steps, args.layers, args.hidden, args.heads, args.ffn_hidden,
            args.seq_len, args.batch, args.log_every) < 1 or args.top_k > args.experts:
         parser.error("sizes and counts must be >= 1, and --top-k at most --experts")
@@ -182,10 +205,10 @@ def train(args: argparse.Namespace, device: torch.device) -> bool:
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(args.seed)  # the same replicated parameters on every rank
     model = TinyMoELM(args, device).to(device)
+    module = data_parallel(model, args.data_parallel)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     balancer = Balancer(model, bias_update_rate=args.bias_update_rate, method=args.balancer, damping=args.damping)
-    corpus = load_corpus().to(device)
-    batch_generator = torch.Generator(device=device).manual_seed(args.seed * 10_000 + 1 + rank)
+    windows = batches(args, device)
     moe_layers = [block.moe for block in model.blocks]
 
     history: Dict[str, List[float]] = {"loss": [], "max_vio": [], "max_vio_floor": []}
@@ -194,16 +217,7 @@ def train(args: argparse.Namespace, device: torch.device) -> bool:
     window_start = run_start = time.perf_counter()
     with eplib.timing.record() as phase_times:
         for step in range(1, args.steps + 1):
-            starts = torch.randint(0, corpus.numel() - args.seq_len - 1, (args.batch,), generator=batch_generator,
-                                   device=device)
-            window = corpus[starts.unsqueeze(1) + torch.arange(args.seq_len + 1, device=device)]
-            logits = model(window[:, :-1])
-            loss = F.cross_entropy(logits.reshape(-1, VOCAB), window[:, 1:].reshape(-1))
-            optimizer.zero_grad(set_to_none=True)
-            (loss / world).backward()  # the objective is the mean over ranks
-            sum_replicated_grads(model)
-            optimizer.step()
-            balancer.step()
+            loss = train_step(module, optimizer, balancer, next(windows))
 
             # Logging reads a few device scalars: the training path itself never does.
             # MaxVio and its floor are the group's already (the same on every rank).
@@ -237,7 +251,8 @@ def train(args: argparse.Namespace, device: torch.device) -> bool:
         comm_total = sum(comm_seconds.values())
         controller = (f"damping={args.damping:g}" if args.balancer == "quantile"
                       else f"bias_update_rate={args.bias_update_rate:g}")
-        print(f"summary: ranks={world} parallel={args.parallel} experts={args.experts} top_k={args.top_k} "
+        print(f"summary: ranks={world} parallel={args.parallel} data_parallel={args.data_parallel} "
+              f"experts={args.experts} top_k={args.top_k} "
               f"score_func={args.score_func} balancer={args.balancer} {controller} steps={args.steps} "
               f"device={device.type}")
         print(f"summary: loss {first_loss:.3f} -> {last_loss:.3f} (mean of the first / last {head} steps; "

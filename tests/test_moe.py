@@ -134,6 +134,7 @@ def test_single_process_layer_and_shapes():
 
 @pytest.mark.parametrize("bad,error,match", [
     (lambda: torch.randn(4, 7), ValueError, "x: expected shape"),
+    (lambda: torch.tensor(1.0), ValueError, "x: expected shape"),
     (lambda: torch.randn(4, 8, dtype=torch.float64), TypeError, "x: expected dtype"),
     (lambda: [1.0], TypeError, "x: expected a tensor"),
 ])
@@ -151,6 +152,103 @@ def test_moe_rejects_bad_arguments():
         eplib.MoE(8, 16, 4, 2, parallel="dp")
     with pytest.raises(TypeError, match="dtype"):
         eplib.MoE(8, 16, 4, 2, dtype=torch.int32)
+    with pytest.raises(ValueError, match="hidden_act"):
+        eplib.MoE(8, 16, 4, 2, hidden_act="softplus")
+    with pytest.raises(ValueError, match="group_score"):
+        eplib.MoE(8, 16, 4, 2, n_group=2, group_score="sum")
+    with pytest.raises(ValueError, match="num_worst_tokens"):
+        eplib.MoE(8, 16, 4, 2, num_worst_tokens=-1)
+
+
+def test_any_leading_shape():
+    import eplib
+
+    moe = eplib.MoE(8, 16, 4, 2, seed=1, aux_loss_alpha=0.01)
+    x = torch.randn(2, 3, 5, 8)
+    out = moe(x)
+    aux_loss = moe.aux_loss
+    assert out.shape == x.shape
+    torch.testing.assert_close(moe(x.reshape(30, 8)), out.reshape(30, 8))
+    torch.testing.assert_close(moe(x[0, 0, 0]), out[0, 0, 0])  # one token, [H]
+    # [..., S, H]: 2 * 3 sequences of 5 tokens for the sequence-wise aux loss.
+    torch.testing.assert_close(aux_loss, moe.router(x.reshape(30, 8), 6).aux_loss)
+    assert not torch.allclose(aux_loss, moe.router(x.reshape(30, 8), 1).aux_loss)
+
+
+def job_model_to_dtype(rank, world_size, group, parallel):
+    """A model holding the layer, cast whole with .to(torch.bfloat16), .float() and .double():
+    forward and backward run and the router keeps computing in float32. Cast to bfloat16 first, so
+    that every later dtype holds the same (bf16-representable) weights and inputs, routes the same
+    tokens to the same experts, and differs only by the experts' arithmetic."""
+    import eplib
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(eplib.MoE(16, 8, 8, 2, group=group, parallel=parallel, num_shared_experts=1, seed=4),
+                                torch.nn.Linear(16, 16))
+    x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(rank)).to(torch.bfloat16)
+    results = {}
+    for dtype in (torch.bfloat16, torch.float32, torch.float64):
+        model.to(dtype)
+        inputs = x.to(dtype, copy=True).requires_grad_()
+        out = model(inputs)
+        out.float().square().sum().backward()
+        assert model[0].dtype == dtype and model[0].router.weight.dtype == dtype
+        results[str(dtype)] = (model[0].router(inputs.detach().reshape(-1, 16)).topk_idx, out.float().detach(),
+                               inputs.grad.float(), model[0].experts.w_up.grad.float())
+        model.zero_grad()
+    return results
+
+
+@pytest.mark.parametrize("parallel", ["ep", "tp"])
+def test_whole_model_to_dtype(pool2, parallel):
+    for results in pool2.run(job_model_to_dtype, parallel):
+        reference = results["torch.float64"]
+        for dtype, tolerance in (("torch.float32", 1e-5), ("torch.bfloat16", 5e-2)):
+            chosen, *values = results[dtype]
+            assert torch.equal(chosen, reference[0])
+            for got, want in zip(values, reference[1:]):
+                torch.testing.assert_close(got, want, atol=tolerance * want.abs().max(), rtol=tolerance)
+
+
+def _dense_experts(x, topk_idx, topk_weights, weights, hidden_act):
+    """Every (row, slot) through its expert, one at a time: the plain-torch reference."""
+    from eplib.moe import gated_ffn
+
+    out = torch.zeros_like(x)
+    for n in range(x.shape[0]):
+        for k in range(topk_idx.shape[1]):
+            e = int(topk_idx[n, k])
+            if e >= 0:
+                out[n] = out[n] + topk_weights[n, k] * gated_ffn(x[n:n + 1], *(w[e] for w in weights), hidden_act)[0]
+    return out
+
+
+@pytest.mark.parametrize("hidden_act", ["silu", "gelu", "gelu_pytorch_tanh", "relu", "sigmoid", "tanh"])
+def test_run_experts_gradients_match_autograd(hidden_act):
+    """The experts op's hand-written backward against autograd through a per-row loop, float64:
+    masked slots, an expert without rows, a row with two slots on one expert."""
+    from eplib.moe import run_experts
+
+    generator = torch.Generator().manual_seed(7)
+    num_rows, num_experts, hidden, ffn = 9, 4, 6, 5
+    topk_idx = torch.randint(0, num_experts - 1, (num_rows, 3), generator=generator)  # expert 3 gets none
+    topk_idx[::3, 1] = -1
+    topk_idx[1] = torch.tensor([2, 2, 0])
+    inputs = [torch.randn(num_rows, hidden, generator=generator, dtype=torch.float64),
+              torch.rand(num_rows, 3, generator=generator, dtype=torch.float64),
+              torch.randn(num_experts, hidden, ffn, generator=generator, dtype=torch.float64),
+              torch.randn(num_experts, hidden, ffn, generator=generator, dtype=torch.float64),
+              torch.randn(num_experts, ffn, hidden, generator=generator, dtype=torch.float64)]
+    upstream = torch.randn(num_rows, hidden, generator=generator, dtype=torch.float64)
+    results = []
+    for fn in (run_experts, _dense_experts):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        out = fn(leaves[0], topk_idx, leaves[1], tuple(leaves[2:]), hidden_act=hidden_act)
+        (out * upstream).sum().backward()
+        results.append([out.detach()] + [leaf.grad for leaf in leaves])
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
+    assert results[0][3][3].abs().sum() == 0  # the expert without rows has a zero gradient
 
 
 def job_bf16_modes(rank, world_size, group):

@@ -92,3 +92,45 @@ def test_dispatch_combine_gradients_match_single_process_function(pool4, dtype_n
         torch.testing.assert_close(grad_x, ref_grad_x, atol=tolerance, rtol=1e-6 if tolerance == 0 else tolerance)
         torch.testing.assert_close(grad_w, ref_grad_w, atol=1e-5 + tolerance, rtol=1e-5 + tolerance)
         assert grad_w.abs().sum() > 0 and grad_x.abs().sum() > 0
+
+
+def _handles():
+    """DispatchHandles of the three forms: host counts (cpu transport), device counts (a padded,
+    num_worst_tokens dispatch), and with the ipc transport's per-channel counts."""
+    from eplib import DispatchHandle
+
+    prefix = torch.tensor([[1, 2], [3, 3]], dtype=torch.int32)
+    sent = torch.tensor([1, 2], dtype=torch.int32)
+    tensors = dict(rank_prefix_matrix=prefix, device_send_counts=sent, recv_src_idx=torch.arange(4, dtype=torch.int32),
+                   is_token_in_rank=torch.ones(3, 2, dtype=torch.bool),
+                   send_pos=torch.arange(6, dtype=torch.int32).view(3, 2), hidden=16)
+    host = DispatchHandle(send_counts=(1, 2), recv_counts=(3, 1), num_recv_tokens=4, **tensors)
+    padded = DispatchHandle(send_counts=sent, recv_counts=torch.tensor([3, 1], dtype=torch.int32),
+                            num_recv_tokens=torch.tensor([4], dtype=torch.int32), slot_rows=2,
+                            device_recv_counts=torch.tensor([3, 1], dtype=torch.int32), **tensors)
+    channels = DispatchHandle(send_counts=(1, 2), recv_counts=(3, 1), num_recv_tokens=4,
+                              device_recv_counts=torch.tensor([3, 1], dtype=torch.int32),
+                              channel_counts=torch.tensor([[1, 2, 0], [1, 0, 0]], dtype=torch.int32), **tensors)
+    return {"host": host, "padded": padded, "channels": channels}
+
+
+ATTRIBUTES = ("send_counts", "recv_counts", "num_recv_tokens", "hidden", "slot_rows", "device_recv_counts",
+              "channel_counts")
+
+
+@pytest.mark.parametrize("form", ["host", "padded", "channels"])
+def test_tensor_handle_round_trip(form):
+    """eplib's custom ops carry the handle as tensors: to_dispatch_handle(to_tensor_handle(h)) is h."""
+    from eplib import ops
+
+    handle = _handles()[form]
+    tensors = ops.to_tensor_handle(handle)
+    assert all(isinstance(t, torch.Tensor) for t in tensors)
+    back = ops.to_dispatch_handle(tensors)
+    assert len(back) == len(handle) == 6
+    pairs = list(zip(back, handle)) + [(getattr(back, name), getattr(handle, name)) for name in ATTRIBUTES]
+    for index, (got, want) in enumerate(pairs):
+        if isinstance(want, torch.Tensor):
+            assert torch.equal(got, want), index
+        else:
+            assert got == want, index

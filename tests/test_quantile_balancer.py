@@ -17,17 +17,20 @@ THRESHOLD_CONFIGS = [(16, 2, 1, 1), (16, 4, 4, 2), (16, 3, 8, 3), (16, 3, 16, 5)
 LAYERS = [dict(num_experts=8, top_k=2, seed=1), dict(num_experts=16, top_k=4, n_group=4, topk_group=2, seed=2)]
 
 
-def _router(num_experts, top_k, n_group, topk_group):
+def _router(num_experts, top_k, n_group, topk_group, group_score="top2_sum"):
     from eplib.moe import Router
 
-    return Router(HIDDEN, num_experts, top_k, score_func="sigmoid", n_group=n_group, topk_group=topk_group)
+    return Router(HIDDEN, num_experts, top_k, score_func="sigmoid", n_group=n_group, topk_group=topk_group,
+                  group_score=group_score)
 
 
+@pytest.mark.parametrize("group_score", ["top2_sum", "max"])
 @pytest.mark.parametrize("num_experts,top_k,n_group,topk_group", THRESHOLD_CONFIGS)
-def test_thresholds_are_where_the_routers_choice_flips(num_experts, top_k, n_group, topk_group):
+def test_thresholds_are_where_the_routers_choice_flips(num_experts, top_k, n_group, topk_group, group_score):
     """Token t picks e exactly when choice[t, e] >= θ[t, e]: moving choice[t, e] just above θ makes
-    the router's own selection pick e, just below does not (the rest of the row unchanged)."""
-    router = _router(num_experts, top_k, n_group, topk_group)
+    the router's own selection pick e, just below does not (the rest of the row unchanged); groups
+    ranked by their two best scores (DeepSeek-V3) or by their best one (DeepSeek-V2)."""
+    router = _router(num_experts, top_k, n_group, topk_group, group_score)
     generator = torch.Generator().manual_seed(0)
     choice = torch.rand(256, num_experts, generator=generator) + 0.2 * torch.randn(num_experts, generator=generator)
     theta = router.selection_thresholds(choice)

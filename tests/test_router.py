@@ -9,16 +9,18 @@ from torch.utils.checkpoint import checkpoint
 from eplib.moe import Router, max_violation
 
 
-def reference_route(x, weight, bias, top_k, score_func, n_group, topk_group, norm, scale):
-    """One token at a time, in float64, with Python lists: (sorted expert ids, {id: gate})."""
+def reference_route(x, weight, bias, top_k, score_func, n_group, topk_group, norm, scale, group_score="top2_sum"):
+    """One token at a time, in float64, with Python lists: (sorted expert ids, {id: gate}). Groups
+    rank by the sum of their two best biased scores, or by their best one ("max")."""
     results = []
     for row in x.double():
         logits = weight.detach().double() @ row
         scores = torch.softmax(logits, 0) if score_func == "softmax" else torch.sigmoid(logits)
         choice = [float(s) + float(b) for s, b in zip(scores, bias)]
         per_group = len(choice) // n_group
+        best = 1 if group_score == "max" else 2
         group_rank = sorted(range(n_group), key=lambda g: -sum(sorted(choice[g * per_group:(g + 1) * per_group],
-                                                                      reverse=True)[:2]))
+                                                                      reverse=True)[:best]))
         allowed = [e for g in group_rank[:topk_group] for e in range(g * per_group, (g + 1) * per_group)]
         chosen = sorted(sorted(allowed, key=lambda e: -choice[e])[:top_k])
         gates = {e: float(scores[e]) for e in chosen}
@@ -34,10 +36,13 @@ CONFIGS = [
     dict(score_func="softmax", top_k=3, n_group=1, topk_group=1, norm_topk_prob=False, routed_scaling_factor=1.0),
     dict(score_func="sigmoid", top_k=4, n_group=4, topk_group=2, norm_topk_prob=True, routed_scaling_factor=2.5),
     dict(score_func="sigmoid", top_k=1, n_group=8, topk_group=3, norm_topk_prob=False, routed_scaling_factor=1.0),
+    dict(score_func="softmax", top_k=3, n_group=4, topk_group=2, norm_topk_prob=False, routed_scaling_factor=1.5,
+         group_score="max"),
 ]
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c['score_func']}-k{c['top_k']}-g{c['n_group']}")
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c['score_func']}-k{c['top_k']}-g{c['n_group']}"
+                                                          f"-{c.get('group_score', 'top2_sum')}")
 def test_router_matches_reference(config):
     torch.manual_seed(0)
     router = Router(16, 16, **config)
@@ -47,13 +52,30 @@ def test_router_matches_reference(config):
     out = router(x)
     expected = reference_route(x, router.weight, router.expert_bias, config["top_k"], config["score_func"],
                                config["n_group"], config["topk_group"], config["norm_topk_prob"],
-                               config["routed_scaling_factor"])
+                               config["routed_scaling_factor"], config.get("group_score", "top2_sum"))
     assert out.topk_idx.dtype == torch.int64 and out.topk_weights.dtype == torch.float32
     for t, (chosen, gates) in enumerate(expected):
         ids = out.topk_idx[t].tolist()
         assert sorted(ids) == chosen, f"token {t}"
         for k, e in enumerate(ids):
             assert math.isclose(out.topk_weights[t, k].item(), gates[e], rel_tol=1e-5, abs_tol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_router_computes_in_float32_whatever_its_weight_dtype(dtype):
+    """After model.to(dtype) the weight (and bias) have that dtype; the forward casts them to
+    float32, as transformers' DeepSeek-V3 gate does: the scores are those of the rounded weight."""
+    torch.manual_seed(5)
+    router = Router(8, 8, 2, score_func="sigmoid")
+    rounded = router.weight.detach().to(dtype).float()
+    router.to(dtype)
+    x = torch.randn(10, 8, dtype=dtype)
+    scores = router.scores(x)
+    assert scores.dtype == torch.float32
+    torch.testing.assert_close(scores, torch.sigmoid(x.float() @ rounded.T))
+    out = router(x)
+    out.topk_weights.sum().backward()
+    assert router.weight.grad.dtype == dtype
 
 
 def test_bias_changes_choice_but_not_gate_values():
@@ -129,6 +151,7 @@ def test_max_violation():
     (dict(top_k=9), "top_k"), (dict(score_func="relu"), "score_func"), (dict(n_group=3), "n_group"),
     (dict(n_group=2, topk_group=3), "topk_group"), (dict(top_k=5, n_group=4, topk_group=2), "top_k"),
     (dict(aux_loss_alpha=-1.0), "aux_loss_alpha"), (dict(routed_scaling_factor=float("nan")), "routed_scaling"),
+    (dict(group_score="mean"), "group_score"),
 ])
 def test_router_rejects_bad_arguments(kwargs, match):
     args = dict(hidden_size=4, num_experts=8, top_k=2)

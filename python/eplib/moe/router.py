@@ -21,6 +21,9 @@ from ..validation import check_int
 Tensor = torch.Tensor
 
 SCORE_FUNCS = ("softmax", "sigmoid")
+#: How group-limited routing ranks a group: by the sum of its two best (biased) scores
+#: (DeepSeek-V3), or by its best one (DeepSeek-V2's "group_limited_greedy").
+GROUP_SCORES = ("top2_sum", "max")
 NEG_INF = float("-inf")
 
 
@@ -34,7 +37,10 @@ class RouterOutput(NamedTuple):
 
 
 def _in_backward() -> bool:
-    """True while autograd runs a backward pass (e.g. the recompute of activation checkpointing)."""
+    """True while autograd runs a backward pass (e.g. the recompute of activation checkpointing).
+    False under ``torch.compile``, whose compiled backward does not rerun the forward's counting."""
+    if torch.compiler.is_compiling():
+        return False
     task_id = getattr(torch._C, "_current_graph_task_id", None)
     return task_id is not None and task_id() != -1
 
@@ -109,22 +115,29 @@ class Router(nn.Module):
         num_experts: E.
         top_k: K, experts per token.
         score_func: ``"softmax"`` (over all experts) or ``"sigmoid"`` (per expert, DeepSeek-V3).
-        n_group, topk_group: group-limited routing: the E experts form ``n_group`` equal groups, each
-            ranked by the sum of its two best (biased) scores, and a token picks its experts only
-            inside its ``topk_group`` best groups. ``n_group=1`` turns it off.
+        n_group, topk_group: group-limited routing: the E experts form ``n_group`` equal groups,
+            ranked by ``group_score``, and a token picks its experts only inside its ``topk_group``
+            best groups. ``n_group=1`` turns it off.
         norm_topk_prob: divide the K gate values of a token by their sum.
         routed_scaling_factor: multiplies the gate values (after the normalisation).
         aux_loss_alpha: weight of DeepSeek-V3's sequence-wise balance loss ``α Σ_i f_i P_i``
             (0 disables it; the bias does the balancing).
+        group_score: how a group is ranked: ``"top2_sum"``, the sum of its two best biased scores
+            (DeepSeek-V3), or ``"max"``, its best one (DeepSeek-V2). DeepSeek-V2 sets the scores of
+            the other groups to 0 where eplib excludes them; both pick the same experts, since
+            scores are positive and ``top_k`` is at most the experts of the kept groups (V2 has no
+            bias that could make a kept score negative).
 
     Parameters and buffers: ``weight`` float32 ``[E, H]``; ``expert_bias`` float32 ``[E]`` (in the
-    state_dict); the non-persistent counters of the Balancer.
+    state_dict); the non-persistent counters of the Balancer. Scores are computed in float32
+    whatever the dtype of ``weight`` (``model.to(torch.bfloat16)`` or ``.double()`` casts it; the
+    forward casts it back, as transformers' DeepSeek-V3 gate does).
     """
 
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, score_func: str = "softmax",
                  n_group: int = 1, topk_group: int = 1, norm_topk_prob: bool = True,
                  routed_scaling_factor: float = 1.0, aux_loss_alpha: float = 0.0,
-                 device: Optional[torch.device] = None) -> None:
+                 device: Optional[torch.device] = None, group_score: str = "top2_sum") -> None:
         super().__init__()
         check_int("hidden_size", hidden_size, 1)
         check_int("num_experts", num_experts, 1)
@@ -139,6 +152,8 @@ class Router(nn.Module):
             raise ValueError(f"n_group: expected a divisor of num_experts={num_experts}, got {n_group}")
         if topk_group > n_group:
             raise ValueError(f"topk_group: expected at most n_group={n_group}, got {topk_group}")
+        if group_score not in GROUP_SCORES:
+            raise ValueError(f"group_score: expected one of {GROUP_SCORES}, got {group_score!r}")
         if top_k > topk_group * (num_experts // n_group):
             raise ValueError(f"top_k: expected at most topk_group * experts per group = "
                              f"{topk_group * (num_experts // n_group)}, got {top_k}")
@@ -146,7 +161,7 @@ class Router(nn.Module):
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name}: expected a finite number >= 0, got {value!r}")
         self.num_experts, self.top_k, self.score_func = num_experts, top_k, score_func
-        self.n_group, self.topk_group = n_group, topk_group
+        self.n_group, self.topk_group, self.group_score = n_group, topk_group, group_score
         self.norm_topk_prob, self.routed_scaling_factor = norm_topk_prob, float(routed_scaling_factor)
         self.aux_loss_alpha = float(aux_loss_alpha)
         self.weight = nn.Parameter(torch.empty(num_experts, hidden_size, dtype=torch.float32, device=device))
@@ -162,14 +177,17 @@ class Router(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self, generator: Optional[torch.Generator] = None) -> None:
-        """``weight`` ~ U(-1/sqrt(H), 1/sqrt(H)) from ``generator`` (torch's default one when None)."""
+        """``weight`` ~ U(-1/sqrt(H), 1/sqrt(H)) from ``generator`` (torch's default one when None;
+        nothing is drawn on the meta device)."""
+        if self.weight.is_meta:
+            return
         bound = self.weight.shape[1] ** -0.5
         with torch.no_grad():
             self.weight.copy_(torch.rand(self.weight.shape, generator=generator) * (2 * bound) - bound)
 
     def scores(self, x: Tensor) -> Tensor:
-        """Unbiased scores, float32 ``[T, E]``, of ``x [T, H]`` (any float dtype)."""
-        logits = F.linear(x.float(), self.weight)
+        """Unbiased scores, float32 ``[T, E]``, of ``x [T, H]`` (any float dtype, as ``weight``)."""
+        logits = F.linear(x.float(), self.weight.float())
         return logits.softmax(-1) if self.score_func == "softmax" else logits.sigmoid()
 
     def forward(self, x: Tensor, num_sequences: int = 1) -> RouterOutput:
@@ -179,7 +197,8 @@ class Router(nn.Module):
         While grad is enabled and outside a backward pass (so evaluation and the recompute of
         activation checkpointing are not counted), the chosen experts are added to
         ``pending_counts`` on the device, and with ``record_margins`` the margins
-        ``scores - selection_thresholds(biased scores)`` float32 ``[T, E]`` join ``pending_margins``.
+        ``scores - selection_thresholds(biased scores)`` float32 ``[T, E]`` join ``pending_margins``
+        (float32 whatever the dtype of ``expert_bias``: the Balancer's radix select reads their bits).
         """
         scores = self.scores(x)
         choice = scores.detach() + self.expert_bias
@@ -192,7 +211,7 @@ class Router(nn.Module):
         if torch.is_grad_enabled() and not _in_backward():
             self.pending_counts.scatter_add_(0, topk_idx.flatten(), torch.ones_like(topk_idx.flatten()))
             if self.record_margins:
-                self.pending_margins.append(scores.detach() - self.selection_thresholds(choice))
+                self.pending_margins.append((scores.detach() - self.selection_thresholds(choice)).float())
         aux_loss = (self._sequence_aux_loss(scores, topk_idx, num_sequences) if self.aux_loss_alpha > 0
                     else scores.new_zeros(()))
         return RouterOutput(topk_idx, topk_weights, aux_loss)
@@ -232,9 +251,9 @@ class Router(nn.Module):
         """``selection_thresholds`` with group-limited routing: the larger of two thresholds.
         In-group: the K-th best biased score among the other experts that token t may pick once e's
         group is among its kept groups (e's group and the ``topk_group - 1`` best other groups).
-        Group entry: the value at which e lifts its group's score (the sum of the group's two best
-        biased scores) to the ``topk_group``-th best score of the other groups; -inf when the group
-        is kept whatever e scores."""
+        Group entry: the value at which e lifts its group's score (``group_score``) to the
+        ``topk_group``-th best score of the other groups; -inf when the group is kept whatever e
+        scores."""
         num_tokens, num_experts = choice.shape
         top_k, n_group, topk_group = self.top_k, self.n_group, self.topk_group
         group_size = num_experts // n_group
@@ -256,12 +275,15 @@ class Router(nn.Module):
         own_values, own_ids = padded.topk(max(top_k + 1, 3), dim=-1)  # each group's best, [T, G, >= 3]
         if group_size == 1:
             entry = bar
-        else:  # e's group scores best_other + max(e, second_other)
+        else:
             local_ids = torch.arange(group_size, device=choice.device)
             is_first, is_second = own_ids[..., :1] == local_ids, own_ids[..., 1:2] == local_ids
             best_other = torch.where(is_first, own_values[..., 1:2], own_values[..., :1])
-            second_other = torch.where(is_first | is_second, own_values[..., 2:3], own_values[..., 1:2])
-            entry = torch.where(best_other + second_other < bar, bar - best_other, NEG_INF)
+            if self.group_score == "max":  # e's group scores max(e, best_other)
+                entry = torch.where(best_other < bar, bar, NEG_INF)
+            else:  # e's group scores best_other + max(e, second_other)
+                second_other = torch.where(is_first | is_second, own_values[..., 2:3], own_values[..., 1:2])
+                entry = torch.where(best_other + second_other < bar, bar - best_other, NEG_INF)
 
         # e's companions, the other groups a token keeps once e's group is in, are the kept groups
         # but one: e's own when it is kept, else the weakest kept. Their K best scores, for each kept
@@ -285,9 +307,12 @@ class Router(nn.Module):
         return torch.maximum(entry, in_group).view(num_tokens, num_experts)
 
     def _top_groups(self, grouped: Tensor) -> Tuple[Tensor, Tensor]:
-        """Group scores ``[T, n_group]`` (the sum of each group's two best biased scores) of
+        """Group scores ``[T, n_group]`` (``group_score`` of each group's biased scores) of
         ``grouped [T, n_group, E / n_group]``, and the ``topk_group`` best groups, best first."""
-        group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(-1)
+        if self.group_score == "max":
+            group_scores = grouped.max(dim=-1).values
+        else:
+            group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(-1)
         return group_scores, group_scores.topk(self.topk_group, dim=-1).indices
 
     def _mask_to_top_groups(self, choice: Tensor) -> Tensor:
