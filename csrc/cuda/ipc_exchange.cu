@@ -85,6 +85,23 @@ __device__ bool wait_ready(const IpcView& view, int destination, uint64_t round,
   return __shfl_sync(kFullMask, ready, 0);
 }
 
+// What a block of an exchange kernel does: blocks [0, C) send on channel blockIdx.x, blocks [C, 2C)
+// receive on channel blockIdx.x - C; warp w serves peer w. round is 0 on an aborted buffer.
+struct ExchangeBlock {
+  uint64_t round;
+  bool sending;
+  int channel;
+  int warp;
+  int lane;
+};
+
+__device__ ExchangeBlock begin_exchange_block(const IpcView& view, const IpcRings& rings) {
+  const bool sending = blockIdx.x < static_cast<unsigned>(rings.num_channels);
+  return ExchangeBlock{begin_exchange(view), sending,
+                       static_cast<int>(blockIdx.x) - (sending ? 0 : rings.num_channels),
+                       static_cast<int>(threadIdx.x / kWarpSize), lane_id()};
+}
+
 // ---------------------------------------------------------------------------------------------
 // Dispatch
 // ---------------------------------------------------------------------------------------------
@@ -188,11 +205,10 @@ __global__ void __launch_bounds__(kExchangeThreads)
     ipc_dispatch_kernel(DispatchPackArgs pack, DispatchUnpackArgs unpack, DispatchRowLayout layout, IpcView view,
                         IpcRings rings, int32_t* channel_counts) {
   __shared__ int64_t compact_start[kMaxIpcRanks + 1];
-  const uint64_t round = begin_exchange(view);
-  const int num_channels = rings.num_channels;
-  const bool sending = blockIdx.x < static_cast<unsigned>(num_channels);
-  const int channel = sending ? static_cast<int>(blockIdx.x) : static_cast<int>(blockIdx.x) - num_channels;
-  const int warp = static_cast<int>(threadIdx.x / kWarpSize), lane = lane_id();
+  const ExchangeBlock block = begin_exchange_block(view, rings);
+  const uint64_t round = block.round;
+  const bool sending = block.sending;
+  const int channel = block.channel, warp = block.warp, lane = block.lane;
   if (!sending) {
     const bool clipped = load_compact_starts(unpack.recv_counts, view.num_ranks, unpack.slot_rows, compact_start);
     const int64_t total = compact_start[view.num_ranks];
@@ -202,7 +218,7 @@ __global__ void __launch_bounds__(kExchangeThreads)
       if (unpack.num_recv_out != nullptr) *unpack.num_recv_out = static_cast<int32_t>(num_real);
     }
     const int num_warps = static_cast<int>(blockDim.x / kWarpSize);
-    for (int64_t i = num_real + channel * num_warps + warp; i < unpack.num_out_rows; i += num_channels * num_warps)
+    for (int64_t i = num_real + channel * num_warps + warp; i < unpack.num_out_rows; i += rings.num_channels * num_warps)
       pad_dispatch_row(unpack, layout, i, 0, lane);
   }
   if (round != 0 && warp < view.num_ranks) {
@@ -318,11 +334,10 @@ __global__ void __launch_bounds__(kExchangeThreads)
     ipc_combine_kernel(CombinePackArgs pack, CombineReduceArgs reduce, CombineRowLayout layout, IpcView view,
                        IpcRings rings, const int32_t* channel_counts) {
   __shared__ int64_t compact_start[kMaxIpcRanks + 1];
-  const uint64_t round = begin_exchange(view);
-  const int num_channels = rings.num_channels;
-  const bool sending = blockIdx.x < static_cast<unsigned>(num_channels);
-  const int channel = sending ? static_cast<int>(blockIdx.x) : static_cast<int>(blockIdx.x) - num_channels;
-  const int warp = static_cast<int>(threadIdx.x / kWarpSize), lane = lane_id();
+  const ExchangeBlock block = begin_exchange_block(view, rings);
+  const uint64_t round = block.round;
+  const bool sending = block.sending;
+  const int channel = block.channel, warp = block.warp, lane = block.lane;
   if (sending) {
     load_compact_starts(pack.recv_counts, view.num_ranks, pack.slot_rows, compact_start);
     if (round != 0 && warp < view.num_ranks)
