@@ -26,8 +26,10 @@ def stream():
 
 
 def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
-    """`code` in a fresh interpreter (a device fault is sticky: it breaks the process's device for good)."""
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+    """`code` in a fresh interpreter (a device fault is sticky: it breaks the process's device for good).
+    The timeout only bounds a hang: under ThreadSanitizer on a loaded machine the import of torch alone
+    has taken minutes."""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
                           env={**os.environ, **env})
 
 
