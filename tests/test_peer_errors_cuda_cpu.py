@@ -148,3 +148,35 @@ def _check(results, cases) -> None:
 def test_one_ranks_bad_input_raises_on_every_rank(pool_cache, backend, cases):
     results = pool_cache(2).run(job_peer_errors, backend, cases, timeout=240)
     _check(results, cases)
+
+
+def main() -> None:
+    """Prints, per backend and case, the seconds each rank took to raise (min-max over --repeats runs);
+    the README's figures. Run with eplib built with EPLIB_CUDA_CPU=1, from the repository root:
+    ``python tests/test_peer_errors_cuda_cpu.py --repeats 3``."""
+    import argparse
+
+    from dist_harness import RankPool
+
+    parser = argparse.ArgumentParser(description=main.__doc__.split(";")[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    pool = RankPool(2)
+    try:
+        for backend, cases in (("cuda_cpu-nccl", list(CASES)), ("cuda_cpu-ipc", IPC_CASES)):
+            runs = [pool.run(job_peer_errors, backend, cases, timeout=240) for _ in range(args.repeats)]
+            for case in cases:
+                _check([run for run in runs[-1]], [case])
+                for rank in (0, 1):
+                    raised = [run[rank][case][0][1] for run in runs]  # the failing call
+                    later = [run[rank][case][1][1] for run in runs if run[rank][case][1] is not None]
+                    line = f"{backend:14} {case:36} rank {rank}: call {min(raised):.3f}-{max(raised):.3f} s"
+                    if later:
+                        line += f", next normal dispatch {min(later):.3f}-{max(later):.3f} s"
+                    print(line, flush=True)
+    finally:
+        pool.close()
+
+
+if __name__ == "__main__":
+    main()
