@@ -153,6 +153,11 @@ class NcclTransport(CudaTransport):
         key = (call, num_worst_tokens, expects is None, *format_fields.values())
         constant = self._head_constants.get(key)
         if constant is None:
+            if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                # Every rank captures the same calls: all raise alike, before any collective.
+                raise RuntimeError(f"eplib: the first {call} of this kind (num_worst_tokens={num_worst_tokens}, "
+                                   f"{format_fields}) copies its call head's constant part to the device, which a "
+                                   f"CUDA graph capture cannot do: run it once before capturing it (warm-up)")
             constant = make_header(self.num_ranks, 0, call, num_worst_tokens=num_worst_tokens,
                                    **format_fields).to(self.device)
             self._head_constants[key] = constant
