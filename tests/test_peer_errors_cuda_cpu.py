@@ -34,10 +34,13 @@ CASES = {
     "cached dispatch: x float16": ("cached", "TypeError: x"),
     "combine: wrong row count": ("combine", "ValueError: x: expected"),
     "combine: bad handle": ("combine", "TypeError: handle"),
+    # Every rank's input fails: each raises its own error, nobody waits for anybody.
+    "every rank: dispatch, non-contiguous x": ("dispatch", "ValueError: x"),
+    "every rank: combine, wrong row count": ("combine", "ValueError: x: expected"),
 }
 # Calls whose exchange the host reads: the peers raise in them. The ipc transport joins only these.
 HOST_READ = ("layout", "dispatch")
-IPC_CASES = [name for name, (call, _) in CASES.items() if call in HOST_READ]
+IPC_CASES = [name for name, (call, _) in CASES.items() if call in HOST_READ or name.startswith("every rank")]
 
 
 def _inputs(rank: int, seed: int):
@@ -63,7 +66,7 @@ def _failing_step(buf, rank: int, call: str, case: str):
     """(outcome, seconds) of the case's call on this rank: rank 1's input is bad, rank 0's right."""
     import torch
 
-    bad = rank == BAD_RANK
+    bad = rank == BAD_RANK or case.startswith("every rank")
     x, idx, w = _inputs(rank, 3)
     if call == "layout" and bad:  # rank 1 joins rank 0's dispatch, which follows the layout, from here
         return timed_outcome(lambda: buf.get_dispatch_layout(idx.to(torch.int32), E))
@@ -123,6 +126,12 @@ def _check(results, cases) -> None:
         (bad_outcome, _), bad_next, bad_errs = results[BAD_RANK][case]
         (peer_outcome, peer_s), peer_next, peer_errs = results[1 - BAD_RANK][case]
         assert bad_outcome.startswith(own_error), (case, bad_outcome)
+        assert not bad_errs and not peer_errs, (case, bad_errs, peer_errs)
+        if case.startswith("every rank"):
+            assert peer_outcome.startswith(own_error) and peer_s < MAX_PEER_S, (case, peer_outcome, peer_s)
+            for following in (bad_next, peer_next):  # nothing is left to report
+                assert following is None or following[0] == "ok", (case, following)
+            continue
         quote = re.escape(own_error)
         if call in HOST_READ:
             reported, reported_s = peer_outcome, peer_s
@@ -140,7 +149,6 @@ def _check(results, cases) -> None:
             assert re.match(rf"PeerInputError: .*the input of rank {BAD_RANK} failed a check .*rank {BAD_RANK}"
                             rf"(?: in \w[\w ]*)?: {quote}", reported), (case, reported)
         assert reported_s < MAX_PEER_S, f"{case}: rank 0 took {reported_s:.2f} s to raise"
-        assert not bad_errs and not peer_errs, (case, bad_errs, peer_errs)
 
 
 @pytest.mark.parametrize("backend,cases", [("cuda_cpu-nccl", list(CASES)), ("cuda_cpu-ipc", IPC_CASES)],

@@ -29,6 +29,12 @@ hold a whole call: at most ``R * T`` rows of the larger of the dispatch and comb
 before any row moves (normal dispatch: after the counts exchange, which tells every rank every
 rank's counts).
 
+One rank's bad input: a rank whose arguments fail a check in a dispatch (or in the get_dispatch_layout
+before one) runs the notify kernel of its peers' normal-mode dispatch with a record marked REJECTED,
+its message left in the process group's store (``share_error``); the peers raise PeerInputError at
+their host read, and every rank's rounds stay in step. Calls without a notify (num_worst_tokens and
+cached dispatch, combine) are not joined: their peers time out as below.
+
 Waits: every device-side wait gives up after ``EPLIB_TIMEOUT_S`` (read at each call), reports the
 phase and the rank it waited for through host-mapped memory, and the kernels of that and every later
 round poison their outputs (NaN rows, -1 ids) instead of leaving stale ones; the host raises
