@@ -359,7 +359,10 @@ class Buffer:
             self.transport == "auto" and isinstance(tensor, Tensor) and tensor.device.type == "cuda")
         if on_cuda and self._cuda is None and isinstance(tensor, Tensor) and tensor.device.type == "cuda" \
                 and _cuda_usable():
-            return self._cuda_transport(tensor.device)  # the peers' first CUDA call makes theirs (no collective)
+            try:  # the peers' first CUDA call makes their nccl transport (no collective): so does this one
+                return self._cuda_transport(tensor.device)
+            except ValueError:  # a group without a CUDA backend: no peer can be in a CUDA call either
+                return None
         return self._cuda if on_cuda else self._cpu
 
     def _run(self, transport: Transport, method: str, *args: Any, previous_event: Optional[EventOverlap],

@@ -13,8 +13,9 @@ out of bounds.
 Two marks are the host's, never a kernel's. ``REJECTED``: the record of a rank whose input failed a
 host check (an argument) and that joined the exchange only to say so; the others raise
 ``PeerInputError`` quoting its message at once. ``ERR_PEER_INPUT``: the nccl transport ORs it into
-a rank's error flag when a call without a host sync learned from its call heads that another rank's
-input failed; that rank raises ``PeerInputError`` quoting it at its next normal-mode dispatch.
+the error flag of a rank's next normal-mode record when a call without a host sync learned from its
+call heads that another rank's input failed; that rank raises ``PeerInputError`` quoting it there, and
+the others RuntimeError naming that rank.
 """
 
 from typing import Callable, List, Optional

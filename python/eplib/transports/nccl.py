@@ -42,8 +42,9 @@ outputs are not valid, and they raise ``PeerInputError`` quoting it at their nex
 dispatch (whose records carry ``ERR_PEER_INPUT``, so that every rank abandons that dispatch alike).
 A rank whose get_dispatch_layout fails joins its peers' next call in the same way.
 
-Waits. The host waits on a peer only at the normal-mode counts exchange, with the
-``EPLIB_TIMEOUT_S`` limit (collectives.py). The payload all-to-all and the whole padded path are
+Waits. The host waits on a peer only at the normal-mode dispatch's exchanges of call heads and
+per-expert counts, and on a rank whose input failed (``share_error``), with the ``EPLIB_TIMEOUT_S``
+limit (collectives.py). The payload all-to-all and the whole padded path are
 waited on by the communication stream only (no host wait, so that async_finish overlaps and graph
 capture works); a peer that never arrives there is caught by NCCL's watchdog after the process
 group's own timeout (``init_process_group(timeout=...)``), not by EPLIB_TIMEOUT_S.
@@ -137,10 +138,6 @@ class NcclTransport(CudaTransport):
         except CollectiveError as error:
             self._out_of_step = str(error)
             raise
-
-    # ------------------------------------------------------------------------------------------
-    # Dispatch
-    # ------------------------------------------------------------------------------------------
 
     # ------------------------------------------------------------------------------------------
     # Call heads
