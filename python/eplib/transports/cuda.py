@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from .. import _C
+from ..collectives import CollectiveError
 from ..config import Config
 from ..event import EventOverlap
 from ..handle import DispatchHandle
@@ -236,6 +237,14 @@ class CudaTransport:
     def _before_dispatch(self, x: Tensor, x_scales: Optional[Tensor], topk_idx: Optional[Tensor],
                          num_experts: int, config: Optional[Config]) -> None:
         """Host checks a transport makes before a dispatch launches anything (none by default)."""
+
+    def _can_share_error(self, error: Exception) -> bool:
+        """Whether share_error may tell the peers about ``error``: not for errors of the group itself
+        (CollectiveError: the group reports them to every rank), not once the ranks are out of step,
+        and not during a CUDA graph capture, where every rank captures the same calls (an argument error
+        there is every rank's) and a host wait would break the capture."""
+        capturing = self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        return not (isinstance(error, CollectiveError) or self._out_of_step is not None or capturing)
 
     def _check_records(self, records: Tensor) -> None:
         """Raises on every rank alike when a rank rejected its input, a rank's error flag is set or the

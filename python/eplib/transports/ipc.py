@@ -54,7 +54,7 @@ import torch
 import torch.distributed as dist
 
 from .. import _C
-from ..collectives import CollectiveError, all_gather, timeout_seconds
+from ..collectives import all_gather, timeout_seconds
 from ..config import Config
 from ..event import EventOverlap
 from ..exchange import _StoreClient
@@ -242,8 +242,8 @@ class IpcTransport(CudaTransport):
         Not for calls without a notify (num_worst_tokens and cached dispatch, combine): joining their
         exchange round would need the rows the peers expect; their peers time out (EPLIB_TIMEOUT_S) and
         the Buffer then refuses further calls (README "Failure behaviour")."""
-        if call not in ("dispatch", "get_dispatch_layout") or isinstance(error, CollectiveError) \
-                or self._out_of_step is not None or self.ipc_buffer is None:
+        if call not in ("dispatch", "get_dispatch_layout") or not self._can_share_error(error) \
+                or self.ipc_buffer is None:
             return
         self._notes.leave(self.rank, f"{type(error).__name__}: {error}")
         with self._call(None, False):

@@ -177,9 +177,8 @@ class NcclTransport(CudaTransport):
     def share_error(self, call: str, error: Exception) -> None:
         """This rank's input failed a check in ``call`` (records.CALLS): joins the peers' call with a head
         that says so (carrying the message), then the rest of that call as their heads describe it, so
-        that every rank stays in step. The caller raises ``error`` afterwards. Errors of the group itself
-        (CollectiveError) are not told; nor anything once the ranks are out of step."""
-        if isinstance(error, CollectiveError) or self._out_of_step is not None:
+        that every rank stays in step. The caller raises ``error`` afterwards (see _can_share_error)."""
+        if not self._can_share_error(error):
             return
         try:
             with self._call(None, False):
