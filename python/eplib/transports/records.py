@@ -90,6 +90,9 @@ def make_header(num_ranks: int, op: int, call: str, *, error: Optional[BaseExcep
                 sends: Optional[Counts] = None, expects: Optional[Counts] = None, num_worst_tokens: int = 0,
                 **format_fields: int) -> torch.Tensor:
     """This rank's header, int64 [header_words(R)]; ``format_fields`` are FORMAT_FIELDS (0 if absent)."""
+    unknown = set(format_fields) - set(FORMAT_FIELDS)
+    if unknown:
+        raise TypeError(f"make_header: {sorted(unknown)} are not format fields (records.FORMAT_FIELDS)")
     message = b"" if error is None else f"{type(error).__name__}: {error}".encode()
     room = MESSAGE_WORDS * 8
     if len(message) > room:
