@@ -185,7 +185,8 @@ void def_kernel_args(py::module_& m) {
       EPLIB_FIELD(CombineReduceArgs, combined_x) EPLIB_FIELD(CombineReduceArgs, combined_topk_weights);
   ArgsBinding<cuda::IpcExchangeArgs>(m, "IpcExchangeArgs") EPLIB_FIELD(cuda::IpcExchangeArgs, num_channels)
       EPLIB_FIELD(cuda::IpcExchangeArgs, ring_rows) EPLIB_FIELD(cuda::IpcExchangeArgs, chunk_rows)
-      EPLIB_FIELD(cuda::IpcExchangeArgs, channel_counts);
+      EPLIB_FIELD(cuda::IpcExchangeArgs, channel_counts) EPLIB_FIELD(cuda::IpcExchangeArgs, rejected)
+      EPLIB_FIELD(cuda::IpcExchangeArgs, error_flag);
   ArgsBinding<PermuteLayoutArgs>(m, "PermuteLayoutArgs") EPLIB_FIELD(PermuteLayoutArgs, topk_idx)
       EPLIB_FIELD(PermuteLayoutArgs, num_rows) EPLIB_FIELD(PermuteLayoutArgs, num_topk)
       EPLIB_FIELD(PermuteLayoutArgs, num_local_experts) EPLIB_FIELD(PermuteLayoutArgs, expert_alignment)
@@ -268,6 +269,8 @@ void def_cuda_kernels(py::module_& m) {
       .def_property_readonly("region_bytes", &IpcBuffer::region_bytes)
       .def("set_timeout", &IpcBuffer::set_timeout, py::arg("seconds"))
       .def("timeout_report", &IpcBuffer::timeout_report)
+      .def("rejection_report", &IpcBuffer::rejection_report)
+      .def("clear_rejection_report", &IpcBuffer::clear_rejection_report)
       .def(
           "counters",
           [](const IpcBuffer& self) {
@@ -316,7 +319,14 @@ void def_cuda_kernels(py::module_& m) {
             self.combine(pack, reduce, exchange, stream_of(stream));
           },
           py::arg("pack"), py::arg("reduce"), py::arg("exchange"), py::arg("stream"), release_gil,
-          "One combine round through the rings (cuda/ipc_exchange.h).");
+          "One combine round through the rings (cuda/ipc_exchange.h).")
+      .def(
+          "join_rejected",
+          [](IpcBuffer& self, bool combine, const cuda::IpcExchangeArgs& exchange, uintptr_t stream) {
+            self.join_rejected(combine, exchange, stream_of(stream));
+          },
+          py::arg("combine"), py::arg("exchange"), py::arg("stream"), release_gil,
+          "A rejected participant's dispatch or combine round: no rows (cuda/ipc.h \"Rejected rounds\").");
 }
 #endif
 
@@ -601,6 +611,7 @@ PYBIND11_MODULE(_C, m) {
   m.attr("ERR_OVERFLOW") = eplib::kErrorOverflow;
   m.attr("ERR_RANK_COUNTS") = eplib::kErrorRankCounts;
   m.attr("ERR_EXPERT_COUNTS") = eplib::kErrorExpertCounts;
+  m.attr("ERR_PEER_INPUT") = eplib::kErrorPeerInput;
   // The ipc transport's fixed sizes (cuda/ipc.h), known without CUDA for size hints.
   m.def("ipc_header_bytes", [] { return eplib::cuda::kIpcRegionOffset; },
         "Bytes at the head of every ipc buffer before its receive region.");

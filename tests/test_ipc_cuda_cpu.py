@@ -707,6 +707,53 @@ def test_ipc_cuda_cpu_outputs_poisoned_after_timeout(pool2):
     assert REFUSED.match(out["next call"]), out
 
 
+def job_rejected_round(rank, R, group):
+    """Rank 1's input fails a host check in a cached dispatch (x float16), then in a combine (a row short):
+    it joins each exchange as a participant with no rows (csrc/cuda/ipc.h "Rejected rounds"). Rank 0's
+    outputs of those two calls are poisoned; its next cached dispatch and combine (no host sync) are not,
+    and equal eplib.reference; every stream's counters end equal on both ranks; the next normal-mode
+    dispatch raises on both (PeerInputError on rank 0, RuntimeError naming rank 0 on rank 1), the one
+    after it equals eplib.reference. Returns per rank a dict of findings."""
+    T, H, K, E = 16, 32, 2, 2 * R
+    idx, w = make_topk_idx(7, rank, T, K, E, "uniform"), make_topk_weights(7, rank, T, K)
+    x = make_random_rows(7, rank, T, H, "fp32")
+    buf, ref = ipc_buffer(group, SMALL_CALLS_BYTES), ReferenceBuffer(group)
+    out = {}
+    with eplib_timeout(5):
+        recv_x, _, recv_w, _, handle, _ = dispatch_with_layout(buf, x, idx, w, E)
+        d_ref = dispatch_with_layout(ref, x, idx, w, E)
+        bad = rank == 1
+        out["cached"] = outcome(lambda: out.setdefault("cached_x", buf.dispatch(x.half() if bad else x, handle=handle)[0]))
+        rows = recv_x[:-1] if bad else recv_x
+        out["combine"] = outcome(lambda: out.setdefault("combined", buf.combine(rows, handle, topk_weights=recv_w[:rows.shape[0]])))
+        transport_of(buf).context.synchronize()
+        if not bad:
+            out["cached all NaN"] = bool(torch.isnan(out.pop("cached_x")).all())
+            combined_x, combined_w, _ = out.pop("combined")
+            out["combined all NaN"] = bool(torch.isnan(combined_x).all() and torch.isnan(combined_w).all())
+        again = buf.dispatch(x, handle=handle)[0]
+        out["cached after"] = same(again, ref.dispatch(x, handle=d_ref[4])[0])
+        out["combine after"] = same(buf.combine(again, handle)[0], ref.combine(again, d_ref[4])[0])
+        counters = counters_everywhere(buf, group)
+        out["counters equal"] = sum(c["rows_sent"] for c in counters) == sum(c["rows_received"] for c in counters)
+        out["next dispatch"] = outcome(lambda: dispatch_with_layout(buf, x, idx, w, E))
+        got, want = dispatch_with_layout(buf, x, idx, w, E), dispatch_with_layout(ref, x, idx, w, E)
+        out["dispatch after"] = same(got[0], want[0])
+    return out
+
+
+def test_ipc_cuda_cpu_rejected_round_poisons_only_its_outputs(pool2):
+    good, bad = pool2.run(job_rejected_round, timeout=120)
+    assert bad["cached"].startswith("TypeError: x") and bad["combine"].startswith("ValueError: x: expected"), bad
+    assert good["cached"] == "ok" and good["combine"] == "ok", good
+    assert good["cached all NaN"] and good["combined all NaN"], good
+    for out in (good, bad):
+        assert out["cached after"] and out["combine after"] and out["counters equal"] and out["dispatch after"], out
+    assert re.match(r"PeerInputError: .*the input of rank 1 failed a check .*rank 1: ValueError: x: expected",
+                    good["next dispatch"]), good
+    assert re.match(r"RuntimeError: .*rank\(s\) \[0\] reported errors found on the device", bad["next dispatch"]), bad
+
+
 # ------------------------------------------------------------------------------------ graph-like replays
 
 

@@ -2,8 +2,10 @@
 execution of the CUDA sources, tests/cuda_cpu.py), 2 ranks: rank 1's input fails a check, rank 0's is
 right. Rank 1 raises its own ValueError/TypeError; rank 0 raises a RuntimeError naming rank 1 and quoting
 its error: in the same call when that call reads the exchange on the host (a normal-mode dispatch, or the
-dispatch after a failed get_dispatch_layout), else (nccl: num_worst_tokens and cached dispatch, combine)
-at its next normal-mode dispatch. After each case the same Buffers' next calls equal eplib.reference.
+dispatch after a failed get_dispatch_layout), else (num_worst_tokens and cached dispatch, combine) at its
+next normal-mode dispatch, where rank 1 raises a RuntimeError naming rank 0; on ipc, rank 0's
+Buffer.check_failed() raises it as soon as rank 0's exchange kernel has found rank 1's streams closed as
+rejected. After each case the same Buffers' next calls equal eplib.reference.
 EPLIB_TIMEOUT_S is 5 s, so a rank left waiting shows as a slow step, not a hang. The cpu transport's
 version is tests/test_faults.py and tests/test_peer_errors.py."""
 
@@ -38,9 +40,11 @@ CASES = {
     "every rank: dispatch, non-contiguous x": ("dispatch", "ValueError: x"),
     "every rank: combine, wrong row count": ("combine", "ValueError: x: expected"),
 }
-# Calls whose exchange the host reads: the peers raise in them. The ipc transport joins only these.
+# Calls whose exchange the host reads: the peers raise in them.
 HOST_READ = ("layout", "dispatch")
-IPC_CASES = [name for name, (call, _) in CASES.items() if call in HOST_READ or name.startswith("every rank")]
+# The ipc transport joins every case but a bad handle: the failing rank needs the handle's channels to join
+# the exchange kernel (its peers then time out, EPLIB_TIMEOUT_S, and the Buffers must be replaced).
+IPC_CASES = [name for name in CASES if "bad handle" not in name]
 
 
 def _inputs(rank: int, seed: int):
@@ -107,7 +111,10 @@ def job_peer_errors(rank, R, group, backend: str, cases):
         for seed, case in enumerate(cases, start=10):
             call, _ = CASES[case]
             failing = _failing_step(buf, rank, call, case)
-            following = None
+            following = reported = None
+            if call not in HOST_READ and backend.endswith("ipc") and rank != BAD_RANK \
+                    and not case.startswith("every rank"):
+                reported = _until_check_failed_raises(buf)
             if call not in HOST_READ:
                 x, idx, w = _inputs(rank, 4)
                 lay = buf.get_dispatch_layout(idx, E)
@@ -116,15 +123,27 @@ def job_peer_errors(rank, R, group, backend: str, cases):
                     topk_idx=idx, topk_weights=w))
             got, want = _valid_round(buf, rank, seed), _valid_round(ref, rank, seed)
             errs = [describe_diff(k, got[k], want[k]) for k in want if not same(got[k], want[k])]
-            results[case] = (failing, following, errs)
+            results[case] = (failing, following, errs, reported)
     return results
+
+
+def _until_check_failed_raises(buf):
+    """(outcome, seconds) of polling Buffer.check_failed() (no sync) until it raises, for up to MAX_PEER_S."""
+    import time
+
+    start = time.perf_counter()
+    while True:
+        outcome, _ = timed_outcome(buf.check_failed)
+        if outcome != "ok" or time.perf_counter() - start > MAX_PEER_S:
+            return outcome, time.perf_counter() - start
+        time.sleep(0.001)
 
 
 def _check(results, cases) -> None:
     for case in cases:
         call, own_error = CASES[case]
-        (bad_outcome, _), bad_next, bad_errs = results[BAD_RANK][case]
-        (peer_outcome, peer_s), peer_next, peer_errs = results[1 - BAD_RANK][case]
+        (bad_outcome, _), bad_next, bad_errs, _ = results[BAD_RANK][case]
+        (peer_outcome, peer_s), peer_next, peer_errs, peer_check = results[1 - BAD_RANK][case]
         assert bad_outcome.startswith(own_error), (case, bad_outcome)
         assert not bad_errs and not peer_errs, (case, bad_errs, peer_errs)
         if case.startswith("every rank"):
@@ -142,6 +161,9 @@ def _check(results, cases) -> None:
             assert re.match(r"RuntimeError: .*rank\(s\) \[0\] reported errors found on the device .*another "
                             r"rank's input failed a check", next_outcome), (case, next_outcome)
             assert next_s < MAX_PEER_S, (case, next_s)
+            if peer_check is not None:  # ipc: check_failed reads the exchange's report from host-mapped memory
+                assert re.match(rf"PeerInputError: .*the input of rank {BAD_RANK} failed a check .*rank {BAD_RANK}: "
+                                rf"{quote}", peer_check[0]), (case, peer_check)
         if "out of range" in case:  # found by a kernel: the flag names the rank and the problem
             assert re.match(rf"RuntimeError: .*rank\(s\) \[{BAD_RANK}\] reported errors found on the device "
                             rf"\(rank {BAD_RANK}: topk_idx: an expert id outside", reported), (case, reported)
@@ -178,7 +200,10 @@ def main() -> None:
                 for rank in (0, 1):
                     raised = [run[rank][case][0][1] for run in runs]  # the failing call
                     later = [run[rank][case][1][1] for run in runs if run[rank][case][1] is not None]
+                    checked = [run[rank][case][3][1] for run in runs if run[rank][case][3] is not None]
                     line = f"{backend:14} {case:36} rank {rank}: call {min(raised):.3f}-{max(raised):.3f} s"
+                    if checked:
+                        line += f", check_failed raised after {min(checked):.3f}-{max(checked):.3f} s"
                     if later:
                         line += f", next normal dispatch {min(later):.3f}-{max(later):.3f} s"
                     print(line, flush=True)

@@ -5,6 +5,7 @@
 #include <cstddef>
 
 #include "common.cuh"
+#include "eplib/errors.h"
 #include "ipc.h"
 
 namespace eplib::cuda {
@@ -55,6 +56,17 @@ __device__ __forceinline__ void report_timeout(const IpcView& view, int32_t phas
   store_release_sys(&view.status->timeout_phase, phase);  // the host reads the phase first, then the peer
 }
 
+// A receiver of round n found `peer`'s stream closed as rejected (ipc.h "Rejected rounds"): this round's
+// outputs are poisoned at its end, the next normal-mode record carries kErrorPeerInput, the host learns
+// (phase, peer). Unlike a timeout, nothing later is affected.
+__device__ __forceinline__ void report_rejected(const IpcView& view, uint64_t round, int32_t phase, int peer,
+                                                int32_t* error_flag) {
+  store_volatile(&own_header(view)->rejected, round);
+  if (error_flag != nullptr) set_error(error_flag, kErrorPeerInput);
+  store_volatile(&view.status->rejected_peer, peer);
+  store_release_sys(&view.status->rejected_phase, phase);  // the host reads the phase first, then the peer
+}
+
 // Spins until ready() (whose loads are acquires), for at most view.timeout_ns from `start`. On timeout
 // reports (phase, peer) and returns false; returns false at once on an aborted buffer.
 template <typename Ready>
@@ -102,7 +114,8 @@ __device__ inline uint64_t begin_exchange(const IpcView& view) {
 }
 
 // End of an exchange kernel (every thread of every block): the last block to finish (each block fences
-// its writes before counting itself) runs poison() when the buffer aborted, then stores round = n.
+// its writes before counting itself) runs poison() when the buffer aborted or a source rejected round n
+// (report_rejected), then stores round = n.
 // The counter does not depend on n, so an aborted round (n == 0 in some blocks) still resets it.
 template <typename Poison>
 __device__ inline void end_exchange(const IpcView& view, uint64_t n, const Poison& poison) {
@@ -116,7 +129,7 @@ __device__ inline void end_exchange(const IpcView& view, uint64_t n, const Poiso
   }
   __syncthreads();
   if (!last) return;
-  if (ipc_aborted(view)) poison();
+  if (ipc_aborted(view) || (n != 0 && load_volatile(&own_header(view)->rejected) == n)) poison();
   __syncthreads();
   if (threadIdx.x != 0) return;
   IpcHeader* own = own_header(view);

@@ -22,11 +22,24 @@
 // start each block stores ready[me] = n in every rank's header (release): "my receivers have finished
 // round n - 1" (the kernel of round n - 1 has ended on this rank); a sender warp waits for ready[d] >= n
 // before its first row, so that every ring it writes is empty, whatever slot size the new round uses.
-// A dispatch sender, once its last row is published, stores closed[me][c] = n in d's header (release):
-// a dispatch receiver stops when it has consumed every row and seen closed >= n (its row count is not
-// known to it per channel). A combine receiver knows its row counts from send_pos and needs no close.
+// Every sender warp (dispatch and combine), once its last row is published, closes its stream: it
+// stores closed[me][c] = close_mark(n) = 2n in d's header (release). A dispatch receiver stops when it
+// has consumed every row and seen closed >= 2n (its row count is not known to it per channel); a
+// combine receiver knows its row counts from send_pos and reads the close only when it waits.
 // The last block to finish (a fence, then a counter) stores round = n; if the buffer aborted meanwhile
 // it first poisons the outputs (0xFF bytes: NaN rows, -1 ids and counts).
+//
+// Rejected rounds. A rank whose input failed a host check in a call without a host sync (num_worst_tokens
+// or cached dispatch, combine) still runs that round's exchange kernel, as a participant with no rows
+// (IpcExchangeArgs.rejected): its senders do the ready hand-shake and close each stream at once with
+// the rejected mark 2n + 1, and its receivers drain: they hand back every row their peers send (credit
+// = tail, rows unread) until each stream is closed (>= 2n) and empty. A receiver that finds a source's
+// stream closed with 2n + 1 stops waiting for that source's rows (there are none: tail stays where the
+// last round left it), finishes the round, ORs kErrorPeerInput into the call's error flag (the next
+// normal-mode notify record carries it, so every rank raises alike there), stores rejected = n in its
+// own header (the round's last block then poisons this round's outputs; later rounds are not affected,
+// the buffer does not abort) and reports (phase, source) to the host-mapped status. So a rejected round
+// ends with every counter pair equal, as any other.
 //
 // Also: the notify kernel (dispatch counts exchange, one block) writes this rank's record into every
 // rank's table of notify round k (tables double-buffered by k's parity), stores notified[me] = k and
@@ -85,6 +98,7 @@ struct IpcHeader {
   uint64_t barrier_round;    // local
   uint32_t blocks_finished;  // local: blocks of the running exchange kernel that are done
   uint32_t aborted;          // local: a wait timed out; every later wait fails at once
+  uint64_t rejected;         // local: the last round in which a source closed a stream as rejected
   int64_t records[2][kMaxIpcRanks][kRecordCapacity];
 };
 
@@ -95,6 +109,8 @@ struct IpcHostStatus {
   int64_t notify_ticket;  // the ticket of the last notify the host waits for, once `table` holds its table
   int32_t timeout_phase;  // IpcPhase of the first wait that timed out, 0 if none (published after the peer)
   int32_t timeout_peer;   // the rank it waited for
+  int32_t rejected_phase;  // IpcPhase of the last stream found closed as rejected, 0 if none (after the peer)
+  int32_t rejected_peer;   // its source; the host clears both once it has raised
   int64_t table[kMaxIpcRanks * kRecordCapacity];  // [source][field], record_length fields per source
 };
 
@@ -116,6 +132,10 @@ struct IpcRings {
   int64_t slot_bytes;  // kSlotHeaderBytes + the call's row stride, 16-byte aligned
   int64_t chunk_rows;  // rows a sender publishes at once (Config.num_max_nvl_chunked_send_tokens)
 };
+
+// The value a sender stores into closed[me][c] at the end of round n: 2n, or 2n + 1 for a rejected
+// participant's streams (ipc.h "Rejected rounds"). A receiver of round n waits for closed >= 2n.
+EPLIB_HOST_DEVICE constexpr uint64_t close_mark(uint64_t round, bool rejected) { return 2 * round + (rejected ? 1 : 0); }
 
 // Bytes of the rings of `num_ranks` sources with this geometry (what a region must hold).
 inline int64_t ipc_ring_bytes(int num_ranks, int num_channels, int64_t num_slots, int64_t slot_bytes) {

@@ -229,6 +229,16 @@ std::pair<int, int> IpcBuffer::timeout_report() const {
   return {phase, phase != kPhaseNone ? __atomic_load_n(&status_->timeout_peer, __ATOMIC_RELAXED) : -1};
 }
 
+std::pair<int, int> IpcBuffer::rejection_report() const {
+  if (status_ == nullptr) return {kPhaseNone, -1};
+  const int phase = __atomic_load_n(&status_->rejected_phase, __ATOMIC_ACQUIRE);  // published after the peer
+  return {phase, phase != kPhaseNone ? __atomic_load_n(&status_->rejected_peer, __ATOMIC_RELAXED) : -1};
+}
+
+void IpcBuffer::clear_rejection_report() {
+  if (status_ != nullptr) __atomic_store_n(&status_->rejected_phase, static_cast<int32_t>(kPhaseNone), __ATOMIC_RELAXED);
+}
+
 IpcBuffer::Counters IpcBuffer::counters() const {
   if (destroyed_) throw std::runtime_error("eplib: the ipc buffer was destroyed");
   DeviceGuard guard(device_);
@@ -303,6 +313,12 @@ void IpcBuffer::combine(const CombinePackArgs& pack, const CombineReduceArgs& re
   const IpcView* ipc = view();
   DeviceGuard guard(device_);
   ipc_combine(*ipc, pack, reduce, exchange, stream);
+}
+
+void IpcBuffer::join_rejected(bool combine, const IpcExchangeArgs& exchange, cudaStream_t stream) {
+  const IpcView* ipc = view();
+  DeviceGuard guard(device_);
+  ipc_join_rejected(*ipc, combine, exchange, stream);
 }
 
 }  // namespace eplib::cuda

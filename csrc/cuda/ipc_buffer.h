@@ -52,6 +52,10 @@ class IpcBuffer {
   // (IpcPhase, peer rank) of the first wait that timed out; (0, -1) if none did. Reads host-mapped
   // memory: never synchronizes, so it is the cheap check after CUDA graph replays too.
   std::pair<int, int> timeout_report() const;
+  // (IpcPhase, source rank) of the last stream an exchange found closed as rejected (ipc.h "Rejected
+  // rounds"); (0, -1) if none since the last clear. Reads host-mapped memory, like timeout_report.
+  std::pair<int, int> rejection_report() const;
+  void clear_rejection_report();
 
   // The own header's local counters (a synchronous copy from the device: for tests and diagnostics).
   struct Counters {
@@ -85,6 +89,10 @@ class IpcBuffer {
                 cudaStream_t stream);
   void combine(const CombinePackArgs& pack, const CombineReduceArgs& reduce, const IpcExchangeArgs& exchange,
                cudaStream_t stream);
+  // This rank's input failed a host check in a dispatch (combine: false) or combine without a host sync:
+  // its part of the round with no rows (ipc.h "Rejected rounds"). exchange: the call's channels and
+  // rings, rejected set.
+  void join_rejected(bool combine, const IpcExchangeArgs& exchange, cudaStream_t stream);
 
  private:
   const IpcView* view() const;  // throws unless open

@@ -34,6 +34,7 @@ struct SendStream {
   int destination;
   int channel;
   int32_t phase;
+  uint64_t close;  // what the sender stores into closed at the end (close_mark, ipc.h)
   uint64_t sent;
   uint64_t published;
   uint64_t credit_seen;
@@ -65,16 +66,68 @@ struct SendStream {
 };
 
 __device__ SendStream open_send_stream(const IpcView& view, const IpcRings& rings, int destination, int channel,
-                                       int32_t phase) {
+                                       int32_t phase, uint64_t round, bool rejected) {
   const uint64_t sent = load_volatile(&own_header(view)->sent[destination][channel]);
   // At a round's start the destination has read every earlier row (it waited for ready, see ipc.h).
-  return SendStream{&view, &rings, destination, channel, phase, sent, sent, sent};
+  return SendStream{&view, &rings, destination, channel, phase, close_mark(round, rejected), sent, sent, sent};
 }
 
-// The end of a sender warp's stream: the rest published, the running count kept for the next round.
+// The end of a sender warp's stream: the rest published, the running count kept for the next round,
+// then the close (after the rows: the receiver reads the final tail after it).
 __device__ void close_send_stream(SendStream& stream, int lane) {
   if (stream.sent > stream.published) stream.publish(lane);
-  if (lane == 0) store_volatile(&own_header(*stream.view)->sent[stream.destination][stream.channel], stream.sent);
+  __syncwarp();
+  if (lane != 0) return;
+  const IpcView& view = *stream.view;
+  store_volatile(&own_header(view)->sent[stream.destination][stream.channel], stream.sent);
+  store_release_sys(&header_of(view, stream.destination)->closed[view.rank][stream.channel], stream.close);
+}
+
+// What a receiver warp learnt from following one stream through a round.
+struct StreamEnd {
+  uint64_t mark;  // the source's close mark (close_mark, ipc.h); 0 when a wait failed
+  uint64_t rows;  // rows consumed in this round
+};
+
+// Receiver warp for stream (source, channel) of round n: hands each batch of published rows [first, end)
+// to read_rows (every lane calls it), then their slots back (credit), until the source closed the round
+// and every row is consumed. The running count is kept for the next round.
+template <typename ReadRows>
+__device__ StreamEnd follow_stream(const IpcView& view, uint64_t round, int source, int channel, int32_t phase,
+                                   int lane, const ReadRows& read_rows) {
+  IpcHeader* own = own_header(view);
+  const uint64_t* tail = &own->tail[source][channel];
+  const uint64_t* closed = &own->closed[source][channel];
+  uint64_t* credit = &header_of(view, source)->credit[view.rank][channel];
+  const uint64_t first = load_volatile(&own->consumed[source][channel]);
+  uint64_t consumed = first, mark = 0;
+  for (;;) {
+    // Lane 0 waits for new rows, or for the close of a stream it has read to the end.
+    uint64_t available = consumed;
+    bool ok = true;
+    if (lane == 0) {
+      ok = wait_until(view, phase, source, [&] {
+        available = load_acquire_sys(tail);
+        if (available > consumed) return true;
+        mark = load_acquire_sys(closed);
+        if (mark < close_mark(round, false)) return false;
+        available = load_acquire_sys(tail);  // final: the close was published after it
+        return true;
+      });
+    }
+    if (!__shfl_sync(kFullMask, ok, 0)) {
+      mark = 0;
+      break;
+    }
+    available = from_lane_0(available);
+    if (available == consumed) break;  // closed, and read to the end
+    read_rows(consumed, available);
+    consumed = available;
+    __syncwarp();  // every lane has read the rows before their slots are handed back
+    if (lane == 0) store_release_sys(credit, consumed);
+  }
+  if (lane == 0) store_volatile(&own->consumed[source][channel], consumed);
+  return StreamEnd{from_lane_0(mark), consumed - first};
 }
 
 // The wait of a sender warp for its destination to enter round n (its rings from this rank are empty).
@@ -110,18 +163,20 @@ __device__ ExchangeBlock begin_exchange_block(const IpcView& view, const IpcRing
 // order; each slot carries the row's index j among this rank's rows for the destination (the output
 // row is the destination's start of this source plus j).
 __device__ void send_dispatch(const DispatchPackArgs& pack, const DispatchRowLayout& layout, const IpcView& view,
-                              const IpcRings& rings, uint64_t round, int destination, int channel, int lane) {
+                              const IpcRings& rings, const IpcExchangeArgs& exchange, uint64_t round, int destination,
+                              int channel, int lane) {
   const int num_ranks = view.num_ranks, me = view.rank;
   // send_pos numbers the rows for a destination from first_row on: destination * slot_rows in the slot
   // layout, else the rows this rank sends to lower ranks.
   int64_t first_row = static_cast<int64_t>(destination) * pack.slot_rows;
-  if (pack.slot_rows == 0 && lane == 0) {
+  if (pack.slot_rows == 0 && lane == 0 && !exchange.rejected) {
     for (int r = 0; r < destination; ++r)
       first_row += pack.rank_prefix_matrix[me * num_ranks + r] - (me > 0 ? pack.rank_prefix_matrix[(me - 1) * num_ranks + r] : 0);
   }
   first_row = static_cast<int64_t>(from_lane_0(static_cast<uint64_t>(first_row)));
   if (!wait_ready(view, destination, round, kPhaseDispatchSend, lane)) return;
-  SendStream stream = open_send_stream(view, rings, destination, channel, kPhaseDispatchSend);
+  SendStream stream = open_send_stream(view, rings, destination, channel, kPhaseDispatchSend, round, exchange.rejected);
+  // A rejected participant has no rows (pack.num_tokens is 0): it only closes its streams.
   const int64_t end = channel_begin(pack.num_tokens, channel + 1, rings.num_channels);
   for (int64_t first = channel_begin(pack.num_tokens, channel, rings.num_channels); first < end; first += kWarpSize) {
     const int32_t pos = first + lane < end ? pack.send_pos[(first + lane) * num_ranks + destination] : -1;
@@ -136,41 +191,29 @@ __device__ void send_dispatch(const DispatchPackArgs& pack, const DispatchRowLay
     }
   }
   close_send_stream(stream, lane);
-  __syncwarp();
-  if (lane == 0) store_release_sys(&header_of(view, destination)->closed[me][channel], round);
+}
+
+// The end of a receiver warp's stream: when its source closed the round as rejected, report it (once per
+// warp, lane 0; ipc.h "Rejected rounds"). A rejected participant reports nothing: it raises its own error.
+__device__ void check_close(const IpcView& view, const IpcExchangeArgs& exchange, uint64_t round, int32_t phase,
+                            int source, uint64_t mark, int lane) {
+  if (lane == 0 && !exchange.rejected && mark == close_mark(round, true))
+    report_rejected(view, round, phase, source, exchange.error_flag);
 }
 
 // Receiver warp for (source, channel): every row the source's stream brings, until the source closed
-// the round and every row is read; a row goes to output row compact_start[source] + j.
+// the round and every row is read; a row goes to output row compact_start[source] + j. A rejected
+// participant drains: it hands the slots back unread.
 __device__ void receive_dispatch(const DispatchUnpackArgs& unpack, const DispatchRowLayout& layout,
-                                 const IpcView& view, const IpcRings& rings, uint64_t round, int source, int channel,
-                                 const int64_t* compact_start, int32_t* channel_counts, int lane) {
-  IpcHeader* own = own_header(view);
-  const uint64_t* tail = &own->tail[source][channel];
-  const uint64_t* closed = &own->closed[source][channel];
-  uint64_t* credit = &header_of(view, source)->credit[view.rank][channel];
-  uint64_t consumed = load_volatile(&own->consumed[source][channel]);
-  const uint64_t first = consumed;
-  const int64_t count = compact_start[source + 1] - compact_start[source];
+                                 const IpcView& view, const IpcRings& rings, const IpcExchangeArgs& exchange,
+                                 uint64_t round, int source, int channel, const int64_t* compact_start, int lane) {
+  const int64_t count = exchange.rejected ? 0 : compact_start[source + 1] - compact_start[source];
   auto* expert_counts = reinterpret_cast<unsigned long long*>(unpack.num_recv_tokens_per_expert);
   const int num_counted = unpack.num_recv_tokens_per_expert != nullptr ? unpack.num_local_experts : 0;
-  for (;;) {
-    // Lane 0 waits for new rows, or for the close of a stream it has read to the end.
-    uint64_t available = consumed;
-    bool ok = true, done = false;
-    if (lane == 0) {
-      ok = wait_until(view, kPhaseDispatchReceive, source, [&] {
-        available = load_acquire_sys(tail);
-        if (available > consumed) return true;
-        if (load_acquire_sys(closed) < round) return false;
-        available = load_acquire_sys(tail);  // final: the close was published after it
-        done = available == consumed;
-        return true;
-      });
-    }
-    if (!__shfl_sync(kFullMask, ok, 0) || __shfl_sync(kFullMask, done, 0)) break;
-    available = from_lane_0(available);
-    for (uint64_t row = consumed; row < available; ++row) {
+  const StreamEnd end = follow_stream(view, round, source, channel, kPhaseDispatchReceive, lane,
+                                      [&](uint64_t first, uint64_t available) {
+    if (exchange.rejected) return;
+    for (uint64_t row = first; row < available; ++row) {
       const uint8_t* slot = ring_slot(view, rings, view.rank, source, channel, row);
       const int32_t j = *reinterpret_cast<const int32_t*>(slot);
       const int64_t i = compact_start[source] + j;
@@ -181,13 +224,10 @@ __device__ void receive_dispatch(const DispatchUnpackArgs& unpack, const Dispatc
       read_dispatch_row(slot + kSlotHeaderBytes, unpack, layout, i, num_counted,
                         [&](int32_t local_id) { atomicAdd(&expert_counts[local_id], 1ull); }, lane);
     }
-    consumed = available;
-    __syncwarp();  // every lane has read the rows before their slots are handed back
-    if (lane == 0) store_release_sys(credit, consumed);
-  }
-  if (lane != 0) return;
-  store_volatile(&own->consumed[source][channel], consumed);
-  if (channel_counts != nullptr) channel_counts[source * rings.num_channels + channel] = static_cast<int32_t>(consumed - first);
+  });
+  check_close(view, exchange, round, kPhaseDispatchReceive, source, end.mark, lane);
+  if (lane == 0 && exchange.channel_counts != nullptr)
+    exchange.channel_counts[source * rings.num_channels + channel] = static_cast<int32_t>(end.rows);
 }
 
 // Every output row of a dispatch as 0xFF bytes (NaN rows, -1 ids, indices and counts), by one block.
@@ -203,13 +243,13 @@ __device__ void poison_dispatch(const DispatchUnpackArgs& unpack, const Dispatch
 
 __global__ void __launch_bounds__(kExchangeThreads)
     ipc_dispatch_kernel(DispatchPackArgs pack, DispatchUnpackArgs unpack, DispatchRowLayout layout, IpcView view,
-                        IpcRings rings, int32_t* channel_counts) {
+                        IpcRings rings, IpcExchangeArgs exchange) {
   __shared__ int64_t compact_start[kMaxIpcRanks + 1];
   const ExchangeBlock block = begin_exchange_block(view, rings);
   const uint64_t round = block.round;
   const bool sending = block.sending;
   const int channel = block.channel, warp = block.warp, lane = block.lane;
-  if (!sending) {
+  if (!sending && !exchange.rejected) {  // a rejected participant has no outputs
     const bool clipped = load_compact_starts(unpack.recv_counts, view.num_ranks, unpack.slot_rows, compact_start);
     const int64_t total = compact_start[view.num_ranks];
     const int64_t num_real = total < unpack.num_out_rows ? total : unpack.num_out_rows;
@@ -222,8 +262,8 @@ __global__ void __launch_bounds__(kExchangeThreads)
       pad_dispatch_row(unpack, layout, i, 0, lane);
   }
   if (round != 0 && warp < view.num_ranks) {
-    if (sending) send_dispatch(pack, layout, view, rings, round, warp, channel, lane);
-    else receive_dispatch(unpack, layout, view, rings, round, warp, channel, compact_start, channel_counts, lane);
+    if (sending) send_dispatch(pack, layout, view, rings, exchange, round, warp, channel, lane);
+    else receive_dispatch(unpack, layout, view, rings, exchange, round, warp, channel, compact_start, lane);
   }
   end_exchange(view, round, [&] { poison_dispatch(unpack, layout); });
 }
@@ -234,16 +274,19 @@ __global__ void __launch_bounds__(kExchangeThreads)
 
 // Sender warp for (destination, channel): the rows this rank received from the destination through
 // that channel (their number is channel_counts[destination][channel], after those of lower channels),
-// in order, x then the weights.
+// in order, x then the weights. A rejected participant sends none (it has no channel counts).
 __device__ void send_combine(const CombinePackArgs& pack, const CombineRowLayout& layout, const IpcView& view,
-                             const IpcRings& rings, uint64_t round, int destination, int channel,
-                             const int64_t* compact_start, const int32_t* channel_counts, int lane) {
-  const int32_t* counts = channel_counts + destination * rings.num_channels;
-  int64_t first = compact_start[destination];
-  for (int c = 0; c < channel; ++c) first += counts[c];
-  const int64_t end = first + counts[channel];
+                             const IpcRings& rings, const IpcExchangeArgs& exchange, uint64_t round, int destination,
+                             int channel, const int64_t* compact_start, int lane) {
+  int64_t first = 0, end = 0;
+  if (!exchange.rejected) {
+    const int32_t* counts = exchange.channel_counts + destination * rings.num_channels;
+    first = compact_start[destination];
+    for (int c = 0; c < channel; ++c) first += counts[c];
+    end = first + counts[channel];
+  }
   if (!wait_ready(view, destination, round, kPhaseCombineSend, lane)) return;
-  SendStream stream = open_send_stream(view, rings, destination, channel, kPhaseCombineSend);
+  SendStream stream = open_send_stream(view, rings, destination, channel, kPhaseCombineSend, round, exchange.rejected);
   for (int64_t i = first; i < end && i < pack.num_rows; ++i) {
     uint8_t* slot = stream.next_slot(lane);
     if (slot == nullptr) return;
@@ -258,14 +301,17 @@ __device__ void send_combine(const CombinePackArgs& pack, const CombineRowLayout
 
 // Receiver block for `channel`: this rank's tokens of the channel, kCombineTile at a time. Warp 0 finds
 // where each token's row from each rank is in that rank's stream (streams carry them in token order);
-// thread 0 waits until every stream holds the tile's rows; the warps reduce one token each; thread 0
-// hands the slots back. Returns false when a wait failed.
+// thread 0 waits until every stream holds the tile's rows, or its source closed the round as rejected
+// (then that source's rows are skipped: it sent none); the warps reduce one token each; thread 0 hands
+// the slots back. At the end thread 0 waits for every source's close, so that a rejected round is seen
+// even by a channel that needs no rows from its source. Returns false when a wait failed.
 template <typename T, int kVector>
 __device__ bool receive_combine(const CombineReduceArgs& reduce, const CombineRowLayout& layout, const IpcView& view,
-                                const IpcRings& rings, int channel) {
+                                const IpcRings& rings, const IpcExchangeArgs& exchange, uint64_t round, int channel) {
   __shared__ int64_t stream_row[kCombineTile][kMaxIpcRanks];  // -1: the token did not go to that rank
   __shared__ uint64_t base[kMaxIpcRanks];                     // each stream's rows before this round
   __shared__ uint64_t rows[kMaxIpcRanks];                     // rows of this round needed so far
+  __shared__ bool rejected[kMaxIpcRanks];                     // the source closed this round as rejected
   __shared__ bool ok;
   IpcHeader* own = own_header(view);
   const int num_ranks = view.num_ranks, lane = lane_id(), warp = static_cast<int>(threadIdx.x / kWarpSize);
@@ -273,9 +319,20 @@ __device__ bool receive_combine(const CombineReduceArgs& reduce, const CombineRo
   if (threadIdx.x < static_cast<unsigned>(num_ranks)) {
     base[threadIdx.x] = load_volatile(&own->consumed[threadIdx.x][channel]);
     rows[threadIdx.x] = 0;
+    rejected[threadIdx.x] = false;
   }
   if (threadIdx.x == 0) ok = true;
   __syncthreads();
+  // Thread 0: waits until source r's stream holds `target` rows or r closed the round as rejected.
+  const auto wait_for_rows = [&](int r, uint64_t target, uint64_t start) {
+    const uint64_t* tail = &own->tail[r][channel];
+    const uint64_t* closed = &own->closed[r][channel];
+    return wait_until(view, kPhaseCombineReceive, r, [&] {
+      if (load_acquire_sys(tail) >= target) return true;
+      rejected[r] = load_acquire_sys(closed) == close_mark(round, true);
+      return rejected[r];
+    }, start);
+  };
   const int64_t tile = rings.num_slots < kCombineTile ? rings.num_slots : kCombineTile;
   const int64_t end = channel_begin(reduce.num_tokens, channel + 1, rings.num_channels);
   for (int64_t first = channel_begin(reduce.num_tokens, channel, rings.num_channels); first < end; first += tile) {
@@ -296,24 +353,37 @@ __device__ bool receive_combine(const CombineReduceArgs& reduce, const CombineRo
     if (threadIdx.x == 0) {
       const uint64_t start = globaltimer_ns();
       for (int r = 0; r < num_ranks && ok; ++r)
-        ok = wait_at_least(view, &own->tail[r][channel], base[r] + rows[r], kPhaseCombineReceive, r, start);
+        if (!rejected[r]) ok = wait_for_rows(r, base[r] + rows[r], start);
     }
     __syncthreads();
     if (!ok) return false;
     for (int l = warp; l < tile && first + l < end; l += num_warps) {
       reduce_token<T, kVector>(reduce, layout, first + l, [&](int r) -> const uint8_t* {
         const int64_t row = stream_row[l][r];
-        return row < 0 ? nullptr : ring_slot(view, rings, view.rank, r, channel, static_cast<uint64_t>(row)) + kSlotHeaderBytes;
+        return row < 0 || rejected[r] ? nullptr
+                                      : ring_slot(view, rings, view.rank, r, channel, static_cast<uint64_t>(row)) + kSlotHeaderBytes;
       }, lane);
     }
     __syncthreads();  // every warp has read the tile's rows before their slots are handed back
     if (threadIdx.x == 0)
       for (int r = 0; r < num_ranks; ++r)
-        store_release_sys(&header_of(view, r)->credit[view.rank][channel], base[r] + rows[r]);
+        if (!rejected[r]) store_release_sys(&header_of(view, r)->credit[view.rank][channel], base[r] + rows[r]);
   }
+  if (threadIdx.x == 0) {
+    const uint64_t start = globaltimer_ns();
+    for (int r = 0; r < num_ranks && ok; ++r) {
+      ok = wait_at_least(view, &own->closed[r][channel], close_mark(round, false), kPhaseCombineReceive, r, start);
+      if (ok && load_acquire_sys(&own->closed[r][channel]) == close_mark(round, true)) {
+        rejected[r] = true;
+        report_rejected(view, round, kPhaseCombineReceive, r, exchange.error_flag);
+      }
+    }
+  }
+  __syncthreads();
+  // A rejected source sent no rows: its stream stays where the last round left it.
   if (threadIdx.x < static_cast<unsigned>(num_ranks))
-    store_volatile(&own->consumed[threadIdx.x][channel], base[threadIdx.x] + rows[threadIdx.x]);
-  return true;
+    store_volatile(&own->consumed[threadIdx.x][channel], base[threadIdx.x] + (rejected[threadIdx.x] ? 0 : rows[threadIdx.x]));
+  return ok;
 }
 
 // Every combined row as 0xFF bytes (NaN) and NaN weights, by one block.
@@ -332,18 +402,20 @@ __device__ void poison_combine(const CombineReduceArgs& reduce, const CombineRow
 template <typename T, int kVector>
 __global__ void __launch_bounds__(kExchangeThreads)
     ipc_combine_kernel(CombinePackArgs pack, CombineReduceArgs reduce, CombineRowLayout layout, IpcView view,
-                       IpcRings rings, const int32_t* channel_counts) {
+                       IpcRings rings, IpcExchangeArgs exchange) {
   __shared__ int64_t compact_start[kMaxIpcRanks + 1];
   const ExchangeBlock block = begin_exchange_block(view, rings);
   const uint64_t round = block.round;
   const bool sending = block.sending;
   const int channel = block.channel, warp = block.warp, lane = block.lane;
   if (sending) {
-    load_compact_starts(pack.recv_counts, view.num_ranks, pack.slot_rows, compact_start);
+    if (!exchange.rejected) load_compact_starts(pack.recv_counts, view.num_ranks, pack.slot_rows, compact_start);
     if (round != 0 && warp < view.num_ranks)
-      send_combine(pack, layout, view, rings, round, warp, channel, compact_start, channel_counts, lane);
+      send_combine(pack, layout, view, rings, exchange, round, warp, channel, compact_start, lane);
+  } else if (round != 0 && exchange.rejected) {  // drain: warp w hands back source w's rows unread
+    if (warp < view.num_ranks) follow_stream(view, round, warp, channel, kPhaseCombineReceive, lane, [](uint64_t, uint64_t) {});
   } else if (round != 0) {
-    receive_combine<T, kVector>(reduce, layout, view, rings, channel);
+    receive_combine<T, kVector>(reduce, layout, view, rings, exchange, round, channel);
   }
   end_exchange(view, round, [&] { poison_combine<T>(reduce, layout); });
 }
@@ -393,7 +465,7 @@ void ipc_dispatch(const IpcView& view, const DispatchPackArgs& pack, const Dispa
   const IpcRings rings = exchange_rings(view, exchange, layout.stride);
   zero_expert_counts(unpack, stream);
   launch("ipc_dispatch_kernel", ipc_dispatch_kernel, exchange_shape(view, rings.num_channels), 0, stream,
-         dispatch_kernel_args(pack), unpack, layout, view, rings, exchange.channel_counts);
+         dispatch_kernel_args(pack), unpack, layout, view, rings, exchange);
 }
 
 void ipc_combine(const IpcView& view, const CombinePackArgs& pack, const CombineReduceArgs& reduce,
@@ -416,10 +488,31 @@ void ipc_combine(const IpcView& view, const CombinePackArgs& pack, const Combine
                                               static_cast<uint64_t>(layout.x_bytes)});
     visit_vector_width<T>(aligned, [&](auto vector) {
       launch("ipc_combine_kernel", ipc_combine_kernel<T, decltype(vector)::value>,
-             exchange_shape(view, rings.num_channels), 0, stream, pack, reduce, layout, view, rings,
-             exchange.channel_counts);
+             exchange_shape(view, rings.num_channels), 0, stream, pack, reduce, layout, view, rings, exchange);
     });
   });
+}
+
+void ipc_join_rejected(const IpcView& view, bool combine, const IpcExchangeArgs& exchange, cudaStream_t stream) {
+  if (!exchange.rejected) throw std::invalid_argument("eplib: ipc_join_rejected needs exchange.rejected");
+  // No slot is written or read: rows of 0 bytes, so that any buffer holds the rings.
+  const IpcRings rings = exchange_rings(view, exchange, 0);
+  const LaunchShape shape = exchange_shape(view, rings.num_channels);
+  if (combine) {
+    CombinePackArgs pack{};
+    pack.num_ranks = view.num_ranks;
+    CombineReduceArgs reduce{};
+    reduce.num_ranks = view.num_ranks;
+    launch("ipc_combine_kernel", ipc_combine_kernel<float, 1>, shape, 0, stream, pack, reduce, CombineRowLayout{},
+           view, rings, exchange);
+  } else {
+    DispatchPackArgs pack{};
+    pack.num_ranks = view.num_ranks;
+    DispatchUnpackArgs unpack{};
+    unpack.num_ranks = view.num_ranks;
+    launch("ipc_dispatch_kernel", ipc_dispatch_kernel, shape, 0, stream, pack, unpack, DispatchRowLayout{}, view,
+           rings, exchange);
+  }
 }
 
 void detail::preload_ipc_kernels() {

@@ -22,4 +22,8 @@ void ipc_dispatch(const IpcView& view, const DispatchPackArgs& pack, const Dispa
 void ipc_combine(const IpcView& view, const CombinePackArgs& pack, const CombineReduceArgs& reduce,
                  const IpcExchangeArgs& exchange, cudaStream_t stream);
 
+// A rejected participant's round (ipc.h "Rejected rounds"): the dispatch (combine: false) or combine
+// kernel with no rows and no outputs; only exchange.num_channels must match the peers' call.
+void ipc_join_rejected(const IpcView& view, bool combine, const IpcExchangeArgs& exchange, cudaStream_t stream);
+
 }  // namespace eplib::cuda

@@ -204,6 +204,10 @@ struct IpcExchangeArgs {
   int64_t ring_rows;   // slots per stream wanted; fewer when the buffer holds fewer (at least chunk_rows)
   int64_t chunk_rows;  // rows a sender publishes at once
   int32_t* channel_counts;
+  // This rank's input failed a host check: it joins the round with no rows (ipc.h "Rejected rounds").
+  bool rejected;
+  // Where a receiver ORs kErrorPeerInput when a source's stream was closed as rejected (may be null).
+  int32_t* error_flag;
 };
 
 void dispatch_pack(const DispatchPackArgs& args, cudaStream_t stream);

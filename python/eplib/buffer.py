@@ -76,10 +76,13 @@ class Buffer:
     usable. So the other ranks' next collective on the group after a failed ``get_dispatch_layout``
     must be an eplib call (as in layout, then dispatch). On the cpu transport they raise in the same
     call. On CUDA transports they raise in the same call when it is a normal-mode dispatch (its one host
-    sync reads the rejection); nccl: a call without a host sync (num_worst_tokens or cached dispatch,
-    combine) returns invalid outputs on the other ranks, which raise at their next normal-mode dispatch;
-    ipc: only a normal-mode dispatch (or a get_dispatch_layout before one) is joined, other calls leave
-    the peers to time out. A rank that is stuck or gone makes the others raise after ``EPLIB_TIMEOUT_S``
+    sync reads the rejection). A call without a host sync (num_worst_tokens or cached dispatch, combine)
+    returns invalid outputs on the other ranks (ipc: poisoned, NaN rows and -1 ids), which raise
+    PeerInputError at their next normal-mode dispatch, where the failing rank raises RuntimeError naming
+    them (every rank abandons that dispatch alike); on ipc ``check_failed()`` raises the PeerInputError as
+    soon as the exchange kernel has met the failing rank. ipc exception: a cached dispatch or combine
+    whose handle is not a DispatchHandle, or a call whose config is not a Config, is not joined (the
+    channels are unknown): its peers time out. A rank that is stuck or gone makes the others raise after ``EPLIB_TIMEOUT_S``
     naming it; README "Failure behaviour" says what each fault does and what to do next
     (``eplib.abort``).
 
@@ -169,9 +172,12 @@ class Buffer:
 
     def check_failed(self) -> None:
         """Raises RuntimeError if a device-side wait of an earlier call timed out (the ipc transport:
-        its kernels then poison their outputs, NaN rows and -1 ids, instead of leaving last call's).
-        Reads host-mapped memory and never synchronizes: the check to make after replaying a CUDA graph
-        that holds eplib calls, since a replay runs no eplib host code. A no-op on other transports."""
+        its kernels then poison their outputs, NaN rows and -1 ids, instead of leaving last call's), and
+        eplib.PeerInputError (ipc) if an exchange kernel since the last normal-mode dispatch met a rank
+        whose input failed a check (that call's outputs are poisoned; the Buffer stays usable, and the
+        next normal-mode dispatch reports it on every rank). Reads host-mapped memory and never
+        synchronizes: the check to make after replaying a CUDA graph that holds eplib calls, since a
+        replay runs no eplib host code. A no-op on other transports."""
         self._check_alive()
         if isinstance(self._cuda, IpcTransport):
             self._cuda.check_failed()
@@ -338,16 +344,17 @@ class Buffer:
                              f"async_finish={async_finish}")
 
     @contextlib.contextmanager
-    def _failures_shared(self, call: str, tensor: Any) -> Iterator[None]:
+    def _failures_shared(self, call: str, tensor: Any, **call_args: Any) -> Iterator[None]:
         """Around the Buffer's checks of a call: a failure is told to the other ranks (through the
         transport the call would take, when it can: ``share_error``) before it propagates. ``tensor``
-        is the call's main argument, which says where the other ranks are."""
+        is the call's main argument, which says where the other ranks are; ``call_args`` (config,
+        handle, num_worst_tokens, as the caller passed them) say how the peers' call runs."""
         try:
             yield
         except Exception as error:
             share = getattr(self._peer_transport(tensor), "share_error", None)
             if share is not None:
-                share(call, error)
+                share(call, error, call_args)
             raise
 
     def _peer_transport(self, tensor: Any) -> Optional[Transport]:
@@ -373,10 +380,15 @@ class Buffer:
         transports get the call's Config (DeepEP's recommended one for the group size when None)."""
         if isinstance(transport, CpuTransport):
             return getattr(transport, method)(*args), EventOverlap()
-        if config is None:
-            config = (self.get_combine_config if method == "combine" else self.get_dispatch_config)(self.group_size)
         return getattr(transport, method)(*args, previous_event=previous_event, async_finish=async_finish,
-                                          allocate_on_comm_stream=allocate_on_comm_stream, config=config)
+                                          allocate_on_comm_stream=allocate_on_comm_stream,
+                                          config=self._call_config(method, config))
+
+    def _call_config(self, method: str, config: Any) -> Any:
+        """The Config a CUDA call runs with: ``config``, or DeepEP's recommended one for the group size."""
+        if config is not None:
+            return config
+        return (self.get_combine_config if method == "combine" else self.get_dispatch_config)(self.group_size)
 
     def get_dispatch_layout(self, topk_idx: Tensor, num_experts: int, previous_event: Optional[EventOverlap] = None,
                             async_finish: bool = False, allocate_on_comm_stream: bool = False
@@ -450,7 +462,9 @@ class Buffer:
             ``handle``; an ``EventOverlap``. In cached mode only ``recv_x`` and the event are set.
         """
         self._check_alive()
-        with self._failures_shared("dispatch" if handle is None else "cached dispatch", x):
+        with self._failures_shared("dispatch" if handle is None else "cached dispatch", x,
+                                   config=self._call_config("dispatch", config), handle=handle,
+                                   num_worst_tokens=num_worst_tokens):
             values, scales, topk_idx, topk_weights, transport = self._check_dispatch(
                 x, handle, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert, topk_idx, topk_weights,
                 expert_alignment, num_worst_tokens, config, previous_event, async_finish, allocate_on_comm_stream)
@@ -485,7 +499,7 @@ class Buffer:
             an ``EventOverlap``.
         """
         self._check_alive()
-        with self._failures_shared("combine", x):
+        with self._failures_shared("combine", x, config=self._call_config("combine", config), handle=handle):
             values, _ = check_x(x, list(KERNEL_DTYPE_CODES), allow_fp8=False)
             transport = self._transport_for("x", values)
             self._check_x_dtype(values, transport)

@@ -13,5 +13,8 @@ constexpr int32_t kErrorWeight = 2;    // a non-finite top-k weight
 constexpr int32_t kErrorOverflow = 4;  // more rows than a fixed-size region holds
 constexpr int32_t kErrorRankCounts = 1 << 8;    // num_tokens_per_rank differs from is_token_in_rank's counts
 constexpr int32_t kErrorExpertCounts = 1 << 9;  // num_tokens_per_expert differs from topk_idx's counts
+// Not about this rank's input: an ipc exchange found a peer's stream closed as rejected (that peer's
+// input failed a host check); the next normal-mode dispatch reports it on every rank (device_errors.py).
+constexpr int32_t kErrorPeerInput = 1 << 29;
 
 }  // namespace eplib

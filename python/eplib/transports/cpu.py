@@ -27,7 +27,7 @@ one of them is late, stuck or gone (see there).
 """
 
 import contextlib
-from typing import Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -91,10 +91,10 @@ class CpuTransport:
             self.share_error(call, error)
             raise
 
-    def share_error(self, call: str, error: Exception) -> None:
+    def share_error(self, call: str, error: Exception, call_args: Optional[Dict[str, Any]] = None) -> None:
         """Joins the exchange that the other ranks wait in, or reach next, with this rank's error in
-        its header, so that they raise at once. ``call`` is the call that failed (records.CALLS). The
-        caller raises ``error`` afterwards. Errors of the group itself (CollectiveError) are not told:
+        its header, so that they raise at once. ``call`` is the call that failed (records.CALLS);
+        ``call_args`` is not needed here (the peers' headers say the rest). The caller raises ``error`` afterwards. Errors of the group itself (CollectiveError) are not told:
         the group reports them to every rank."""
         if isinstance(error, CollectiveError):
             return

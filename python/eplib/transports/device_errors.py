@@ -10,12 +10,13 @@ num_worst_tokens and cached dispatch, combine) therefore report bad input at the
 dispatch; inputs flagged bad are treated as masked (-1 ids) or dropped (rows past W), never read
 out of bounds.
 
-Two marks are the host's, never a kernel's. ``REJECTED``: the record of a rank whose input failed a
-host check (an argument) and that joined the exchange only to say so; the others raise
-``PeerInputError`` quoting its message at once. ``ERR_PEER_INPUT``: the nccl transport ORs it into
-the error flag of a rank's next normal-mode record when a call without a host sync learned from its
-call heads that another rank's input failed; that rank raises ``PeerInputError`` quoting it there, and
-the others RuntimeError naming that rank.
+Two marks say that a rank's input failed a host check (an argument). ``REJECTED`` (the host's): the
+record of such a rank, which joined the exchange only to say so; the others raise ``PeerInputError``
+quoting its message at once. ``ERR_PEER_INPUT``: set in the error flag of a rank whose call without a
+host sync learned that another rank's input failed (nccl: the host ORs it into the next normal-mode
+record, from the call heads; ipc: the exchange kernel ORs it into the flag when it finds a stream
+closed as rejected, csrc/cuda/ipc.h); that rank raises ``PeerInputError`` quoting it at its next
+normal-mode dispatch, and the others RuntimeError naming that rank.
 """
 
 from typing import Callable, List, Optional
@@ -35,7 +36,7 @@ ERR_EXPERT_COUNTS = _C.ERR_EXPERT_COUNTS
 
 # Above every kernel's bit (csrc/include/eplib/errors.h), in the int32 flag word of a record.
 REJECTED = 1 << 30
-ERR_PEER_INPUT = 1 << 29
+ERR_PEER_INPUT = _C.ERR_PEER_INPUT
 
 _ERROR_MESSAGES = {
     ERR_EXPERT_ID: "topk_idx: an expert id outside [-1, num_experts)",

@@ -29,11 +29,23 @@ hold a whole call: at most ``R * T`` rows of the larger of the dispatch and comb
 before any row moves (normal dispatch: after the counts exchange, which tells every rank every
 rank's counts).
 
-One rank's bad input: a rank whose arguments fail a check in a dispatch (or in the get_dispatch_layout
-before one) runs the notify kernel of its peers' normal-mode dispatch with a record marked REJECTED,
-its message left in the process group's store (``share_error``); the peers raise PeerInputError at
-their host read, and every rank's rounds stay in step. Calls without a notify (num_worst_tokens and
-cached dispatch, combine) are not joined: their peers time out as below.
+One rank's bad input (``share_error``): the rank whose arguments fail a host check leaves its message
+in the process group's store and joins its peers' call, so that every rank's rounds stay in step:
+    normal-mode dispatch  (or the get_dispatch_layout before one) the notify kernel, with a record
+                          marked REJECTED: the peers raise PeerInputError at their host read.
+    num_worst_tokens and  the notify kernel (padded dispatch only) and the exchange kernel as a
+    cached dispatch,      participant with no rows (csrc/cuda/ipc.h "Rejected rounds"): it closes its
+    combine               streams as rejected and drains what the peers send. The peers' kernels stop
+                          waiting for it, poison this call's outputs (NaN rows, -1 ids; not later
+                          calls') and set ERR_PEER_INPUT in their error flag. Their call returns (no
+                          host sync); ``Buffer.check_failed()`` raises PeerInputError from then on (it
+                          reads host-mapped memory), and the next normal-mode dispatch raises on every
+                          rank alike: PeerInputError naming the rank and quoting its message where the
+                          flag is set, RuntimeError naming those ranks elsewhere. The Buffer stays usable.
+The joining rank needs the call's channels (the Config's, or the handle's for cached dispatch and
+combine), not its rows: when its error makes them unknowable (a config that is not a Config, a handle
+that is not a DispatchHandle) it raises at once without joining, and its peers time out as below. A
+failed get_dispatch_layout is joined as the normal-mode dispatch that follows it.
 
 Waits: every device-side wait gives up after ``EPLIB_TIMEOUT_S`` (read at each call), reports the
 phase and the rank it waited for through host-mapped memory, and the kernels of that and every later
@@ -57,10 +69,10 @@ from .. import _C
 from ..collectives import all_gather, timeout_seconds
 from ..config import Config
 from ..event import EventOverlap
-from ..exchange import _StoreClient
+from ..exchange import PeerInputError, _StoreClient
 from ..handle import DispatchHandle
 from .cuda import CombineOutputs, CudaTransport, NormalCounts, UnpackOutputs
-from .device_errors import REJECTED
+from .device_errors import REJECTED, check_records
 from .kernels import combine_pack_args, dispatch_pack_args
 from .records import format_values
 from .streams import CallStreams
@@ -176,6 +188,10 @@ class _RejectionNotes:
             return f"its message did not reach this rank ({type(error).__name__}: {error})"
 
 
+# The calls whose failure a rank tells its peers (share_error).
+_JOINED_CALLS = ("get_dispatch_layout", "dispatch", "cached dispatch", "combine")
+
+
 class IpcTransport(CudaTransport):
     """Dispatch and combine for CUDA tensors through the ipc buffers of the group's ranks (one node)."""
 
@@ -206,7 +222,20 @@ class IpcTransport(CudaTransport):
 
     def check_failed(self) -> None:
         """Raises RuntimeError when a device-side wait of an earlier call timed out (then for good) or
-        the buffer was destroyed. Reads host-mapped memory: never synchronizes."""
+        the buffer was destroyed; PeerInputError when an exchange since the last normal-mode dispatch
+        found a peer's input rejected (until that dispatch reports it on every rank). Reads host-mapped
+        memory: never synchronizes."""
+        self._check_timeouts()
+        phase, peer_rank = self.ipc_buffer.rejection_report()
+        if phase:
+            raise PeerInputError(f"eplib: rank {self.rank}: {_C.IPC_PHASES.get(phase, phase)}: "
+                                 f"{self._peer_input_text(peer_rank)}; that call's outputs on this rank are "
+                                 f"poisoned (NaN rows, -1 ids). The Buffer stays usable; the next normal-mode "
+                                 f"dispatch reports it on every rank")
+
+    def _check_timeouts(self) -> None:
+        """Raises RuntimeError when a device-side wait of an earlier call timed out or the buffer was
+        destroyed (host-mapped memory, no sync)."""
         super()._check_usable()
         if self.ipc_buffer is None:
             raise RuntimeError("eplib: this Buffer was destroyed; create a new one")
@@ -217,8 +246,9 @@ class IpcTransport(CudaTransport):
             super()._check_usable()
 
     def _check_usable(self) -> None:
-        """check_failed, then the device waits' limit for this call."""
-        self.check_failed()
+        """The timeout part of check_failed (a rejection is reported by the next normal-mode dispatch, on
+        every rank alike), then the device waits' limit for this call."""
+        self._check_timeouts()
         self.ipc_buffer.set_timeout(timeout_seconds())
 
     @contextlib.contextmanager
@@ -233,29 +263,70 @@ class IpcTransport(CudaTransport):
                 self._out_of_step = f"rank {self.rank}: {type(error).__name__} between ipc kernels ({error})"
             raise
 
-    def share_error(self, call: str, error: Exception) -> None:
-        """This rank's input failed a check in ``call`` (records.CALLS): when that is a dispatch or a
-        get_dispatch_layout, it joins the notify kernel of its peers' normal-mode dispatch with a record
-        that says REJECTED (its message goes to the store), so that they raise PeerInputError at their
-        host read, and every rank's rounds stay in step. The caller raises ``error`` afterwards.
+    def share_error(self, call: str, error: Exception, call_args: Optional[dict] = None) -> None:
+        """This rank's input failed a check in ``call`` (records.CALLS): it leaves its message in the store
+        and joins its peers' call, so that every rank's rounds stay in step (module docstring): the notify
+        kernel of a dispatch with a record that says REJECTED, then, in calls without a host sync, the
+        exchange kernel as a participant with no rows. ``call_args``: the call's config (resolved to the
+        default when None), handle and num_worst_tokens, as passed. The caller raises ``error`` afterwards.
 
-        Not for calls without a notify (num_worst_tokens and cached dispatch, combine): joining their
-        exchange round would need the rows the peers expect; their peers time out (EPLIB_TIMEOUT_S) and
-        the Buffer then refuses further calls (README "Failure behaviour")."""
-        if call not in ("dispatch", "get_dispatch_layout") or not self._can_share_error(error) \
-                or self.ipc_buffer is None:
+        Not joined (the peers time out, EPLIB_TIMEOUT_S, and the Buffer then refuses further calls):
+        a call whose config is not a Config, a cached dispatch or combine whose handle is not a
+        DispatchHandle (their channels are unknown)."""
+        if call not in _JOINED_CALLS or not self._can_share_error(error) or self.ipc_buffer is None:
             return
+        call_args = call_args or {}
+        config, handle = call_args.get("config"), call_args.get("handle")
+        worst = call_args.get("num_worst_tokens", 0)
+        padded = call == "dispatch" and isinstance(worst, int) and worst > 0
+        exchange = None
+        if call in ("cached dispatch", "combine") or padded:
+            channels = (config.num_channels if padded else
+                        handle.channel_counts.shape[1] if isinstance(handle, DispatchHandle)
+                        and handle.channel_counts is not None else None)
+            if not isinstance(config, Config) or channels is None:
+                return
+            try:  # rows of 0 bytes: the rejected participant writes and reads no slot
+                exchange = self._exchange_args(config, channels, 0, call, None)
+            except ValueError:  # not even one chunk fits: the peers raise the same before any kernel
+                return
+            exchange.rejected = True
         self._notes.leave(self.rank, f"{type(error).__name__}: {error}")
         with self._call(None, False):
-            flag = torch.full((1,), REJECTED, dtype=torch.int32, device=self.device)
-            counts = torch.zeros(self.num_ranks, dtype=torch.int32, device=self.device)  # also one expert a rank
-            count_matrix = torch.empty(self.num_ranks, self.num_ranks, dtype=torch.int32, device=self.device)
             with self._launching():
-                self.ipc_buffer.notify(flag.data_ptr(), [0] * (_C.IPC_RECORD_FORMAT_FIELDS - 1), counts.data_ptr(),
-                                       counts.data_ptr(), self.num_ranks, count_matrix.data_ptr(), True,
-                                       self.context.current_stream())
-                self.context.hold((flag, counts, count_matrix))
-                self.ipc_buffer.wait_notify(timeout_seconds() + _HOST_WAIT_MARGIN_S)
+                if call in ("dispatch", "get_dispatch_layout"):
+                    self._notify_rejected(host_wait=not padded)
+                if exchange is not None:
+                    self.ipc_buffer.join_rejected(call == "combine", exchange, self.context.current_stream())
+
+    def _notify_rejected(self, host_wait: bool) -> None:
+        """This rank's part of its peers' notify kernel: a record that says REJECTED, no counts."""
+        flag = torch.full((1,), REJECTED, dtype=torch.int32, device=self.device)
+        counts = torch.zeros(self.num_ranks, dtype=torch.int32, device=self.device)  # also one expert a rank
+        count_matrix = torch.empty(self.num_ranks, self.num_ranks, dtype=torch.int32, device=self.device)
+        self.ipc_buffer.notify(flag.data_ptr(), [0] * (_C.IPC_RECORD_FORMAT_FIELDS - 1), counts.data_ptr(),
+                               counts.data_ptr(), self.num_ranks, count_matrix.data_ptr(), host_wait,
+                               self.context.current_stream())
+        self.context.hold((flag, counts, count_matrix))
+        if host_wait:
+            self.ipc_buffer.wait_notify(timeout_seconds() + _HOST_WAIT_MARGIN_S)
+
+    def _peer_input_text(self, peer_rank: int) -> str:
+        """What a rank says about the peer whose stream an exchange found closed as rejected."""
+        return f"the input of rank {peer_rank} failed a check in an earlier call (rank {peer_rank}: " \
+               f"{self._notes.read(peer_rank)})"
+
+    def _peer_input(self) -> str:
+        """For the normal-mode dispatch whose record carries ERR_PEER_INPUT: the rejecting peer, quoted
+        (host-mapped report; then cleared)."""
+        phase, peer_rank = self.ipc_buffer.rejection_report()
+        self.ipc_buffer.clear_rejection_report()
+        if not phase:
+            return "the input of another rank failed a check in an earlier call without a host sync"
+        return self._peer_input_text(peer_rank)
+
+    def _check_records(self, records: Tensor) -> None:
+        check_records(records, self.rank, self.error_flag, self._rejection, self._peer_input)
 
     def _rejection(self, rank: int) -> str:
         return self._notes.read(rank)
@@ -273,7 +344,7 @@ class IpcTransport(CudaTransport):
                              f"{_C.ipc_header_bytes()}-byte header), the Buffer has {self.ipc_buffer.num_bytes}; "
                              f"size it with Buffer.get_nvl_buffer_size_hint")
         return _C.IpcExchangeArgs(num_channels=num_channels, ring_rows=max(config.num_max_nvl_chunked_recv_tokens, chunk),
-                                  chunk_rows=chunk, channel_counts=ptr(channel_counts))
+                                  chunk_rows=chunk, channel_counts=ptr(channel_counts), error_flag=ptr(self.error_flag))
 
     def _before_dispatch(self, x: Tensor, x_scales: Optional[Tensor], topk_idx: Optional[Tensor],
                          num_experts: int, config: Config) -> None:

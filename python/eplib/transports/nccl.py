@@ -56,7 +56,7 @@ back. This exists so that N processes sharing one GPU can test the multi-rank lo
 cannot be captured in a CUDA graph.
 """
 
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -174,10 +174,10 @@ class NcclTransport(CudaTransport):
         rejected = heads[:, ERROR_WORD:ERROR_WORD + 1] > 0
         torch.where(rejected, heads, self._rejections, out=self._rejections)
 
-    def share_error(self, call: str, error: Exception) -> None:
+    def share_error(self, call: str, error: Exception, call_args: Optional[Dict[str, Any]] = None) -> None:
         """This rank's input failed a check in ``call`` (records.CALLS): joins the peers' call with a head
-        that says so (carrying the message), then the rest of that call as their heads describe it, so
-        that every rank stays in step. The caller raises ``error`` afterwards (see _can_share_error)."""
+        that says so (carrying the message), then the rest of that call as their heads describe it (so
+        ``call_args`` is not needed), so that every rank stays in step. The caller raises ``error`` afterwards (see _can_share_error)."""
         if not self._can_share_error(error):
             return
         try:
