@@ -1,17 +1,21 @@
 """Low-latency mode on CPU tensors (the cpu transport).
 
-Every LL call moves one message per (source, destination) pair (``eplib/low_latency.h``): the native
-kernels write the rows of each destination's message, and after the exchange unpack (dispatch) or
-reduce (combine) the messages received. How messages travel:
+How the rows travel:
 
 - ``SharedMemoryExchange`` (all ranks on one host, the default): each rank holds a shared region
-  (memfd) that the others map: flags, then two buffers of R message slots. A sender waits until the
-  destination has released the buffer's previous round, writes its message straight into its slot in
-  the destination's region and raises the destination's ``arrived`` flag to the call's round (a
-  release store); the receiver waits for the flags (acquire), reads, then raises its ``freed`` flag.
-  One copy per row, no collective.
-- ``GlooExchange`` (ranks on several hosts): gloo point-to-point messages, one per live peer and
-  direction, received into slots of the same size.
+  (memfd) that the others map: flags, then two buffers of R message slots; and a region of its own
+  per buffer for its published dispatches. A dispatch is pulled: each rank waits until every peer
+  has freed the buffer's previous round, writes its call once into its published buffer (header,
+  topk_idx, rows; FP8-cast once per token; ``eplib/low_latency.h``) and raises its ``published``
+  flag to the call's round (a release store). Each destination waits for the flags (acquire), copies
+  the rows of its experts straight into ``recv_x`` and raises its ``freed`` flag. One copy per
+  token on the source, one per (token, destination expert) on the destination, no collective. A
+  combine moves one message per (expert rank, source) pair: the expert rank writes it straight into
+  its slot in the source's region and raises the source's ``arrived`` flag; the source reduces from
+  there (or, zero-copy, from the expert rank's shared buffer) and frees the buffer.
+- ``GlooExchange`` (ranks on several hosts): both calls as messages (one per (source, destination)
+  pair, as a combine above), sent as gloo point-to-point messages, one per live peer and direction,
+  received into slots of the same size.
 
 Waits. Every wait on a peer gives up after ``EPLIB_TIMEOUT_S``. With ``enable_shrink`` the peer is then
 masked and the call completes for the live ranks (a stopped or dead rank costs one timeout); without,
