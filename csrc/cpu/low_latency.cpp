@@ -5,7 +5,6 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
-#include <algorithm>
 #include <cerrno>
 #include <chrono>
 #include <cstring>
@@ -312,34 +311,20 @@ void ll_combine_reduce(const std::vector<const uint8_t*>& messages, const std::v
                                     : row_of(message, layout, send_offset[expert], layout.combine_stride);
     }
   }
-  // Per token, block by block of channels: the block's fp32 sums stay in L1 while the token's rows
-  // stream by (each element still sums its slots in ascending order, from 0).
-  constexpr int64_t kChannelsPerBlock = 1024;
   parallel_for(num_tokens, kTokensPerChunk, [&](int64_t begin, int64_t end) {
-    std::vector<const bf16_t*> rows(num_topk);
-    std::vector<float> weights(num_topk);
-    std::vector<float> acc(kChannelsPerBlock);
+    std::vector<float> acc(hidden);
     for (int64_t t = begin; t < end; ++t) {
-      int num_rows = 0;
+      for (int64_t h = 0; h < hidden; ++h) acc[h] = 0.0f;
       for (int k = 0; k < num_topk; ++k) {
         const int64_t expert = topk_idx[t * num_topk + k];
-        if (expert < 0 || first_row[expert] == nullptr) continue;
-        rows[num_rows] = reinterpret_cast<const bf16_t*>(
+        if (expert < 0) continue;
+        if (first_row[expert] == nullptr) continue;
+        const auto* row = reinterpret_cast<const bf16_t*>(
             first_row[expert] + send_slot[t * num_topk + k] * row_stride[expert / experts_per_rank]);
-        weights[num_rows++] = topk_weights[t * num_topk + k];
+        const float weight = topk_weights[t * num_topk + k];
+        for (int64_t h = 0; h < hidden; ++h) acc[h] = acc[h] + weight * to_float(row[h]);
       }
-      for (int64_t first = 0; first < hidden; first += kChannelsPerBlock) {
-        const int64_t size = std::min(kChannelsPerBlock, hidden - first);
-        float* sums = acc.data();
-        for (int64_t h = 0; h < size; ++h) sums[h] = 0.0f;
-        for (int j = 0; j < num_rows; ++j) {
-          const bf16_t* row = rows[j] + first;
-          const float weight = weights[j];
-          for (int64_t h = 0; h < size; ++h) sums[h] = sums[h] + weight * to_float(row[h]);
-        }
-        bf16_t* token_out = out + t * hidden + first;
-        for (int64_t h = 0; h < size; ++h) token_out[h] = from_float<bf16_t>(sums[h]);
-      }
+      for (int64_t h = 0; h < hidden; ++h) out[t * hidden + h] = from_float<bf16_t>(acc[h]);
     }
   });
 }
