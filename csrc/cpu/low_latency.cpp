@@ -32,6 +32,17 @@ const int32_t* header_counts(const uint8_t* message) {
   return reinterpret_cast<const int32_t*>(message) + kLLHeaderFields;
 }
 
+// The fields of a message's (or published buffer's) header against the receiver's own: 1 absent (no
+// magic), 2 the sender rejected its input, 3 + f field f differs, 0 when they agree.
+int header_fields_status(const uint8_t* message, const int32_t* expected_fields) {
+  const auto* header = reinterpret_cast<const int32_t*>(message);
+  if (header[kLLFieldMagic] != kLLMagic) return 1;
+  if (header[kLLFieldRejected] != 0) return 2;
+  for (int f = kLLFirstFormatField; f <= kLLLastFormatField; ++f)
+    if (header[f] != expected_fields[f]) return 3 + f;
+  return 0;
+}
+
 // A dispatch row (its source token, x, FP8 scales) -> row `row` of local expert le of the outputs of
 // ll_dispatch_unpack.
 void store_dispatch_row(const uint8_t* row, const LowLatencyLayout& layout, bool ue8m0, int le, int64_t row_index,
@@ -103,11 +114,7 @@ void ll_write_header(uint8_t* message, const LowLatencyLayout& layout, const int
 }
 
 int ll_message_status(const uint8_t* message, const LowLatencyLayout& layout, const int32_t* expected_fields) {
-  const auto* header = reinterpret_cast<const int32_t*>(message);
-  if (header[kLLFieldMagic] != kLLMagic) return 1;
-  if (header[kLLFieldRejected] != 0) return 2;
-  for (int f = kLLFirstFormatField; f <= kLLLastFormatField; ++f)
-    if (header[f] != expected_fields[f]) return 3 + f;
+  if (const int status = header_fields_status(message, expected_fields)) return status;
   int64_t rows = 0;
   for (int le = 0; le < layout.num_local_experts; ++le) {
     const int32_t count = header_counts(message)[le];
@@ -191,12 +198,8 @@ void ll_dispatch_publish(const bf16_t* x, int64_t num_tokens, const LowLatencyLa
 }
 
 int ll_published_status(const uint8_t* published, const LowLatencyLayout& layout, const int32_t* expected_fields) {
-  const auto* header = reinterpret_cast<const int32_t*>(published);
-  if (header[kLLFieldMagic] != kLLMagic) return 1;
-  if (header[kLLFieldRejected] != 0) return 2;
-  for (int f = kLLFirstFormatField; f <= kLLLastFormatField; ++f)
-    if (header[f] != expected_fields[f]) return 3 + f;
-  const int32_t num_tokens = header[kLLFieldNumTokens];
+  if (const int status = header_fields_status(published, expected_fields)) return status;
+  const int32_t num_tokens = reinterpret_cast<const int32_t*>(published)[kLLFieldNumTokens];
   return num_tokens >= 0 && num_tokens <= layout.num_max ? 0 : -1;
 }
 
