@@ -403,8 +403,8 @@ class CpuLowLatency:
             rejection = error
             send_counts.zero_()
         send = self._publish_dispatch if exchange.pulls_dispatch else self._send_dispatch_messages
-        receive_rows = send(exchange, call, buffer_index, round_, sizes, call.header_fields(rejected=rejection is not None),
-                            send_slot, send_counts, send_offset)
+        fields = call.header_fields(rejected=rejection is not None)
+        receive_rows = send(exchange, call, buffer_index, round_, sizes, fields, send_slot, send_counts, send_offset)
         outputs = self._dispatch_outputs(buffer_index, call)
 
         def receive() -> None:
@@ -427,7 +427,8 @@ class CpuLowLatency:
     def _publish_dispatch(self, exchange: SharedMemoryExchange, call: DispatchCall, buffer_index: int, round_: int,
                           sizes: dict, fields: List[int], send_slot: Tensor, send_counts: Tensor, send_offset: Tensor):
         """The sending half of a dispatch that the destinations pull: this rank's call once into its published
-        buffer (a header alone when rejected). Returns the receiving half: outputs -> problems."""
+        buffer (a header alone when rejected; the send layout only serves messages). Returns the receiving
+        half: outputs -> problems."""
         layout_args = (call.num_max, call.hidden, call.num_topk, call.num_local_experts, call.use_fp8)
         published, failed = exchange.published_buffer(buffer_index, round_, sizes["published_bytes"], self._live(),
                                                        timeout_seconds())
