@@ -70,15 +70,16 @@ EPLIB_HOST_DEVICE Fp8BlockScale fp8_block_scale(float amax, bool round_scale) {
 EPLIB_HOST_DEVICE uint8_t ue8m0_of(float scale_inv) { return static_cast<uint8_t>((float_bits(scale_inv) >> 23) & 0xFFu); }
 
 // The largest magnitude of a block of kFp8BlockSize bf16 values, at least kFp8AmaxFloor; NaN is
-// passed over. On the bits: bf16 magnitudes order as their bits do, and integer maxima vectorize.
+// passed over. On the bits: bf16 magnitudes order as their bits do, and integer maxima vectorize
+// (signed 16-bit ones even with SSE2 alone; a magnitude fits in 15 bits).
 EPLIB_HOST_DEVICE float bf16_block_amax(const bf16_t* block) {
-  uint16_t largest = 0;
+  int16_t largest = 0;
   for (int i = 0; i < kFp8BlockSize; ++i) {
-    const uint16_t magnitude = static_cast<uint16_t>(block[i].bits & 0x7FFFu);
-    const uint16_t finite_or_inf = magnitude > 0x7F80u ? 0 : magnitude;
+    const int16_t magnitude = static_cast<int16_t>(block[i].bits & 0x7FFF);
+    const int16_t finite_or_inf = magnitude > 0x7F80 ? 0 : magnitude;
     largest = finite_or_inf > largest ? finite_or_inf : largest;
   }
-  const float amax = to_float(bf16_t{largest});
+  const float amax = to_float(bf16_t{static_cast<uint16_t>(largest)});
   return amax > kFp8AmaxFloor ? amax : kFp8AmaxFloor;
 }
 
