@@ -67,6 +67,8 @@ enum IpcPhase : int32_t {
   kPhaseCombineSend = 4,
   kPhaseCombineReceive = 5,
   kPhaseBarrier = 6,          // destroy()
+  kPhaseLowLatencySend = 7,     // low-latency call: a destination had not freed its slot (low_latency_ipc.h)
+  kPhaseLowLatencyReceive = 8,  // low-latency call: a source's message had not arrived
 };
 
 // Head of every rank's buffer; the rings follow at kIpcRegionOffset. Flag arrays are indexed by the

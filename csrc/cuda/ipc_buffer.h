@@ -12,6 +12,7 @@
 
 #include "ipc.h"
 #include "kernels.h"
+#include "low_latency_ipc.h"
 
 namespace eplib::cuda {
 
@@ -85,6 +86,11 @@ class IpcBuffer {
                 cudaStream_t stream);
   void combine(const CombinePackArgs& pack, const CombineReduceArgs& reduce, const IpcExchangeArgs& exchange,
                cudaStream_t stream);
+
+  // Low-latency mode (low_latency_ipc.h): one protocol step on `stream`; the addresses of every rank's
+  // region as this process maps them (the LL kernels write and read messages there).
+  void low_latency_sync(const LLSyncArgs& args, cudaStream_t stream);
+  std::vector<uintptr_t> region_addresses() const;
 
  private:
   const IpcView* view() const;  // throws unless open

@@ -24,6 +24,7 @@ ERR_WEIGHT = _C.ERR_WEIGHT
 ERR_OVERFLOW = _C.ERR_OVERFLOW
 ERR_RANK_COUNTS = _C.ERR_RANK_COUNTS
 ERR_EXPERT_COUNTS = _C.ERR_EXPERT_COUNTS
+ERR_LL_MESSAGE = _C.ERR_LL_MESSAGE
 
 _ERROR_MESSAGES = {
     ERR_EXPERT_ID: "topk_idx: an expert id outside [-1, num_experts)",
@@ -33,6 +34,9 @@ _ERROR_MESSAGES = {
     ERR_RANK_COUNTS: "num_tokens_per_rank: differs from the per-rank counts of is_token_in_rank",
     ERR_EXPERT_COUNTS: "num_tokens_per_expert: differs from the per-expert counts of topk_idx (or, without "
                        "topk_idx, holds a negative count)",
+    ERR_LL_MESSAGE: "low-latency call: a message from another rank was rejected by its sender or made for a call "
+                    "of another format (num_max_dispatch_tokens_per_rank, hidden, num_experts, top-k, FP8 options); "
+                    "it was counted as empty",
 }
 
 # Fields at the head of each rank's normal-mode record: each rank's own error flag, then the format
