@@ -144,10 +144,21 @@ def _ll_round(buffer, rank: int, R: int, case: dict, round_: int, masked=()) -> 
     return errs + check_combine(rank, R, case, combined, round_, masked)
 
 
-def job_ll(rank, R, group, case):
+def ll_buffer(group, backend: str = "cpu", **kwargs):
+    """A Buffer for LL calls: eplib.Buffer on CPU tensors ("cpu"), or a gpu_harness backend whose calls take
+    CPU tensors through the nccl or ipc transport on the CPU execution of the CUDA sources ("cuda_cpu-*")."""
     import eplib
 
-    buffer = eplib.Buffer(group, 0, 0, low_latency_mode=True, num_qps_per_rank=1)
+    kwargs = dict(low_latency_mode=True, num_qps_per_rank=1, **kwargs)
+    if backend == "cpu":
+        return eplib.Buffer(group, 0, 0, **kwargs)
+    from gpu_harness import eplib_buffer
+
+    return eplib_buffer(backend, group, **kwargs)[0]
+
+
+def job_ll(rank, R, group, case):
+    buffer = ll_buffer(group, case.get("backend", "cpu"))
     errs = []
     for round_ in range(case["rounds"]):
         errs += _ll_round(buffer, rank, R, case, round_)
@@ -208,9 +219,7 @@ def test_low_latency_gloo_exchange(ll_pool, name):
 def job_two_hooks_and_stats(rank, R, group, case):
     """Two dispatches await their hooks at once (buffers 0 and 1); a third LL call is refused until a hook
     runs; hooks run in reverse order; the receive statistics accumulate; then both combines, hooked too."""
-    import eplib
-
-    buffer = eplib.Buffer(group, 0, 0, low_latency_mode=True, num_qps_per_rank=1)
+    buffer = ll_buffer(group, case.get("backend", "cpu"))
     cases = [case, dict(case, seed=case["seed"] + 100)]
     stats = torch.zeros(case["E"] // R, dtype=torch.int32)
     waits = torch.zeros(R, dtype=torch.int64)
@@ -273,9 +282,7 @@ def _normal_round(buffer, rank: int, R: int, seed: int) -> list:
 
 def job_mixed(rank, R, group, case):
     """Normal and LL calls on one Buffer, with clean_low_latency_buffer between them (as DeepEP asks)."""
-    import eplib
-
-    buffer = eplib.Buffer(group, 0, 0, low_latency_mode=True, num_qps_per_rank=1)
+    buffer = ll_buffer(group, case.get("backend", "cpu"))
     errs = _normal_round(buffer, rank, R, 1)
     for round_ in range(2):
         buffer.clean_low_latency_buffer(case["num_max"], case["H"], case["E"])

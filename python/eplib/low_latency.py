@@ -1,7 +1,8 @@
 """Low-latency (LL) mode: DeepEP's ``low_latency_dispatch`` / ``low_latency_combine``. What every
 transport shares: the handle, the argument checks, and the state of the two alternating buffers,
-the receive hooks. The transports' engines: ``transports/low_latency_cpu.py`` (the nccl and ipc
-transports have none yet). Layout and message format: ``csrc/include/eplib/low_latency.h``.
+the receive hooks. The transports' engines: ``transports/low_latency_cpu.py`` (CPU tensors) and
+``transports/low_latency_cuda.py`` with its nccl and ipc engines (CUDA tensors). Layout and message
+format: ``csrc/include/eplib/low_latency.h``.
 
 Rows and their order (every transport, bit for bit):
 - A token travels once to each distinct expert among its top-k slots (a slot that repeats an expert
