@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from dist_harness import eplib_timeout
-from test_low_latency import (CASES, _ll_round, _normal_round, fill, job_ll, job_mixed, job_two_hooks_and_stats,
-                              ll_buffer, ll_case, ll_inputs)
+from eplib import _C
+from test_low_latency import (CASES, _ll_round, _normal_round, check_dispatch, fill, job_ll, job_mixed,
+                              job_two_hooks_and_stats, ll_buffer, ll_case, ll_inputs)
 from test_low_latency_masks import _mask_status, job_manual_masks
 
 pytestmark = pytest.mark.cuda_cpu
@@ -61,6 +62,42 @@ def test_low_latency_cuda_cpu_mixed_with_normal_mode(pool2, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_low_latency_cuda_cpu_manual_masks(pool2, backend):
     run_case(pool2, backend, ll_case(use_fp8=True, hook=True, zero_copy=True), job_manual_masks)
+
+
+def job_staggered(rank, R, group, case):
+    """Ranks out of step, with new inputs every round (so a stale message shows):
+    - a slow sender: the last rank starts round 1 half a second late, the others' receives must wait for it;
+    - a slow receiver: every rank sends two dispatches whose hooks wait (buffers 0 and 1); the last rank calls
+      its hooks half a second late, its unpack kernel slowed down too, while the others call theirs at once
+      and send the next dispatch on buffer 0, which must not overwrite the last rank's unread messages."""
+    buffer = ll_buffer(group, case["backend"])
+    last = rank == R - 1
+    errs = _ll_round(buffer, rank, R, case, 0)
+    if last:
+        time.sleep(0.5)
+    errs += _ll_round(buffer, rank, R, dict(case, seed=case["seed"] + 1), 1)
+    cases = [dict(case, seed=case["seed"] + s) for s in (2, 3, 4)]
+
+    def dispatch(c):
+        x, idx, _ = ll_inputs(c, rank)
+        return buffer.low_latency_dispatch(x, idx, c["num_max"], c["E"], use_fp8=c["use_fp8"], return_recv_hook=True)
+
+    outs = [dispatch(c) for c in cases[:2]]
+    if last:
+        time.sleep(0.5)
+        _C.cuda_cpu_stall("ll_dispatch_unpack_kernel", 0.05)
+    for c, out in zip(cases, outs):
+        out[4]()
+        errs += check_dispatch(rank, R, c, out[:3])  # before a later dispatch on its buffer reuses its outputs
+    _C.cuda_cpu_stall("ll_dispatch_unpack_kernel", 0)
+    out = dispatch(cases[2])
+    out[4]()
+    return errs + check_dispatch(rank, R, cases[2], out[:3])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_low_latency_cuda_cpu_staggered(pool2, backend):
+    run_case(pool2, backend, ll_case(use_fp8=True), job_staggered)
 
 
 # ------------------------------------------------------------------------------------ bad input

@@ -2,7 +2,7 @@
 each one when the sources run on the CPU execution (EPLIB_CUDA_CPU): the proof that the tests of a
 protocol or kernel can fail.
 
-Each mutation replaces one exact snippet of a file under csrc/ (it must occur exactly once, so a
+Each mutation replaces one exact snippet of a file under csrc/ or python/ (it must occur exactly once, so a
 change to the sources that moves the snippet fails loudly instead of testing nothing). The tool
 copies csrc/, CMakeLists.txt and the Python package to a scratch directory, builds the native module
 there with CMake (incrementally: only the mutated file recompiles), and runs the mutation's tests
@@ -100,9 +100,40 @@ MUTATIONS: List[Mutation] = [
              "  if (args.scales_column_stride == 1) {",
              "  if (true) {",
              ("tests/test_cuda_kernels.py::test_dispatch_pack_reads_scales_through_strides",)),
+    # The ipc transport's low-latency protocol (csrc/cuda/low_latency_ipc.h).
+    Mutation("low-latency receiver that does not wait for the arrival flag", "csrc/cuda/low_latency_ipc.cu",
+             "      if (live && wait_for_peer(view, args, &own->arrived[b][peer], round, kPhaseLowLatencyReceive, peer) &&",
+             "      if (live && true &&",
+             ("tests/test_low_latency_cuda_cpu.py::test_low_latency_cuda_cpu_staggered",)),
+    Mutation("low-latency sender that does not wait for its destination to free the slot", "csrc/cuda/low_latency_ipc.cu",
+             "      if (live) wait_for_peer(view, args, &ll_flags(view, peer)->freed[b], round - 1, kPhaseLowLatencySend, peer);\n",
+             "",
+             ("tests/test_low_latency_cuda_cpu.py::test_low_latency_cuda_cpu_staggered",)),
+    Mutation("low-latency freed flag raised before the unpack finished", "python/eplib/transports/low_latency_cuda.py",
+             "                self._after_receive(buffer_index)\n                events.append(streams.finish(async_finish, outputs",
+             "                events.append(streams.finish(async_finish, outputs",
+             ("tests/test_low_latency_cuda_cpu.py::test_low_latency_cuda_cpu_staggered",)),
+    Mutation("low-latency round number off by one (arrival flag one round ahead)", "csrc/cuda/low_latency_ipc.cu",
+             "(args.step == kLLPublishArrived ? 0 : 1)",
+             "(args.step == kLLPublishArrived ? 1 : 1)",
+             ("tests/test_low_latency_cuda_cpu.py::test_low_latency_cuda_cpu_staggered",)),
+    Mutation("low-latency arrival flag stored plainly (no release)", "csrc/cuda/low_latency_ipc.cu",
+             "      if (live) store_release_sys(&ll_flags(view, peer)->arrived[b][view.rank], round);",
+             "      if (live) ll_flags(view, peer)->arrived[b][view.rank] = round;",
+             ("tests/test_low_latency_cuda_cpu.py::test_low_latency_cuda_cpu_staggered",), tsan=True),
+    Mutation("low-latency combine sums the slots in another order", "csrc/cuda/low_latency.cu",
+             "      for (int k = 0; k < num_topk; ++k) {\n        const int64_t expert = args.topk_idx[t * num_topk + k];",
+             "      for (int k = num_topk - 1; k >= 0; --k) {\n        const int64_t expert = args.topk_idx[t * num_topk + k];",
+             ("tests/test_low_latency_cuda_cpu.py::test_low_latency_cuda_cpu_equals_reference",)),
 ]
-# The last mutation needs the launch helper's clear removed too (either one alone is enough).
+# Mutations that need a second edit (either one alone is not the mutation).
 EXTRA_EDITS = {
+    "low-latency freed flag raised before the unpack finished":
+        ("python/eplib/transports/low_latency_cuda.py",
+         "                self._before_receive(buffer_index, call.wait_stats)\n                self._launch(_C.cuda_ll_dispatch_unpack",
+         "                self._before_receive(buffer_index, call.wait_stats)\n                self._after_receive(buffer_index)\n"
+         "                self._launch(_C.cuda_ll_dispatch_unpack"),
+    # The launch helper's clear removed too (either one alone is enough).
     "stale last error left for the next launch (wait_notify and launch keep it)":
         ("csrc/cuda/common.cuh", "  (void)cudaGetLastError();\n#if defined(__CUDACC__)", "#if defined(__CUDACC__)"),
 }

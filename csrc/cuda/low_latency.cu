@@ -110,7 +110,10 @@ __global__ void __launch_bounds__(kMaxThreadsPerBlock) ll_dispatch_pack_kernel(L
       return args.rejected ? 0 : args.send_counts[r * experts_per_rank + le];
     });
   }
-  if (args.rejected) return;
+  if (args.rejected) {
+    __threadfence_system();
+    return;
+  }
   const int lane = lane_id();
   for (int64_t t = global_warp_id(); t < args.num_tokens; t += num_global_warps()) {
     const int64_t* token = args.topk_idx + t * num_topk;
@@ -160,6 +163,7 @@ __global__ void __launch_bounds__(kMaxThreadsPerBlock) ll_dispatch_pack_kernel(L
       }
     }
   }
+  __threadfence_system();  // this thread's writes into peer memory, before the ipc publish step's flags
 }
 
 // Blocks per local expert of the unpack kernel: enough warps for its rows, at most kMaxBlocksPerExpert.
@@ -268,6 +272,7 @@ __global__ void __launch_bounds__(kMaxThreadsPerBlock) ll_combine_pack_kernel(LL
                 layout.hidden * static_cast<int64_t>(sizeof(bf16_t)), lane);
     __syncthreads();  // `offset` is reused by the block's next pair
   }
+  __threadfence_system();  // as in ll_dispatch_pack_kernel
 }
 
 // One warp per token: per element, from 0, for each slot k ascending whose expert is valid and whose

@@ -25,6 +25,8 @@
 //   receive  (the call, or its hook) kLLWaitArrived (round = recv_round[b] + 1; wait arrived[b][s] for
 //            every live source), the unpack / reduce kernel, kLLPublishFreed (recv_round[b] = round,
 //            a system fence, then freed[b] = round).
+// The steps are kernels of their own (one block each), ordered with the row kernels by the stream; the
+// pack kernels end with a system fence in every thread, so the publish step's release covers their rows.
 // Invariants: a slot's message is read only in the round its arrival flag names (arrived >= round and a
 // sender cannot reach round + 1 before freed >= round), and written only after its reader freed the
 // previous round. Masked ranks (mask[r] = 1) are neither waited for, written to nor read.
