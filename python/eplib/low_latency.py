@@ -293,6 +293,18 @@ class ReceiveHook:
         self._receive()
 
 
+def zero_copy_source(zero_copy: List[Optional[Tensor]], state: LowLatencyState, call: CombineCall) -> Tensor:
+    """The tensor a zero_copy combine reads: the one get_next_low_latency_combine_buffer handed out for the
+    next call's buffer (``zero_copy``: per buffer)."""
+    buffer_index = state.num_calls % 2
+    source = zero_copy[buffer_index]
+    if source is None or source.shape != call.x.shape:
+        raise ValueError("zero_copy: fill the tensor from get_next_low_latency_combine_buffer(handle) right before "
+                         "this combine (it belongs to the next low-latency call's buffer); none of this shape "
+                         "was handed out for it")
+    return source
+
+
 def run_receive(state: LowLatencyState, buffer_index: int, what: str, receive: Callable[[], None],
                 return_recv_hook: bool) -> Optional[ReceiveHook]:
     """The receive of a call: now (None), or later through the returned hook."""
