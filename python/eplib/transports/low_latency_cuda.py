@@ -25,7 +25,8 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 
 from .. import _C
-from ..low_latency import CombineCall, DispatchCall, LowLatencyHandle, LowLatencyState, flags_bytes, region_bytes, run_receive
+from ..low_latency import (CombineCall, DispatchCall, LowLatencyHandle, LowLatencyState, flags_bytes, region_bytes,
+                           run_receive, zero_copy_source)
 from .ipc import _all_gather_bytes
 from .tensors import ptr
 
@@ -175,7 +176,7 @@ class CudaLowLatency:
         if handle.owner is not self:
             raise ValueError("handle: made by another Buffer's (or transport's) low_latency_dispatch")
         self._messages_for(call.layout()["message_bytes"])
-        x = self._zero_copy_source(call) if call.zero_copy else call.x
+        x = zero_copy_source(self._zero_copy, self.state, call) if call.zero_copy else call.x
         buffer_index, _ = self.state.next_call("low_latency_combine")
         with self._call() as streams:
             self._before_send(buffer_index)
@@ -241,14 +242,6 @@ class CudaLowLatency:
             with self._call() as streams:
                 self._zero_copy[buffer_index] = streams.empty(*shape, dtype=torch.bfloat16)
         return self._zero_copy[buffer_index]
-
-    def _zero_copy_source(self, call: CombineCall) -> Tensor:
-        source = self._zero_copy[self.state.num_calls % 2]
-        if source is None or source.shape != call.x.shape:
-            raise ValueError("zero_copy: fill the tensor from get_next_low_latency_combine_buffer(handle) right before "
-                             "this combine (it belongs to the next low-latency call's buffer); none of this shape "
-                             "was handed out for it")
-        return source
 
     def reject(self, what: str, error: Exception) -> None:
         """Raises ``error``, a check that this rank's call failed, after taking part in the call's round with
