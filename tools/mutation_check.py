@@ -100,7 +100,10 @@ MUTATIONS: List[Mutation] = [
              "  if (args.scales_column_stride == 1) {",
              "  if (true) {",
              ("tests/test_cuda_kernels.py::test_dispatch_pack_reads_scales_through_strides",)),
-    # The ipc transport's low-latency protocol (csrc/cuda/low_latency_ipc.h).
+    # The ipc transport's low-latency protocol (csrc/cuda/low_latency_ipc.h). Its flag steps are kernels of
+    # their own, ordered with the row kernels by the stream, and its flags cross processes: a release store
+    # turned into a plain one changes nothing the CPU execution can see (x86 keeps the order, and
+    # ThreadSanitizer sees within one process only), so that mutation is left to the GPU.
     Mutation("low-latency receiver that does not wait for the arrival flag", "csrc/cuda/low_latency_ipc.cu",
              "      if (live && wait_for_peer(view, args, &own->arrived[b][peer], round, kPhaseLowLatencyReceive, peer) &&",
              "      if (live && true &&",
@@ -117,10 +120,6 @@ MUTATIONS: List[Mutation] = [
              "(args.step == kLLPublishArrived ? 0 : 1)",
              "(args.step == kLLPublishArrived ? 1 : 1)",
              ("tests/test_low_latency_cuda_cpu.py::test_low_latency_cuda_cpu_staggered",)),
-    Mutation("low-latency arrival flag stored plainly (no release)", "csrc/cuda/low_latency_ipc.cu",
-             "      if (live) store_release_sys(&ll_flags(view, peer)->arrived[b][view.rank], round);",
-             "      if (live) ll_flags(view, peer)->arrived[b][view.rank] = round;",
-             ("tests/test_low_latency_cuda_cpu.py::test_low_latency_cuda_cpu_staggered",), tsan=True),
     Mutation("low-latency combine sums the slots in another order", "csrc/cuda/low_latency.cu",
              "      for (int k = 0; k < num_topk; ++k) {\n        const int64_t expert = args.topk_idx[t * num_topk + k];",
              "      for (int k = num_topk - 1; k >= 0; --k) {\n        const int64_t expert = args.topk_idx[t * num_topk + k];",
