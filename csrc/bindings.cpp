@@ -545,10 +545,11 @@ void def_low_latency_cpu(py::module_& m) {
         sizes["combine_stride"] = layout.combine_stride;
         sizes["capacity"] = layout.capacity;
         sizes["message_bytes"] = layout.message_bytes;
+        sizes["published_bytes"] = eplib::ll_published_bytes(num_max, hidden, num_topk);
         return sizes;
       },
       "Sizes of the low-latency messages of a call (eplib/low_latency.h): header_bytes, dispatch_stride, "
-      "combine_stride, capacity (rows) and message_bytes.");
+      "combine_stride, capacity (rows), message_bytes and published_bytes (of a published dispatch).");
   m.def(
       "ll_layout",
       [](uintptr_t topk_idx, int64_t num_tokens, int num_topk, int num_experts, int num_ranks, uintptr_t send_slot,
@@ -603,6 +604,34 @@ void def_low_latency_cpu(py::module_& m) {
         cpu::ll_dispatch_unpack(addresses<const uint8_t*>(messages), layout, ue8m0, as_ptr<uint8_t>(recv_x),
                                 as_ptr<uint8_t>(recv_scales), as_ptr<int32_t>(src_info), as_ptr<int64_t>(layout_range),
                                 as_ptr<int32_t>(recv_count), as_ptr<int32_t>(cumulative_stats));
+      },
+      release_gil);
+  m.def(
+      "ll_dispatch_publish",
+      [](uintptr_t x, int64_t num_tokens, int64_t num_max, int64_t hidden, int num_topk, int num_local_experts,
+         bool fp8, bool round_scale, uintptr_t topk_idx, const std::vector<int32_t>& fields, uintptr_t published) {
+        const LowLatencyLayout layout = make_low_latency_layout(num_max, hidden, num_topk, num_local_experts, fp8);
+        cpu::ll_dispatch_publish(as_ptr<const eplib::bf16_t>(x), num_tokens, layout, round_scale,
+                                 as_ptr<const int64_t>(topk_idx), num_topk, header_fields(fields).data(),
+                                 as_ptr<uint8_t>(published));
+      },
+      release_gil);
+  m.def("ll_published_status",
+        [](uintptr_t published, int64_t num_max, int64_t hidden, int num_topk, int num_local_experts, bool fp8,
+           const std::vector<int32_t>& fields) {
+          const LowLatencyLayout layout = make_low_latency_layout(num_max, hidden, num_topk, num_local_experts, fp8);
+          return cpu::ll_published_status(as_ptr<const uint8_t>(published), layout, header_fields(fields).data());
+        });
+  m.def(
+      "ll_dispatch_pull",
+      [](const std::vector<uintptr_t>& published, int64_t num_max, int64_t hidden, int num_topk, int num_local_experts,
+         bool fp8, int rank, bool ue8m0, uintptr_t recv_x, uintptr_t recv_scales, uintptr_t src_info,
+         uintptr_t layout_range, uintptr_t recv_count, uintptr_t cumulative_stats) {
+        const LowLatencyLayout layout = make_low_latency_layout(num_max, hidden, num_topk, num_local_experts, fp8);
+        cpu::ll_dispatch_pull(addresses<const uint8_t*>(published), layout, num_topk, rank, ue8m0,
+                              as_ptr<uint8_t>(recv_x), as_ptr<uint8_t>(recv_scales), as_ptr<int32_t>(src_info),
+                              as_ptr<int64_t>(layout_range), as_ptr<int32_t>(recv_count),
+                              as_ptr<int32_t>(cumulative_stats));
       },
       release_gil);
   m.def(

@@ -638,7 +638,7 @@ def job_mismatch_ipc(rank, R, group, name):
 
 
 # Not "dtype_differs_same_width": its odd rank passes fp16, which CUDA transports refuse on that rank alone
-# (TypeError before any exchange), so the others' exchange pairs with that rank's next call.
+# (TypeError before any exchange; the others raise PeerInputError: tests/test_peer_errors_cuda_cpu.py).
 @pytest.mark.parametrize("name", ["nan_weight_on_last_rank", "top_k_differs", "hidden_differs", "num_experts_differs",
                                   "fp8_scales_dtype_differs"])
 def test_ipc_cuda_cpu_mismatch(pool, name):

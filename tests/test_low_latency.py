@@ -192,21 +192,29 @@ def test_low_latency_equals_reference(ll_pool, name):
     assert not any(errs), "\n".join(e for rank_errs in errs for e in rank_errs)
 
 
-def job_ll_gloo(rank, R, group, case):
-    """job_ll with the engine's messages on gloo point-to-point (the exchange between hosts)."""
+def ll_buffer(group, R: int, exchange: str = "auto"):
+    """A Buffer for LL calls; exchange "gloo": its engine sends messages on gloo point-to-point (the exchange
+    between hosts) instead of pulling dispatches from shared memory."""
     import eplib
     from eplib.transports.low_latency_cpu import CpuLowLatency
 
     buffer = eplib.Buffer(group, 0, 0, low_latency_mode=True, num_qps_per_rank=1)
-    buffer._low_latency[buffer._transport_for("x", torch.empty(0))] = CpuLowLatency(group, False, 0, [False] * R,
-                                                                                     exchange="gloo")
+    if exchange != "auto":
+        buffer._low_latency[buffer._transport_for("x", torch.empty(0))] = CpuLowLatency(
+            group, False, 0, [False] * R, exchange=exchange)
+    return buffer
+
+
+def job_ll_gloo(rank, R, group, case):
+    """job_ll on the gloo exchange."""
+    buffer = ll_buffer(group, R, "gloo")
     errs = []
     for round_ in range(case["rounds"]):
         errs += _ll_round(buffer, rank, R, case, round_)
     return errs
 
 
-@pytest.mark.parametrize("name", ["bf16-zero_copy-rounds", "fp8-ue8m0-H640", "empty-ranks"])
+@pytest.mark.parametrize("name", ["bf16-zero_copy-rounds", "fp8-ue8m0-H640", "empty-ranks", "dup-slots"])
 def test_low_latency_gloo_exchange(ll_pool, name):
     case = fill(CASES[name], ll_pool.world_size)
     errs = ll_pool.run(job_ll_gloo, case, timeout=60)
@@ -300,12 +308,14 @@ def test_low_latency_mixed_with_normal_mode(pool):
 # ------------------------------------------------------------------------------------ bad input
 
 BAD_CALLS = {
-    # name: (overrides of the dispatch call, the argument the error must name)
-    "num_max_too_small": (dict(num_max=4), "num_max_dispatch_tokens_per_rank"),
-    "fp8_hidden_not_128": (dict(H=200, use_fp8=True), "x"),
-    "topk_over_32": (dict(K=33), "topk_idx"),
-    "ue8m0_without_round_scale": (dict(use_fp8=True, use_ue8m0=True), "use_ue8m0"),
-    "experts_not_multiple_of_ranks": (dict(E_plus=1), "num_experts"),
+    # name: (overrides of the dispatch call, how the error must start: naming the argument)
+    "num_max_too_small": (dict(num_max=4), "num_max_dispatch_tokens_per_rank:"),
+    "fp8_hidden_not_128": (dict(H=200, use_fp8=True), "x:"),
+    "topk_over_32": (dict(K=33), "topk_idx:"),
+    "ue8m0_without_round_scale": (dict(use_fp8=True, use_ue8m0=True), "use_ue8m0:"),
+    "experts_not_multiple_of_ranks": (dict(E_plus=1), "num_experts:"),
+    # found by the kernel, after the exchange started: the rank still takes part with a rejected header
+    "expert_id_out_of_range": (dict(bad_id=True), "topk_idx[2, 1] = "),
 }
 
 
@@ -314,20 +324,20 @@ def _dispatch_args(rank: int, R: int, bad: dict):
     E = 40 * R + bad.get("E_plus", 0)
     x = torch.randn(T, H).to(torch.bfloat16)
     idx = torch.randint(0, E, (T, K), dtype=torch.int64)
+    if bad.get("bad_id"):
+        idx[2, 1] = E
     return (x, idx, bad.get("num_max", 8), E), dict(use_fp8=bad.get("use_fp8", False),
                                                     use_ue8m0=bad.get("use_ue8m0", False))
 
 
-def job_bad_call(rank, R, group, name, bad_ranks, case):
+def job_bad_call(rank, R, group, name, bad_ranks, case, exchange="auto"):
     """A good LL round, then a call that is bad on `bad_ranks`: those raise the ValueError naming the
     argument, the others a RuntimeError naming a bad rank (at once, not after the timeout); then a good
     round again on every rank."""
     import time
 
-    import eplib
-
     bad, argument = BAD_CALLS[name]
-    buffer = eplib.Buffer(group, 0, 0, low_latency_mode=True, num_qps_per_rank=1)
+    buffer = ll_buffer(group, R, exchange)
     errs = _ll_round(buffer, rank, R, case, 0)
     args, kwargs = _dispatch_args(rank, R, bad if rank in bad_ranks else {})
     start = time.monotonic()
@@ -335,7 +345,7 @@ def job_bad_call(rank, R, group, name, bad_ranks, case):
         buffer.low_latency_dispatch(*args, **kwargs)
         errs.append(f"rank {rank}: {name}: no error")
     except ValueError as error:
-        if rank not in bad_ranks or not str(error).startswith(argument + ":"):
+        if rank not in bad_ranks or not str(error).startswith(argument):
             errs.append(f"rank {rank}: {name}: ValueError {error}")
     except RuntimeError as error:
         if rank in bad_ranks or f"rank {bad_ranks[0]}" not in str(error):
@@ -352,6 +362,45 @@ def test_low_latency_bad_call(pool, name):
     for bad_ranks in ([R - 1], list(range(R))):
         errs = pool.run(job_bad_call, name, bad_ranks, case, timeout=60)
         assert not any(errs), "\n".join(e for rank_errs in errs for e in rank_errs)
+
+
+@pytest.mark.parametrize("name", ["topk_over_32", "expert_id_out_of_range"])
+def test_low_latency_bad_call_gloo_exchange(pool2, name):
+    case = fill(ll_case(), 2)
+    errs = pool2.run(job_bad_call, name, [1], case, "gloo", timeout=60)
+    assert not any(errs), "\n".join(e for rank_errs in errs for e in rank_errs)
+
+
+def job_bad_first_call_on_one_rank(rank, R, group, case, exchange):
+    """Bad input on the last rank at the Buffer's first LL call, before the exchange exists: that rank raises
+    the ValueError, the others a RuntimeError naming it at once (the exchange's set-up carries the rejection);
+    then every rank makes good rounds."""
+    import time
+
+    buffer = ll_buffer(group, R, exchange)
+    bad = rank == R - 1
+    args, kwargs = _dispatch_args(rank, R, dict(num_max=2) if bad else {})
+    errs = []
+    start = time.monotonic()
+    try:
+        buffer.low_latency_dispatch(*args, **kwargs)
+        errs.append(f"rank {rank}: no error")
+    except ValueError as error:
+        if not bad or not str(error).startswith("num_max_dispatch_tokens_per_rank: x has 6 tokens"):
+            errs.append(f"rank {rank}: ValueError {error}")
+    except RuntimeError as error:
+        if bad or f"rank {R - 1} rejected its input" not in str(error):
+            errs.append(f"rank {rank}: RuntimeError {error}")
+    if time.monotonic() - start > 10:
+        errs.append(f"rank {rank}: the error took {time.monotonic() - start:.1f} s")
+    return errs + _ll_round(buffer, rank, R, case, 0) + _ll_round(buffer, rank, R, case, 1)
+
+
+@pytest.mark.parametrize("exchange", ["auto", "gloo"])
+def test_low_latency_bad_first_call_on_one_rank(pool2, exchange):
+    case = fill(ll_case(use_fp8=True), 2)
+    errs = pool2.run(job_bad_first_call_on_one_rank, case, exchange, timeout=60)
+    assert not any(errs), "\n".join(e for rank_errs in errs for e in rank_errs)
 
 
 def job_bad_first_call(rank, R, group):

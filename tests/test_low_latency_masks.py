@@ -17,7 +17,7 @@ import torch
 import torch.multiprocessing as mp
 
 from dist_harness import _free_port
-from test_low_latency import _ll_round, fill, ll_buffer, ll_case
+from test_low_latency import _ll_round, check_dispatch, fill, ll_buffer, ll_case, ll_inputs
 
 
 def _mask_status(buffer, R: int) -> list:
@@ -48,6 +48,44 @@ def job_manual_masks(rank, R, group, case):
 def test_low_latency_manual_masks(pool):
     case = fill(ll_case(use_fp8=True, hook=True, zero_copy=True), pool.world_size)
     errs = pool.run(job_manual_masks, case, timeout=60)
+    assert not any(errs), "\n".join(e for rank_errs in errs for e in rank_errs)
+
+
+def job_one_sided_mask(rank, R, group, case):
+    """Rank 0 masks rank 1, rank 1 does not mask rank 0. Rank 0 no longer waits for rank 1 to read its
+    published dispatch, and rewrites it two calls later while rank 1's dispatch still awaits its hook. Rank
+    1's receive then finds rank 0's buffer a round ahead: it masks rank 0 and places the rows of the live
+    ranks only (equal to the reference without rank 0)."""
+    import torch.distributed as dist
+
+    import eplib
+
+    buffer = eplib.Buffer(group, 0, 0, low_latency_mode=True, num_qps_per_rank=1, enable_shrink=True)
+    x, idx, _ = ll_inputs(case, rank)
+    errs = []
+    if rank == 0:
+        buffer.low_latency_update_mask_buffer(1, True)
+        for call in range(3):  # buffers 0, 1, then 0 again
+            out = buffer.low_latency_dispatch(x, idx, case["num_max"], case["E"], use_fp8=case["use_fp8"])
+            if call == 0:
+                errs += check_dispatch(rank, R, case, out[:3], masked=[1])
+        dist.barrier(group)
+    else:
+        recv, recv_count, handle, _, hook = buffer.low_latency_dispatch(
+            x, idx, case["num_max"], case["E"], use_fp8=case["use_fp8"], return_recv_hook=True)
+        dist.barrier(group)
+        hook()
+        errs += check_dispatch(rank, R, case, (recv, recv_count, handle), masked=[0])
+    expected_status = [0, 1] if rank == 0 else [1, 0]
+    if _mask_status(buffer, R) != expected_status:
+        errs.append(f"rank {rank}: mask status {_mask_status(buffer, R)}, expected {expected_status}")
+    dist.barrier(group)  # rank 0's regions stay until rank 1 has read them
+    return errs
+
+
+def test_low_latency_one_sided_mask(pool2):
+    case = fill(ll_case(use_fp8=True), 2)
+    errs = pool2.run(job_one_sided_mask, case, timeout=60)
     assert not any(errs), "\n".join(e for rank_errs in errs for e in rank_errs)
 
 

@@ -16,6 +16,7 @@ MISMATCHES = {
     "hidden_differs": "x",
     "num_experts_differs": "num_tokens_per_expert",
     "fp8_scales_dtype_differs": "x[1]",
+    "cached_fp8_scales_dtype_differs": "x[1]",  # in a cached dispatch after an agreeing one
 }
 
 
@@ -45,14 +46,17 @@ def _run_mismatch(rank, R, group, name):
     if name == "nan_weight_on_last_rank" and odd:
         w[5, 1] = float("nan")
     x = make_payload(7, rank, T, H, dtype)
-    if name == "fp8_scales_dtype_differs":  # float32 scales here, int32 (UE8M0) ones of the same count there
+    if name.endswith("fp8_scales_dtype_differs"):  # float32 scales here, int32 (UE8M0) ones of the same count there
         values, scales = make_payload(7, rank, T, H, "fp8")
         x = (values, scales.view(torch.int32) if odd else scales)
     lay = buf.get_dispatch_layout(idx, E)
+    dispatch_args = dict(num_tokens_per_rank=lay[0], is_token_in_rank=lay[3], num_tokens_per_expert=lay[2],
+                         topk_idx=idx, topk_weights=w)
+    if name.startswith("cached_"):
+        dispatch_args = dict(handle=buf.dispatch((values, scales), **dispatch_args)[4])
     start = time.monotonic()
     try:
-        buf.dispatch(x, num_tokens_per_rank=lay[0], is_token_in_rank=lay[3], num_tokens_per_expert=lay[2],
-                     topk_idx=idx, topk_weights=w)
+        buf.dispatch(x, **dispatch_args)
         outcome = None
     except Exception as error:  # noqa: BLE001 - the test inspects it
         outcome = ([c.__name__ for c in type(error).__mro__], str(error))

@@ -2,8 +2,8 @@
 each one when the sources run on the CPU execution (EPLIB_CUDA_CPU): the proof that the tests of a
 protocol or kernel can fail.
 
-Each mutation replaces one exact snippet of a file under csrc/ or python/ (it must occur exactly once, so a
-change to the sources that moves the snippet fails loudly instead of testing nothing). The tool
+Each mutation replaces one exact snippet of a file under csrc/ or python/ (it must occur exactly once,
+so a change to the sources that moves the snippet fails loudly instead of testing nothing). The tool
 copies csrc/, CMakeLists.txt and the Python package to a scratch directory, builds the native module
 there with CMake (incrementally: only the mutated file recompiles), and runs the mutation's tests
 with that module; the mutation is caught when they fail. Mutations marked ``tsan`` are caught by
@@ -100,6 +100,15 @@ MUTATIONS: List[Mutation] = [
              "  if (args.scales_column_stride == 1) {",
              "  if (true) {",
              ("tests/test_cuda_kernels.py::test_dispatch_pack_reads_scales_through_strides",)),
+    Mutation("notify record that drops the host's REJECTED mark (ipc: one rank's bad input)", "csrc/cuda/ipc_buffer.cu",
+             "      if (f == 0) value = *error_flag;",
+             "      if (f == 0) value = *error_flag & 0xFFFF;",
+             ("tests/test_peer_errors_cuda_cpu.py::test_one_ranks_bad_input_raises_on_every_rank[ipc]",)),
+    Mutation("rejections seen by a call without a host sync not kept (nccl: one rank's bad input)",
+             "python/eplib/transports/nccl.py",
+             "        torch.where(rejected, heads, self._rejections, out=self._rejections)",
+             "        pass",
+             ("tests/test_peer_errors_cuda_cpu.py::test_one_ranks_bad_input_raises_on_every_rank[nccl]",)),
     # The ipc transport's low-latency protocol (csrc/cuda/low_latency_ipc.h). Its flag steps are kernels of
     # their own, ordered with the row kernels by the stream, and its flags cross processes: a release store
     # turned into a plain one changes nothing the CPU execution can see (x86 keeps the order, and

@@ -32,6 +32,43 @@ const int32_t* header_counts(const uint8_t* message) {
   return reinterpret_cast<const int32_t*>(message) + kLLHeaderFields;
 }
 
+// The fields of a message's (or published buffer's) header against the receiver's own: 1 absent (no
+// magic), 2 the sender rejected its input, 3 + f field f differs, 0 when they agree.
+int header_fields_status(const uint8_t* message, const int32_t* expected_fields) {
+  const auto* header = reinterpret_cast<const int32_t*>(message);
+  if (header[kLLFieldMagic] != kLLMagic) return 1;
+  if (header[kLLFieldRejected] != 0) return 2;
+  for (int f = kLLFirstFormatField; f <= kLLLastFormatField; ++f)
+    if (header[f] != expected_fields[f]) return 3 + f;
+  return 0;
+}
+
+// A dispatch row (its source token, x, FP8 scales) -> row `row` of local expert le of the outputs of
+// ll_dispatch_unpack.
+void store_dispatch_row(const uint8_t* row, const LowLatencyLayout& layout, bool ue8m0, int le, int64_t row_index,
+                        int64_t rows_per_expert, uint8_t* recv_x, uint8_t* recv_scales, int32_t* src_info) {
+  const int64_t out = static_cast<int64_t>(le) * rows_per_expert + row_index;
+  std::memcpy(&src_info[out], row, sizeof(int32_t));
+  std::memcpy(recv_x + out * layout.x_bytes, row + kLLRowHeaderBytes, layout.x_bytes);
+  if (!layout.fp8) return;
+  const auto* scales = reinterpret_cast<const float*>(row + layout.scales_offset);
+  for (int64_t c = 0; c < layout.num_scales; ++c) {
+    const int64_t index = ll_scale_index(le, row_index, c, layout.num_scales, rows_per_expert, ue8m0);
+    if (ue8m0) recv_scales[index] = ue8m0_of(scales[c]);
+    else std::memcpy(recv_scales + index * sizeof(float), &scales[c], sizeof(float));
+  }
+  const int64_t packs = (layout.num_scales + 3) / 4;
+  for (int64_t c = layout.num_scales; ue8m0 && c < packs * 4; ++c)  // the last int32's unused bytes
+    recv_scales[ll_scale_index(le, row_index, c, layout.num_scales, rows_per_expert, true)] = 0;
+}
+
+// The row header of a dispatch row: the source token, then zero padding.
+void write_row_header(uint8_t* row, int64_t token) {
+  const int32_t index = static_cast<int32_t>(token);
+  std::memset(row, 0, kLLRowHeaderBytes);
+  std::memcpy(row, &index, sizeof(index));
+}
+
 }  // namespace
 
 void ll_layout(const int64_t* topk_idx, int64_t num_tokens, int num_topk, int num_experts, int num_ranks,
@@ -77,11 +114,7 @@ void ll_write_header(uint8_t* message, const LowLatencyLayout& layout, const int
 }
 
 int ll_message_status(const uint8_t* message, const LowLatencyLayout& layout, const int32_t* expected_fields) {
-  const auto* header = reinterpret_cast<const int32_t*>(message);
-  if (header[kLLFieldMagic] != kLLMagic) return 1;
-  if (header[kLLFieldRejected] != 0) return 2;
-  for (int f = kLLFirstFormatField; f <= kLLLastFormatField; ++f)
-    if (header[f] != expected_fields[f]) return 3 + f;
+  if (const int status = header_fields_status(message, expected_fields)) return status;
   int64_t rows = 0;
   for (int le = 0; le < layout.num_local_experts; ++le) {
     const int32_t count = header_counts(message)[le];
@@ -112,9 +145,7 @@ void ll_dispatch_pack(const bf16_t* x, int64_t num_tokens, const LowLatencyLayou
         uint8_t* message = messages[expert / experts_per_rank];
         if (message == nullptr) continue;
         uint8_t* row = row_of(message, layout, send_offset[expert] + send_slot[t * num_topk + k], layout.dispatch_stride);
-        const int32_t token = static_cast<int32_t>(t);
-        std::memset(row, 0, kLLRowHeaderBytes);
-        std::memcpy(row, &token, sizeof(token));
+        write_row_header(row, t);
         std::memcpy(row + kLLRowHeaderBytes, payload, layout.x_bytes);
         if (layout.fp8) std::memcpy(row + layout.scales_offset, scales.data(), sizeof(float) * layout.num_scales);
       }
@@ -127,7 +158,6 @@ void ll_dispatch_unpack(const std::vector<const uint8_t*>& messages, const LowLa
                         int32_t* recv_count, int32_t* cumulative_stats) {
   const int num_ranks = static_cast<int>(messages.size());
   const int64_t rows_per_expert = num_ranks * layout.num_max;
-  const int64_t packs = (layout.num_scales + 3) / 4;
   parallel_for(layout.num_local_experts, 1, [&](int64_t first, int64_t last) {
     for (int le = static_cast<int>(first); le < last; ++le) {
       int64_t begin = 0;
@@ -137,26 +167,100 @@ void ll_dispatch_unpack(const std::vector<const uint8_t*>& messages, const LowLa
         layout_range[static_cast<int64_t>(le) * num_ranks + s] = pack_layout_range(begin, count);
         int64_t offset = 0;  // rows of s's message before expert le's
         for (int j = 0; j < le && message != nullptr; ++j) offset += header_counts(message)[j];
-        for (int64_t i = 0; i < count; ++i) {
-          const uint8_t* row = row_of(message, layout, offset + i, layout.dispatch_stride);
-          const int64_t out = static_cast<int64_t>(le) * rows_per_expert + begin + i;
-          std::memcpy(&src_info[out], row, sizeof(int32_t));
-          std::memcpy(recv_x + out * layout.x_bytes, row + kLLRowHeaderBytes, layout.x_bytes);
-          if (!layout.fp8) continue;
-          const auto* scales = reinterpret_cast<const float*>(row + layout.scales_offset);
-          for (int64_t c = 0; c < layout.num_scales; ++c) {
-            const int64_t index = ll_scale_index(le, begin + i, c, layout.num_scales, rows_per_expert, ue8m0);
-            if (ue8m0) recv_scales[index] = ue8m0_of(scales[c]);
-            else std::memcpy(recv_scales + index * sizeof(float), &scales[c], sizeof(float));
-          }
-          for (int64_t c = layout.num_scales; ue8m0 && c < packs * 4; ++c)  // the last int32's unused bytes
-            recv_scales[ll_scale_index(le, begin + i, c, layout.num_scales, rows_per_expert, true)] = 0;
-        }
+        for (int64_t i = 0; i < count; ++i)
+          store_dispatch_row(row_of(message, layout, offset + i, layout.dispatch_stride), layout, ue8m0, le, begin + i,
+                             rows_per_expert, recv_x, recv_scales, src_info);
         begin += count;
       }
       recv_count[le] = static_cast<int32_t>(begin);
       if (cumulative_stats != nullptr) cumulative_stats[le] += static_cast<int32_t>(begin);
     }
+  });
+}
+
+void ll_dispatch_publish(const bf16_t* x, int64_t num_tokens, const LowLatencyLayout& layout, bool round_scale,
+                         const int64_t* topk_idx, int num_topk, const int32_t* fields, uint8_t* published) {
+  std::memcpy(published, fields, sizeof(int32_t) * kLLHeaderFields);
+  std::memcpy(published + sizeof(int32_t) * kLLHeaderFields, topk_idx, sizeof(int64_t) * num_tokens * num_topk);
+  uint8_t* rows = published + ll_published_rows_offset(layout.num_max, num_topk);
+  parallel_for(num_tokens, kTokensPerChunk, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      uint8_t* row = rows + t * layout.dispatch_stride;
+      write_row_header(row, t);
+      const bf16_t* token_x = x + t * layout.hidden;
+      if (layout.fp8)
+        ll_quantize_row(token_x, layout.hidden, round_scale, row + kLLRowHeaderBytes,
+                        reinterpret_cast<float*>(row + layout.scales_offset));
+      else
+        std::memcpy(row + kLLRowHeaderBytes, token_x, layout.x_bytes);
+    }
+  });
+}
+
+int ll_published_status(const uint8_t* published, const LowLatencyLayout& layout, const int32_t* expected_fields) {
+  if (const int status = header_fields_status(published, expected_fields)) return status;
+  const int32_t num_tokens = reinterpret_cast<const int32_t*>(published)[kLLFieldNumTokens];
+  return num_tokens >= 0 && num_tokens <= layout.num_max ? 0 : -1;
+}
+
+void ll_dispatch_pull(const std::vector<const uint8_t*>& published, const LowLatencyLayout& layout, int num_topk,
+                      int rank, bool ue8m0, uint8_t* recv_x, uint8_t* recv_scales, int32_t* src_info,
+                      int64_t* layout_range, int32_t* recv_count, int32_t* cumulative_stats) {
+  const int num_ranks = static_cast<int>(published.size());
+  const int num_local = layout.num_local_experts;
+  const int64_t first_expert = static_cast<int64_t>(rank) * num_local;
+  const int64_t rows_per_expert = num_ranks * layout.num_max;
+  const int64_t rows_offset = ll_published_rows_offset(layout.num_max, num_topk);
+  // Calls row(le, t) for each row that source s sends here: by source token, then slot; a slot adds no
+  // row when its expert is another rank's (or -1) or an earlier slot of the token named it.
+  auto for_each_row = [&](int s, auto&& row) {
+    const uint8_t* source = published[s];
+    if (source == nullptr) return;
+    const auto* topk = reinterpret_cast<const int64_t*>(source + sizeof(int32_t) * kLLHeaderFields);
+    const int64_t num_tokens = reinterpret_cast<const int32_t*>(source)[kLLFieldNumTokens];
+    for (int64_t t = 0; t < num_tokens; ++t) {
+      const int64_t* token = topk + t * num_topk;
+      for (int k = 0; k < num_topk; ++k) {
+        const int64_t le = token[k] - first_expert;
+        if (le >= 0 && le < num_local && !repeats_earlier_slot(token, k)) row(static_cast<int>(le), t);
+      }
+    }
+  };
+  // Rows per (local expert, source), then where each starts: by source rank, then source token.
+  std::vector<int64_t> next_row(static_cast<size_t>(num_local) * num_ranks, 0);
+  for (int s = 0; s < num_ranks; ++s)
+    for_each_row(s, [&](int le, int64_t) { ++next_row[static_cast<size_t>(le) * num_ranks + s]; });
+  int64_t total = 0;
+  for (int le = 0; le < num_local; ++le) {
+    int64_t begin = 0;
+    for (int s = 0; s < num_ranks; ++s) {
+      int64_t& entry = next_row[static_cast<size_t>(le) * num_ranks + s];
+      layout_range[static_cast<int64_t>(le) * num_ranks + s] = pack_layout_range(begin, entry);
+      const int64_t count = entry;
+      entry = begin;
+      begin += count;
+    }
+    recv_count[le] = static_cast<int32_t>(begin);
+    if (cumulative_stats != nullptr) cumulative_stats[le] += static_cast<int32_t>(begin);
+    total += begin;
+  }
+  // The copies: (source row, local expert, its row there), then in parallel.
+  struct Copy {
+    const uint8_t* row;
+    int le;
+    int64_t row_index;
+  };
+  std::vector<Copy> copies;
+  copies.reserve(total);
+  for (int s = 0; s < num_ranks; ++s)
+    for_each_row(s, [&](int le, int64_t t) {
+      const uint8_t* row = published[s] + rows_offset + t * layout.dispatch_stride;
+      copies.push_back({row, le, next_row[static_cast<size_t>(le) * num_ranks + s]++});
+    });
+  parallel_for(static_cast<int64_t>(copies.size()), kTokensPerChunk, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i)
+      store_dispatch_row(copies[i].row, layout, ue8m0, copies[i].le, copies[i].row_index, rows_per_expert, recv_x,
+                         recv_scales, src_info);
   });
 }
 

@@ -49,6 +49,23 @@ void ll_dispatch_unpack(const std::vector<const uint8_t*>& messages, const LowLa
                         uint8_t* recv_x, uint8_t* recv_scales, int32_t* src_info, int64_t* layout_range,
                         int32_t* recv_count, int32_t* cumulative_stats);
 
+// Published dispatch (eplib/low_latency.h), the source's side: the header (`fields`), topk_idx and the rows
+// of bf16 x [T, H] (FP8-cast when layout.fp8) into this rank's published buffer.
+void ll_dispatch_publish(const bf16_t* x, int64_t num_tokens, const LowLatencyLayout& layout, bool round_scale,
+                         const int64_t* topk_idx, int num_topk, const int32_t* fields, uint8_t* published);
+
+// What a published buffer's header says against the receiver's own fields: as ll_message_status, -1
+// when its token count is outside [0, num_max].
+int ll_published_status(const uint8_t* published, const LowLatencyLayout& layout, const int32_t* expected_fields);
+
+// Published dispatch, the destination's side: the rows of this rank's experts (rank `rank`) from the
+// published buffers of the sources (published[s]; null: masked, counts as empty) -> the outputs of
+// ll_dispatch_unpack, the same values in the same places. Ids outside this rank's experts are passed
+// over (the sources checked them).
+void ll_dispatch_pull(const std::vector<const uint8_t*>& published, const LowLatencyLayout& layout, int num_topk,
+                      int rank, bool ue8m0, uint8_t* recv_x, uint8_t* recv_scales, int32_t* src_info,
+                      int64_t* layout_range, int32_t* recv_count, int32_t* cumulative_stats);
+
 // Expert side of a combine: rows of bf16 x [E_local, R * num_max, H] that source s sent (layout_range)
 // -> messages[s], at the place its dispatch message had them; the header gets `fields`. With
 // fields[kLLFieldPulled] = 1 the rows stay in x (a zero-copy buffer the receivers map) and the message

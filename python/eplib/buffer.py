@@ -71,15 +71,19 @@ class Buffer:
     ``previous_event`` and ``async_finish``. On CPU the calls finish before returning and the event
     is a completed no-op.
 
-    Errors on one rank are every rank's (cpu transport): a rank whose input fails any check of
+    Errors on one rank are every rank's: a rank whose input fails any check of
     ``get_dispatch_layout``, ``dispatch`` (cached or not) or ``combine`` tells the other ranks,
     through the exchange they wait in or reach next, then raises its ValueError/TypeError; they raise
     ``eplib.PeerInputError`` (a RuntimeError) naming it and quoting its message, and every Buffer stays
     usable. So the other ranks' next collective on the group after a failed ``get_dispatch_layout``
-    must be an eplib call (as in layout, then dispatch). A rank that is stuck or gone makes the others
-    raise after ``EPLIB_TIMEOUT_S`` naming it; README "Failure behaviour" says what each fault does
-    and what to do next (``eplib.abort``). CUDA transports report bad device values as below; their
-    argument checks raise on the failing rank only.
+    must be an eplib call (as in layout, then dispatch). On the cpu transport they raise in the same
+    call. On CUDA transports they raise in the same call when it is a normal-mode dispatch (its one host
+    sync reads the rejection); nccl: a call without a host sync (num_worst_tokens or cached dispatch,
+    combine) returns invalid outputs on the other ranks, which raise at their next normal-mode dispatch;
+    ipc: only a normal-mode dispatch (or a get_dispatch_layout before one) is joined, other calls leave
+    the peers to time out. A rank that is stuck or gone makes the others raise after ``EPLIB_TIMEOUT_S``
+    naming it; README "Failure behaviour" says what each fault does and what to do next
+    (``eplib.abort``).
 
     Device-side errors (CUDA): bad values found by kernels (expert ids out of range, non-finite
     weights, inconsistent layout tensors, more rows than ``num_worst_tokens``) are raised as
@@ -362,6 +366,12 @@ class Buffer:
             tensor = tensor[0]
         on_cuda = self.transport in ("nccl", "ipc") or (
             self.transport == "auto" and isinstance(tensor, Tensor) and tensor.device.type == "cuda")
+        if on_cuda and self._cuda is None and isinstance(tensor, Tensor) and tensor.device.type == "cuda" \
+                and _cuda_usable():
+            try:  # the peers' first CUDA call makes their nccl transport (no collective): so does this one
+                return self._cuda_transport(tensor.device)
+            except ValueError:  # a group without a CUDA backend: no peer can be in a CUDA call either
+                return None
         return self._cuda if on_cuda else self._cpu
 
     def _run(self, transport: Transport, method: str, *args: Any, previous_event: Optional[EventOverlap],

@@ -88,13 +88,13 @@ def rdma_size_hint(num_max: int, hidden: int, num_ranks: int, num_experts: int, 
     return region_bytes(num_ranks, sizes["message_bytes"])
 
 
-ZERO_COPY_HANDLE_BYTES = 128  # per buffer, after the flags: the handle of the rank's zero-copy buffer
+ZERO_COPY_HANDLE_BYTES = 128  # after the flags, per buffer: the handles of the rank's zero-copy and published buffers
 
 
 def flags_bytes(num_ranks: int) -> int:
     """Bytes of the flag header in front of the two buffers of a low-latency region (4 KiB pages): flags,
-    then the handles of the two zero-copy buffers."""
-    return (128 + 16 * num_ranks + 2 * ZERO_COPY_HANDLE_BYTES + 4095) // 4096 * 4096
+    then the handles of the two zero-copy buffers and of the two published-dispatch buffers."""
+    return (128 + 16 * num_ranks + 4 * ZERO_COPY_HANDLE_BYTES + 4095) // 4096 * 4096
 
 
 def region_bytes(num_ranks: int, message_bytes: int) -> int:

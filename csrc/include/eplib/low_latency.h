@@ -137,6 +137,19 @@ EPLIB_HOST_DEVICE int ll_header_status(const int32_t* header, const LowLatencyLa
   return rows <= layout.capacity ? 0 : -1;
 }
 
+// Published dispatch (the cpu transport's shared memory: the destinations pull the rows). A source
+// writes its call once, into a buffer of its own that every destination reads: the kLLHeaderFields
+// fields of a message header (no counts), topk_idx int64 [T, K] at kLLHeaderFields * 4 bytes, then
+// from ll_published_rows_offset the T rows in the dispatch row format, row t for token t (FP8-cast
+// once per token). A destination picks the rows of its experts and places them where the unpacking
+// of the messages would (same rows, same order). Sized by the widest rows (bf16), as message slots.
+EPLIB_HOST_DEVICE int64_t ll_published_rows_offset(int64_t num_max, int num_topk) {
+  return align_up((kLLHeaderFields + 2 * num_max * num_topk) * static_cast<int64_t>(sizeof(int32_t)), kRowAlignment);
+}
+EPLIB_HOST_DEVICE int64_t ll_published_bytes(int64_t num_max, int64_t hidden, int num_topk) {
+  return ll_published_rows_offset(num_max, num_topk) + num_max * align_up(kLLRowHeaderBytes + 2 * hidden, kRowAlignment);
+}
+
 // True when expert `expert` of slot k of a token already appeared in an earlier slot of the token.
 EPLIB_HOST_DEVICE bool repeats_earlier_slot(const int64_t* token_topk_idx, int k) {
   for (int j = 0; j < k; ++j)

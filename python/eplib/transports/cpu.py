@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from .. import _C
-from .._dtypes import KERNEL_DTYPE_CODES, WIRE_DTYPE_IDS
+from .._dtypes import KERNEL_DTYPE_CODES
 from ..collectives import CollectiveError
 from ..exchange import channel_for
 from ..handle import DispatchHandle
@@ -290,8 +290,7 @@ class CpuTransport:
         with self._failures_shared("cached dispatch"):
             send_buffer, stride = self._pack(x, x_scales, None, None, 0, handle.send_pos, sum(handle.send_counts))
         headers = self._exchange_headers("cached dispatch", sends=handle.send_counts, expects=handle.recv_counts,
-                                         x_dtype=WIRE_DTYPE_IDS[x.dtype], hidden=x.shape[1],
-                                         scales_per_token=x_scales.shape[1] if x_scales is not None else 0)
+                                         **format_values(x, x_scales, 0, 0))
         check_headers(headers, self.rank, "cached dispatch", self.channel)
         recv_buffer = self._exchange_rows(send_buffer, stride, handle.send_counts, handle.recv_counts,
                                           "cached dispatch (payload)")
@@ -309,7 +308,7 @@ class CpuTransport:
             send_buffer, stride = self._pack_combine(x, topk_weights, num_recv)
         # The way back inverts the dispatch: send what was received from each rank, receive what was sent to it.
         headers = self._exchange_headers("combine", sends=handle.recv_counts, expects=handle.send_counts,
-                                         x_dtype=WIRE_DTYPE_IDS[x.dtype], hidden=x.shape[1], num_topk=num_topk)
+                                         **format_values(x, None, 0, num_topk))
         check_headers(headers, self.rank, "combine", self.channel)
         return self._combine_reduce(self._combine_rows(send_buffer, stride, handle), x, handle, num_topk, bias_0,
                                     bias_1)

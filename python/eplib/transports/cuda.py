@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from .. import _C
+from ..collectives import CollectiveError
 from ..config import Config
 from ..event import EventOverlap
 from ..handle import DispatchHandle
@@ -28,18 +29,24 @@ Tensor = torch.Tensor
 class NormalCounts:
     """What a normal-mode dispatch learns at its one host sync, from every rank's record."""
 
-    def __init__(self, records: Tensor, rank: int, expert_alignment: int) -> None:
-        """records: host int64 [R, L], rank-major: RECORD_FIELDS, R send counts, then the counts of
-        this rank's E/R experts (whoever made the records cut them to this rank's experts)."""
-        num_ranks = records.shape[0]
-        first_count = len(RECORD_FIELDS)
-        counts = records[:, first_count:first_count + num_ranks]  # [source, destination]
+    def __init__(self, counts: Tensor, per_expert: Tensor, rank: int, expert_alignment: int) -> None:
+        """counts: host int64 [R, R], [source, destination]; per_expert: host int64 [R, E/R], each
+        source's counts of this rank's experts."""
         self.send_counts = tuple(counts[rank].tolist())
         self.recv_counts = tuple(counts[:, rank].tolist())
         self.num_recv = sum(self.recv_counts)
         check_receive_totals(counts.sum(0).tolist())
-        per_expert = records[:, first_count + num_ranks:].sum(0).tolist()
-        self.num_recv_tokens_per_expert_list = [-(-n // expert_alignment) * expert_alignment for n in per_expert]
+        self.num_recv_tokens_per_expert_list = [-(-n // expert_alignment) * expert_alignment
+                                                for n in per_expert.sum(0).tolist()]
+
+    @classmethod
+    def from_records(cls, records: Tensor, rank: int, expert_alignment: int) -> "NormalCounts":
+        """records: host int64 [R, L], rank-major: RECORD_FIELDS, R send counts, then the counts of
+        this rank's E/R experts (whoever made the records cut them to this rank's experts)."""
+        num_ranks = records.shape[0]
+        first_count = len(RECORD_FIELDS)
+        return cls(records[:, first_count:first_count + num_ranks], records[:, first_count + num_ranks:], rank,
+                   expert_alignment)
 
 
 class UnpackOutputs:
@@ -231,14 +238,19 @@ class CudaTransport:
                          num_experts: int, config: Optional[Config]) -> None:
         """Host checks a transport makes before a dispatch launches anything (none by default)."""
 
+    def _can_share_error(self, error: Exception) -> bool:
+        """Whether share_error may tell the peers about ``error``: not for errors of the group itself
+        (CollectiveError: the group reports them to every rank), not once the ranks are out of step,
+        and not during a CUDA graph capture, where every rank captures the same calls (an argument error
+        there is every rank's) and a host wait would break the capture."""
+        capturing = self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        return not (isinstance(error, CollectiveError) or self._out_of_step is not None or capturing)
+
     def _check_records(self, records: Tensor) -> None:
-        """Raises on every rank alike when a rank's error flag is set or the ranks' formats differ."""
-        check_records(records, self.rank, self.error_flag)
+        """Raises on every rank alike when a rank rejected its input, a rank's error flag is set or the
+        ranks' formats differ (device_errors.check_records)."""
+        check_records(records, self.rank, self.error_flag, self._rejection)
 
-
-def normal_records_for_rank(records: Tensor, rank: int, num_ranks: int) -> Tensor:
-    """Full records [R, fields + R + E] -> the same with only rank's E/R expert counts."""
-    first_expert = len(RECORD_FIELDS) + num_ranks
-    num_local = (records.shape[1] - first_expert) // num_ranks
-    start = first_expert + rank * num_local
-    return torch.cat([records[:, :first_expert], records[:, start:start + num_local]], dim=1)
+    def _rejection(self, rank: int) -> str:
+        """The error of another rank whose record said REJECTED (the transport's way of carrying it)."""
+        return "its error did not reach this rank"

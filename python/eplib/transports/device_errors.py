@@ -9,13 +9,21 @@ and no payload moves, so the group stays usable. Calls that never sync (get_disp
 num_worst_tokens and cached dispatch, combine) therefore report bad input at the next normal-mode
 dispatch; inputs flagged bad are treated as masked (-1 ids) or dropped (rows past W), never read
 out of bounds.
+
+Two marks are the host's, never a kernel's. ``REJECTED``: the record of a rank whose input failed a
+host check (an argument) and that joined the exchange only to say so; the others raise
+``PeerInputError`` quoting its message at once. ``ERR_PEER_INPUT``: the nccl transport ORs it into
+the error flag of a rank's next normal-mode record when a call without a host sync learned from its
+call heads that another rank's input failed; that rank raises ``PeerInputError`` quoting it there, and
+the others RuntimeError naming that rank.
 """
 
-from typing import List
+from typing import Callable, List, Optional
 
 import torch
 
 from .. import _C
+from ..exchange import PeerInputError, describe_ranks
 from .records import FORMAT_FIELDS, check_format_agreement
 
 # Error bits of csrc/include/eplib/errors.h.
@@ -25,6 +33,10 @@ ERR_OVERFLOW = _C.ERR_OVERFLOW
 ERR_RANK_COUNTS = _C.ERR_RANK_COUNTS
 ERR_EXPERT_COUNTS = _C.ERR_EXPERT_COUNTS
 ERR_LL_MESSAGE = _C.ERR_LL_MESSAGE
+
+# Above every kernel's bit (csrc/include/eplib/errors.h), in the int32 flag word of a record.
+REJECTED = 1 << 30
+ERR_PEER_INPUT = 1 << 29
 
 _ERROR_MESSAGES = {
     ERR_EXPERT_ID: "topk_idx: an expert id outside [-1, num_experts)",
@@ -37,7 +49,11 @@ _ERROR_MESSAGES = {
     ERR_LL_MESSAGE: "low-latency call: a message from another rank was rejected by its sender or made for a call "
                     "of another format (num_max_dispatch_tokens_per_rank, hidden, num_experts, top-k, FP8 options); "
                     "it was counted as empty",
+    ERR_PEER_INPUT: "another rank's input failed a check in an earlier call without a host sync (num_worst_tokens "
+                    "or cached dispatch, combine), which was abandoned",
 }
+assert not (REJECTED | ERR_PEER_INPUT) & (ERR_EXPERT_ID | ERR_WEIGHT | ERR_OVERFLOW | ERR_RANK_COUNTS
+                                         | ERR_EXPERT_COUNTS | ERR_LL_MESSAGE), "a host mark collides with a kernel's error bit"
 
 # Fields at the head of each rank's normal-mode record: each rank's own error flag, then the format
 # fields that must agree on all ranks (records.FORMAT_FIELDS). Then R send counts, then per-expert counts.
@@ -53,23 +69,38 @@ def describe_error_flag(flag: int) -> str:
     return "; ".join(known)
 
 
-def check_records(records: torch.Tensor, rank: int, error_flag: torch.Tensor) -> None:
-    """Raises on every rank alike when a rank's error flag is set or the ranks' formats differ.
+def check_records(records: torch.Tensor, rank: int, error_flag: torch.Tensor,
+                  quote: Callable[[int], str], peer_input: Optional[Callable[[], str]] = None,
+                  check_format: bool = True) -> None:
+    """Raises on every rank alike when a rank rejected its input, a rank's error flag is set or the
+    ranks' formats differ (unless ``check_format`` is False: the caller checked them).
 
-    records: host int64 [R, L] starting with RECORD_FIELDS. The rank whose own flag is set raises
-    ValueError (and its device flag is cleared: reported now, the next call starts clean); the others
-    raise RuntimeError naming it.
+    records: host int64 [R, L] starting with RECORD_FIELDS (or at least the error flag). A rank whose
+    record is REJECTED: every other rank raises PeerInputError quoting ``quote(rank)`` (the rejecting
+    rank raised its own error already). The rank whose own flag is set raises ValueError, or
+    PeerInputError quoting ``peer_input()`` for ERR_PEER_INPUT (and its device flag is cleared:
+    reported now, the next call starts clean); the others raise RuntimeError naming it.
     """
     def column(name: str) -> List[int]:
         return records[:, RECORD_FIELDS.index(name)].tolist()
 
     flags = column("error_flag")
+    rejected = [r for r, flag in enumerate(flags) if flag & REJECTED]
+    if rejected:
+        quotes = "; ".join(f"rank {r}: {quote(r)}" for r in rejected)
+        raise PeerInputError(f"eplib: dispatch abandoned on rank {rank}: the input of {describe_ranks(rejected)} "
+                             f"failed a check ({quotes}). Nothing was exchanged; the Buffer stays usable")
     if flags[rank]:
         error_flag.zero_()
+        if flags[rank] == ERR_PEER_INPUT and peer_input is not None:
+            raise PeerInputError(f"eplib: dispatch abandoned on rank {rank}: {peer_input()}; its outputs on this "
+                                 f"rank were not valid. Nothing was exchanged now; the Buffer stays usable")
         raise ValueError(f"{describe_error_flag(flags[rank])} (found on the device by this or an earlier "
                          f"call of this Buffer on rank {rank} since the last normal-mode dispatch)")
     flagged = [r for r, flag in enumerate(flags) if flag]
     if flagged:
-        raise RuntimeError(f"eplib: dispatch abandoned on rank {rank}: rank(s) {flagged} found bad input "
-                           f"on the device (their ValueError says what)")
-    check_format_agreement(column, records.shape[0])
+        reports = "; ".join(f"rank {r}: {describe_error_flag(flags[r])}" for r in flagged)
+        raise RuntimeError(f"eplib: dispatch abandoned on rank {rank}: rank(s) {flagged} reported errors found "
+                           f"on the device ({reports})")
+    if check_format:
+        check_format_agreement(column, records.shape[0])

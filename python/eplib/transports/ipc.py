@@ -29,6 +29,12 @@ hold a whole call: at most ``R * T`` rows of the larger of the dispatch and comb
 before any row moves (normal dispatch: after the counts exchange, which tells every rank every
 rank's counts).
 
+One rank's bad input: a rank whose arguments fail a check in a dispatch (or in the get_dispatch_layout
+before one) runs the notify kernel of its peers' normal-mode dispatch with a record marked REJECTED,
+its message left in the process group's store (``share_error``); the peers raise PeerInputError at
+their host read, and every rank's rounds stay in step. Calls without a notify (num_worst_tokens and
+cached dispatch, combine) are not joined: their peers time out as below.
+
 Waits: every device-side wait gives up after ``EPLIB_TIMEOUT_S`` (read at each call), reports the
 phase and the rank it waited for through host-mapped memory, and the kernels of that and every later
 round poison their outputs (NaN rows, -1 ids) instead of leaving stale ones; the host raises
@@ -41,6 +47,7 @@ import contextlib
 import logging
 import socket
 import struct
+import weakref
 from typing import Iterator, List, Optional, Tuple
 
 import torch
@@ -50,8 +57,10 @@ from .. import _C
 from ..collectives import all_gather, timeout_seconds
 from ..config import Config
 from ..event import EventOverlap
+from ..exchange import _StoreClient
 from ..handle import DispatchHandle
 from .cuda import CombineOutputs, CudaTransport, NormalCounts, UnpackOutputs
+from .device_errors import REJECTED
 from .kernels import combine_pack_args, dispatch_pack_args
 from .records import format_values
 from .streams import CallStreams
@@ -137,6 +146,36 @@ def open_ipc_buffer(group: dist.ProcessGroup, device: torch.device, device_index
     raise reason
 
 
+# ipc transports made on each process group so far: the same count on every rank, since every rank
+# makes them together (a collective), so it names one Buffer's keys in the group's store.
+_transports_made: "weakref.WeakKeyDictionary[dist.ProcessGroup, int]" = weakref.WeakKeyDictionary()
+
+
+class _RejectionNotes:
+    """Where a rank whose input failed a check leaves its message for its peers: the process group's store
+    (the notify record that tells them is a fixed-size table of counts, with no room for text). Every
+    store operation is bounded (exchange._StoreClient)."""
+
+    def __init__(self, group: dist.ProcessGroup) -> None:
+        number = _transports_made.get(group, 0)
+        _transports_made[group] = number + 1
+        self._prefix = f"eplib/ipc/{number}/rejected/"
+        self._store = _StoreClient(group)
+
+    def leave(self, rank: int, message: str) -> None:
+        try:
+            self._store.call(lambda store: store.set(self._prefix + str(rank), message), timeout_seconds())
+        except Exception:  # noqa: BLE001 - the peers still learn that this rank rejected its input
+            pass
+
+    def read(self, rank: int) -> str:
+        key = self._prefix + str(rank)
+        try:
+            return self._store.call(lambda store: store.get(key).decode(errors="replace"), timeout_seconds())
+        except Exception as error:  # noqa: BLE001
+            return f"its message did not reach this rank ({type(error).__name__}: {error})"
+
+
 class IpcTransport(CudaTransport):
     """Dispatch and combine for CUDA tensors through the ipc buffers of the group's ranks (one node)."""
 
@@ -147,6 +186,7 @@ class IpcTransport(CudaTransport):
         super().__init__(group, device, context)
         self.ipc_buffer: Optional["_C.IpcBuffer"] = open_ipc_buffer(group, device, self.context.device_index,
                                                                     num_nvl_bytes)
+        self._notes = _RejectionNotes(group)
 
     def destroy(self) -> bool:
         """Synchronizes, meets the other ranks at a barrier in peer memory, closes and frees the ipc
@@ -192,6 +232,33 @@ class IpcTransport(CudaTransport):
             if self._out_of_step is None:
                 self._out_of_step = f"rank {self.rank}: {type(error).__name__} between ipc kernels ({error})"
             raise
+
+    def share_error(self, call: str, error: Exception) -> None:
+        """This rank's input failed a check in ``call`` (records.CALLS): when that is a dispatch or a
+        get_dispatch_layout, it joins the notify kernel of its peers' normal-mode dispatch with a record
+        that says REJECTED (its message goes to the store), so that they raise PeerInputError at their
+        host read, and every rank's rounds stay in step. The caller raises ``error`` afterwards.
+
+        Not for calls without a notify (num_worst_tokens and cached dispatch, combine): joining their
+        exchange round would need the rows the peers expect; their peers time out (EPLIB_TIMEOUT_S) and
+        the Buffer then refuses further calls (README "Failure behaviour")."""
+        if call not in ("dispatch", "get_dispatch_layout") or not self._can_share_error(error) \
+                or self.ipc_buffer is None:
+            return
+        self._notes.leave(self.rank, f"{type(error).__name__}: {error}")
+        with self._call(None, False):
+            flag = torch.full((1,), REJECTED, dtype=torch.int32, device=self.device)
+            counts = torch.zeros(self.num_ranks, dtype=torch.int32, device=self.device)  # also one expert a rank
+            count_matrix = torch.empty(self.num_ranks, self.num_ranks, dtype=torch.int32, device=self.device)
+            with self._launching():
+                self.ipc_buffer.notify(flag.data_ptr(), [0] * (_C.IPC_RECORD_FORMAT_FIELDS - 1), counts.data_ptr(),
+                                       counts.data_ptr(), self.num_ranks, count_matrix.data_ptr(), True,
+                                       self.context.current_stream())
+                self.context.hold((flag, counts, count_matrix))
+                self.ipc_buffer.wait_notify(timeout_seconds() + _HOST_WAIT_MARGIN_S)
+
+    def _rejection(self, rank: int) -> str:
+        return self._notes.read(rank)
 
     def _exchange_args(self, config: Config, num_channels: int, stride: int, what: str,
                        channel_counts: Optional[Tensor]) -> "_C.IpcExchangeArgs":
@@ -268,7 +335,7 @@ class IpcTransport(CudaTransport):
         # Every rank reads the same records, so these raise on every rank alike (rounds stay in step).
         records = torch.tensor(table, dtype=torch.int64).view(self.num_ranks, -1)
         self._check_records(records)
-        counts = NormalCounts(records, self.rank, expert_alignment)
+        counts = NormalCounts.from_records(records, self.rank, expert_alignment)
         with self._launching():
             rank_prefix_matrix, recv_counts = self._device_counts(call, count_matrix)
             outputs = UnpackOutputs(call, counts.num_recv, x, x_scales, num_topk, with_count=False)

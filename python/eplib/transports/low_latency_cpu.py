@@ -1,17 +1,21 @@
 """Low-latency mode on CPU tensors (the cpu transport).
 
-Every LL call moves one message per (source, destination) pair (``eplib/low_latency.h``): the native
-kernels write the rows of each destination's message, and after the exchange unpack (dispatch) or
-reduce (combine) the messages received. How messages travel:
+How the rows travel:
 
 - ``SharedMemoryExchange`` (all ranks on one host, the default): each rank holds a shared region
-  (memfd) that the others map: flags, then two buffers of R message slots. A sender waits until the
-  destination has released the buffer's previous round, writes its message straight into its slot in
-  the destination's region and raises the destination's ``arrived`` flag to the call's round (a
-  release store); the receiver waits for the flags (acquire), reads, then raises its ``freed`` flag.
-  One copy per row, no collective.
-- ``GlooExchange`` (ranks on several hosts): gloo point-to-point messages, one per live peer and
-  direction, received into slots of the same size.
+  (memfd) that the others map: flags, then two buffers of R message slots; and a region of its own
+  per buffer for its published dispatches. A dispatch is pulled: each rank waits until every peer
+  has freed the buffer's previous round, writes its call once into its published buffer (header,
+  topk_idx, rows; FP8-cast once per token; ``eplib/low_latency.h``) and raises its ``published``
+  flag to the call's round (a release store). Each destination waits for the flags (acquire), copies
+  the rows of its experts straight into ``recv_x`` and raises its ``freed`` flag. One copy per
+  token on the source, one per (token, destination expert) on the destination, no collective. A
+  combine moves one message per (expert rank, source) pair: the expert rank writes it straight into
+  its slot in the source's region and raises the source's ``arrived`` flag; the source reduces from
+  there (or, zero-copy, from the expert rank's shared buffer) and frees the buffer.
+- ``GlooExchange`` (ranks on several hosts): both calls as messages (one per (source, destination)
+  pair, as a combine above), sent as gloo point-to-point messages, one per live peer and direction,
+  received into slots of the same size.
 
 Waits. Every wait on a peer gives up after ``EPLIB_TIMEOUT_S``. With ``enable_shrink`` the peer is then
 masked and the call completes for the live ranks (a stopped or dead rank costs one timeout); without,
@@ -46,12 +50,22 @@ class PeerTimeout(RuntimeError):
 
 class SharedMemoryExchange:
     """Messages through shared host memory (see the module docstring). Region of rank r:
-    freed[b] at 64 * b, arrived[b][s] at 128 + 8 * (b * R + s), then buffer b's slot s at
-    flags_bytes(R) + (b * R + s) * slot_bytes. slot_bytes is fixed when the regions are made (the
-    smallest region's share), so that a sender and a receiver whose calls disagree still meet in the
-    same slot, where the header tells the receiver of the disagreement."""
+    freed[b] at 64 * b, published[b] at 64 * b + 8, arrived[b][s] at 128 + 8 * (b * R + s), then the
+    handles of its own regions (below), then buffer b's slot s at flags_bytes(R) + (b * R + s) * slot_bytes.
+    slot_bytes is fixed when the regions are made (the smallest region's share), so that a sender and a
+    receiver whose calls disagree still meet in the same slot, where the header tells the receiver of the
+    disagreement.
+
+    Dispatches do not use the slots: each rank publishes its call once in a region of its own per buffer
+    (eplib/low_latency.h, "published dispatch") and raises its published[b] flag; the destinations pull
+    the rows of their experts from it, then raise their freed[b]. A rank rewrites its published buffer
+    only when every live peer has freed the buffer's previous round."""
 
     kind = "shared memory"
+    pulls_dispatch = True
+    # Regions of a rank's own, one per buffer, made or grown by it (after wait_freed), their handles after the
+    # flags, mapped by the peers when they need them.
+    ZERO_COPY, PUBLISHED = 0, 1
 
     def __init__(self, group: dist.ProcessGroup, num_bytes: int) -> None:
         self.rank, self.num_ranks = group.rank(), group.size()
@@ -64,14 +78,17 @@ class SharedMemoryExchange:
         smallest = min(int(handle.split()[2]) for handle in handles)
         self.slot_bytes = (smallest - flags_bytes(self.num_ranks)) // (2 * self.num_ranks) // 16 * 16
         self.num_bytes = num_bytes
-        self.zero_copy: List[Optional["_C.SharedRegion"]] = [None, None]
-        self.peer_zero_copy: Dict[str, int] = {}  # handle -> address of a peer's zero-copy region mapped here
+        self.own: Dict[Tuple[int, int], "_C.SharedRegion"] = {}  # (kind, buffer) -> region
+        self.peer_regions: Dict[str, int] = {}  # handle -> address of a peer's region mapped here
 
     def fits(self, message_bytes: int) -> bool:
         return message_bytes <= self.slot_bytes
 
     def _freed(self, rank: int, buffer_index: int) -> int:
         return self.bases[rank] + 64 * buffer_index
+
+    def _published(self, rank: int, buffer_index: int) -> int:
+        return self.bases[rank] + 64 * buffer_index + 8
 
     def _arrived(self, rank: int, buffer_index: int, source: int) -> int:
         return self.bases[rank] + 128 + 8 * (buffer_index * self.num_ranks + source)
@@ -81,7 +98,7 @@ class SharedMemoryExchange:
 
     def wait_freed(self, buffer_index: int, round_: int, live: Sequence[bool], timeout_s: float) -> List[int]:
         """Waits until every live peer has received round ``round_`` of buffer ``buffer_index`` (and so no
-        longer reads what this rank sent in it); the peers that did not in time."""
+        longer reads what this rank sent or published in it); the peers that did not in time."""
         flags = [self._freed(r, buffer_index) if live[r] and r != self.rank else 0 for r in range(self.num_ranks)]
         waited = _C.wait_flags(flags, round_, timeout_s)
         return [r for r in range(self.num_ranks) if flags[r] and waited[r] < 0]
@@ -114,42 +131,76 @@ class SharedMemoryExchange:
     def release(self, buffer_index: int, round_: int) -> None:
         _C.publish_flag(self._freed(self.rank, buffer_index), round_)
 
-    # Zero-copy combine: the expert outputs of buffer b live in a shared region of their own, whose handle
-    # this rank writes after its flags; the peers map it when a combine message says its rows stayed there.
+    # Published dispatch.
 
-    def _handle_address(self, rank: int, buffer_index: int) -> int:
-        return self.bases[rank] + 128 + 16 * self.num_ranks + ZERO_COPY_HANDLE_BYTES * buffer_index
+    def published_buffer(self, buffer_index: int, round_: int, num_bytes: int, live: Sequence[bool],
+                         timeout_s: float) -> Tuple[int, List[int]]:
+        """(address of this rank's published buffer of ``buffer_index``, of at least ``num_bytes``, to write
+        once every live peer has read its previous round; the peers that did not in time)."""
+        failed = self.wait_freed(buffer_index, round_ - 1, live, timeout_s)
+        return self._own_region(self.PUBLISHED, buffer_index, num_bytes).address, failed
+
+    def publish_dispatch(self, buffer_index: int, round_: int) -> None:
+        _C.publish_flag(self._published(self.rank, buffer_index), round_)
+
+    def receive_published(self, buffer_index: int, round_: int, live: Sequence[bool],
+                          timeout_s: float) -> Tuple[List[int], List[int], List[int]]:
+        """As ``receive``, for the published buffers of the sources (this rank's own included)."""
+        flags = [self._published(s, buffer_index) if live[s] else 0 for s in range(self.num_ranks)]
+        waited = _C.wait_flags(flags, round_, timeout_s)
+        failed = [s for s in range(self.num_ranks) if flags[s] and waited[s] < 0]
+        buffers = [self._region_of(s, self.PUBLISHED, buffer_index) if waited[s] >= 0 else 0
+                   for s in range(self.num_ranks)]
+        return buffers, waited, failed
+
+    def overtaken(self, buffer_index: int, round_: int, sources: Sequence[int]) -> List[int]:
+        """The sources (nonzero entries) whose published buffer moved past round ``round_`` while this rank read
+        it. Only a source that masked this rank goes on without waiting for it; its rows may be torn."""
+        flags = [self._published(s, buffer_index) if source else 0 for s, source in enumerate(sources)]
+        waited = _C.wait_flags(flags, round_ + 1, 0.0)
+        return [s for s in range(self.num_ranks) if flags[s] and waited[s] >= 0]
+
+    # Zero-copy combine: the expert outputs of buffer b live in a region of the rank's own; the peers map it
+    # when a combine message says that its rows stayed there.
 
     def zero_copy_tensor(self, buffer_index: int, shape: Tuple[int, int, int]) -> Tensor:
         """bf16 ``shape`` in this rank's shared zero-copy region of buffer ``buffer_index`` (made or grown
         here; call it only when no peer reads the buffer's previous rows: after ``wait_freed``)."""
         num_bytes = shape[0] * shape[1] * shape[2] * 2
-        region = self.zero_copy[buffer_index]
-        if region is None or region.num_bytes < num_bytes:
-            region = self.zero_copy[buffer_index] = _C.SharedRegion(max(num_bytes, 16))
-            record = region.handle().encode()
-            ctypes.memmove(self._handle_address(self.rank, buffer_index), record.ljust(ZERO_COPY_HANDLE_BYTES, b"\0"),
-                           ZERO_COPY_HANDLE_BYTES)
+        region = self._own_region(self.ZERO_COPY, buffer_index, num_bytes)
         memory = (ctypes.c_uint8 * region.num_bytes).from_address(region.address)
         return torch.frombuffer(memory, dtype=torch.uint8)[:num_bytes].view(torch.bfloat16).view(shape)
 
     def zero_copy_addresses(self, buffer_index: int, sources: Sequence[int]) -> List[int]:
         """Per rank, its zero-copy region of buffer ``buffer_index`` as mapped here (0: none, or the rank is
         not among the ``sources`` whose messages arrived)."""
-        addresses = []
-        for r, source in enumerate(sources):
-            if not source:
-                addresses.append(0)
-            elif r == self.rank:
-                region = self.zero_copy[buffer_index]
-                addresses.append(region.address if region is not None else 0)
-            else:
-                handle = ctypes.string_at(self._handle_address(r, buffer_index), ZERO_COPY_HANDLE_BYTES)
-                handle = handle.rstrip(b"\0").decode()
-                if handle and handle not in self.peer_zero_copy:
-                    self.peer_zero_copy[handle] = self.region.open_peer(handle)
-                addresses.append(self.peer_zero_copy[handle] if handle else 0)
-        return addresses
+        return [self._region_of(r, self.ZERO_COPY, buffer_index) if source else 0 for r, source in enumerate(sources)]
+
+    def _handle_address(self, rank: int, kind: int, buffer_index: int) -> int:
+        return self.bases[rank] + 128 + 16 * self.num_ranks + ZERO_COPY_HANDLE_BYTES * (2 * kind + buffer_index)
+
+    def _own_region(self, kind: int, buffer_index: int, num_bytes: int) -> "_C.SharedRegion":
+        """This rank's region of ``kind`` for ``buffer_index``, made or grown to ``num_bytes`` (its new handle
+        written for the peers). A grown region has a new handle: its size is part of it."""
+        region = self.own.get((kind, buffer_index))
+        if region is None or region.num_bytes < num_bytes:
+            region = self.own[kind, buffer_index] = _C.SharedRegion(max(num_bytes, 16))
+            record = region.handle().encode()
+            ctypes.memmove(self._handle_address(self.rank, kind, buffer_index),
+                           record.ljust(ZERO_COPY_HANDLE_BYTES, b"\0"), ZERO_COPY_HANDLE_BYTES)
+        return region
+
+    def _region_of(self, rank: int, kind: int, buffer_index: int) -> int:
+        """Address here of rank's region of ``kind`` for ``buffer_index`` (0: it has none). Read after its flag
+        says that it wrote what the region holds (the handle comes before the flag)."""
+        if rank == self.rank:
+            region = self.own.get((kind, buffer_index))
+            return region.address if region is not None else 0
+        handle = ctypes.string_at(self._handle_address(rank, kind, buffer_index), ZERO_COPY_HANDLE_BYTES)
+        handle = handle.rstrip(b"\0").decode()
+        if handle and handle not in self.peer_regions:
+            self.peer_regions[handle] = self.region.open_peer(handle)
+        return self.peer_regions[handle] if handle else 0
 
 
 class GlooExchange:
@@ -157,6 +208,7 @@ class GlooExchange:
     staging tensors (two buffers, as the shared-memory exchange)."""
 
     kind = "gloo"
+    pulls_dispatch = False
 
     def __init__(self, group: dist.ProcessGroup) -> None:
         self.group = group
@@ -266,18 +318,9 @@ class CpuLowLatency:
         _C.set_num_threads(torch.get_num_threads())
 
     def _exchange_for(self, message_bytes: int):
-        """The exchange, made at the first call (a collective: every rank makes its first LL call together)."""
+        """The exchange, made at the first call (see _make_exchange)."""
         if self._exchange is None:
-            kind = self.exchange_kind
-            if kind == "auto":
-                hosts = _all_gather_bytes(self.group, socket.gethostname().encode()[:_HOST_BYTES].ljust(_HOST_BYTES, b"\0"),
-                                          torch.device("cpu"), "low-latency exchange (hosts)")
-                kind = "shared memory" if len(set(hosts)) == 1 else "gloo"
-            if kind == "shared memory":
-                num_bytes = max(self.num_rdma_bytes, region_bytes(self.num_ranks, message_bytes))
-                self._exchange = SharedMemoryExchange(self.group, num_bytes)
-            else:
-                self._exchange = GlooExchange(self.group)
+            self._make_exchange(message_bytes, rejected=False)
         self._message_bytes = max(self._message_bytes, message_bytes)
         if not self._exchange.fits(message_bytes):
             raise ValueError(f"num_rdma_bytes: this low-latency call needs "
@@ -285,6 +328,26 @@ class CpuLowLatency:
                              f"Buffer has {self._exchange.num_bytes} (sized by its first low-latency call or by "
                              f"num_rdma_bytes); size it with Buffer.get_low_latency_rdma_size_hint")
         return self._exchange
+
+    def _make_exchange(self, message_bytes: int, rejected: bool) -> None:
+        """Makes the exchange at the first call, a collective: every rank makes its first LL call together. It
+        starts with one all-gather of (host, rejected): when a rank rejected its first call's input, no rank
+        makes the exchange, the others raise RuntimeError naming it at once, and the next call starts afresh."""
+        record = socket.gethostname().encode()[:_HOST_BYTES - 1].ljust(_HOST_BYTES - 1, b"\0") + bytes([rejected])
+        records = _all_gather_bytes(self.group, record, torch.device("cpu"), "low-latency exchange (hosts)")
+        rejecting = [r for r, record in enumerate(records) if record[-1]]
+        if rejecting:
+            if rejected:
+                return
+            raise_first([message_problem(2, rejecting[0], self.rank)])
+        kind = self.exchange_kind
+        if kind == "auto":
+            kind = "shared memory" if len({record[:-1] for record in records}) == 1 else "gloo"
+        if kind == "shared memory":
+            num_bytes = max(self.num_rdma_bytes, region_bytes(self.num_ranks, message_bytes))
+            self._exchange = SharedMemoryExchange(self.group, num_bytes)
+        else:
+            self._exchange = GlooExchange(self.group)
 
     def _live(self) -> List[bool]:
         return [not masked for masked in self.masked]
@@ -302,15 +365,16 @@ class CpuLowLatency:
         raise PeerTimeout(f"eplib: {self._out_of_step}; they raised, exited or never reached the same call "
                           f"(enable_shrink=True masks such ranks instead)")
 
-    def _receive(self, exchange, buffer_index: int, round_: int, message_bytes: int, layout_args: tuple,
+    def _receive(self, received: Tuple[List[int], List[int], List[int]], status, layout_args: tuple,
                  fields: Sequence[int], phase: str, wait_stats: Optional[Tensor]) -> Tuple[List[int], list]:
-        """Waits for the messages of a call and checks their headers: (addresses of the usable ones, 0 for
-        the others; the problems found, as message_problem gives them)."""
-        slots, waited, failed = exchange.receive(buffer_index, round_, message_bytes, self._live(), timeout_seconds())
+        """Checks what an exchange's receive gave, (addresses per source, ns waited, sources that failed), and the
+        headers there (``status``: _C.ll_message_status or _C.ll_published_status): (addresses of the usable
+        ones, 0 for the others; the problems found, as message_problem gives them)."""
+        slots, waited, failed = received
         self._peers_failed(failed, phase)
         problems = []
         for s, slot in enumerate(slots):
-            problem = message_problem(_C.ll_message_status(slot, *layout_args, fields), s, self.rank) if slot else None
+            problem = message_problem(status(slot, *layout_args, fields), s, self.rank) if slot else None
             if problem is not None:
                 problems.append(problem)
                 slots[s] = 0
@@ -326,10 +390,8 @@ class CpuLowLatency:
         """See Buffer.low_latency_dispatch; returns (recv_x, recv_count, handle, event, hook)."""
         self._start()
         num_tokens, num_topk, num_experts = call.num_tokens, call.num_topk, call.num_experts
-        num_local, rows = call.num_local_experts, self.num_ranks * call.num_max
         sizes = call.layout()
-        message_bytes = sizes["message_bytes"]
-        exchange = self._exchange_for(message_bytes)
+        exchange = self._exchange_for(sizes["message_bytes"])
         buffer_index, round_ = self.state.next_call("low_latency_dispatch")
         send_slot = torch.empty(num_tokens, num_topk, dtype=torch.int32)
         send_counts = torch.zeros(num_experts, dtype=torch.int32)
@@ -341,44 +403,100 @@ class CpuLowLatency:
         except ValueError as error:  # the peers hear of it through the headers, then this rank raises
             rejection = error
             send_counts.zero_()
-        layout_args = (call.num_max, call.hidden, num_topk, num_local, call.use_fp8)
-        slots, failed = exchange.send(buffer_index, round_, message_bytes, self._live(), timeout_seconds())
-        self._peers_failed(failed, "low_latency_dispatch (send: waiting for a receiver to free its buffer)")
+        send = self._publish_dispatch if exchange.pulls_dispatch else self._send_dispatch_messages
         fields = call.header_fields(rejected=rejection is not None)
-        if rejection is None:
-            _C.ll_dispatch_pack(call.x.data_ptr(), num_tokens, *layout_args, call.round_scale,
-                                call.topk_idx.data_ptr(), num_experts, self.num_ranks, send_slot.data_ptr(),
-                                send_counts.data_ptr(), send_offset.data_ptr(), fields, slots)
-        else:
-            for slot in slots:
-                if slot:
-                    _C.ll_write_header(slot, *layout_args, fields, [0] * num_local)
-        counts = send_counts.view(self.num_ranks, num_local).sum(1).tolist()
-        exchange.publish(buffer_index, round_, slots,
-                         [sizes["header_bytes"] + n * sizes["dispatch_stride"] for n in counts])
-
-        recv_x, recv_scales, src_info, layout_range, recv_count = self._dispatch_outputs(buffer_index, call)
-        expected = call.header_fields()
+        receive_rows = send(exchange, call, buffer_index, round_, sizes, fields, send_slot, send_counts, send_offset)
+        outputs = self._dispatch_outputs(buffer_index, call)
 
         def receive() -> None:
-            sources, problems = self._receive(exchange, buffer_index, round_, message_bytes, layout_args, expected,
-                                              "low_latency_dispatch (receive: waiting for a sender's rows)",
-                                              call.wait_stats)
-            _C.ll_dispatch_unpack(sources, *layout_args, call.use_ue8m0, recv_x.data_ptr(),
-                                  recv_scales.data_ptr() if recv_scales is not None else 0, src_info.data_ptr(),
-                                  layout_range.data_ptr(), recv_count.data_ptr(),
-                                  call.cumulative_stats.data_ptr() if call.cumulative_stats is not None else 0)
+            problems = receive_rows(outputs)
             exchange.release(buffer_index, round_)
+            if call.cumulative_stats is not None:
+                call.cumulative_stats += outputs[4]
             if rejection is not None:
                 raise rejection
             raise_first(problems)
 
         hook = run_receive(self.state, buffer_index, "low_latency_dispatch", receive,
                            return_recv_hook and rejection is None)
+        recv_x, recv_scales, src_info, layout_range, recv_count = outputs
         handle = LowLatencyHandle(src_info, layout_range, call.num_max, call.hidden, num_experts, send_slot=send_slot,
                                   send_counts=send_counts, send_offset=send_offset, owner=self)
         recv = (recv_x, recv_scales) if call.use_fp8 else recv_x
         return recv, recv_count, handle, EventOverlap(), hook
+
+    def _publish_dispatch(self, exchange: SharedMemoryExchange, call: DispatchCall, buffer_index: int, round_: int,
+                          sizes: dict, fields: List[int], send_slot: Tensor, send_counts: Tensor, send_offset: Tensor):
+        """The sending half of a dispatch that the destinations pull: this rank's call once into its published
+        buffer (a header alone when rejected; the send layout only serves messages). Returns the receiving
+        half: outputs -> problems."""
+        layout_args = (call.num_max, call.hidden, call.num_topk, call.num_local_experts, call.use_fp8)
+        published, failed = exchange.published_buffer(buffer_index, round_, sizes["published_bytes"], self._live(),
+                                                       timeout_seconds())
+        self._peers_failed(failed, "low_latency_dispatch (send: waiting for the peers to read the buffer's "
+                                   "previous rows)")
+        if fields[_C.LL_FIELDS["rejected"]]:
+            _C.ll_write_header(published, 1, 1, 1, 0, False, fields, [])
+        else:
+            _C.ll_dispatch_publish(call.x.data_ptr(), call.num_tokens, *layout_args, call.round_scale,
+                                   call.topk_idx.data_ptr(), fields, published)
+        exchange.publish_dispatch(buffer_index, round_)
+        expected = call.header_fields()
+        phase = "low_latency_dispatch (receive: waiting for a sender's rows)"
+
+        def pull(outputs) -> list:
+            recv_x, recv_scales, src_info, layout_range, recv_count = outputs
+            received = exchange.receive_published(buffer_index, round_, self._live(), timeout_seconds())
+            sources, problems = self._receive(received, _C.ll_published_status, layout_args, expected, phase,
+                                              call.wait_stats)
+            while True:
+                _C.ll_dispatch_pull(sources, *layout_args, self.rank, call.use_ue8m0, recv_x.data_ptr(),
+                                    recv_scales.data_ptr() if recv_scales is not None else 0, src_info.data_ptr(),
+                                    layout_range.data_ptr(), recv_count.data_ptr(), 0)
+                overtaken = exchange.overtaken(buffer_index, round_, sources)
+                if not overtaken:
+                    return problems
+                # Sources that masked this rank rewrote their rows while it read them: mask them too (or raise),
+                # and place the rows of the others again.
+                self._peers_failed(overtaken, "low_latency_dispatch (receive: a sender went on without waiting "
+                                              "for this rank, so it masked this rank)")
+                sources = [0 if s in overtaken else source for s, source in enumerate(sources)]
+
+        return pull
+
+    def _send_dispatch_messages(self, exchange, call: DispatchCall, buffer_index: int, round_: int, sizes: dict,
+                                fields: List[int], send_slot: Tensor, send_counts: Tensor, send_offset: Tensor):
+        """The sending half of a dispatch by messages (one per destination). Returns the receiving half:
+        outputs -> problems."""
+        layout_args = (call.num_max, call.hidden, call.num_topk, call.num_local_experts, call.use_fp8)
+        message_bytes = sizes["message_bytes"]
+        slots, failed = exchange.send(buffer_index, round_, message_bytes, self._live(), timeout_seconds())
+        self._peers_failed(failed, "low_latency_dispatch (send: waiting for a receiver to free its buffer)")
+        if fields[_C.LL_FIELDS["rejected"]]:
+            for slot in slots:
+                if slot:
+                    _C.ll_write_header(slot, *layout_args, fields, [0] * call.num_local_experts)
+        else:
+            _C.ll_dispatch_pack(call.x.data_ptr(), call.num_tokens, *layout_args, call.round_scale,
+                                call.topk_idx.data_ptr(), call.num_experts, self.num_ranks, send_slot.data_ptr(),
+                                send_counts.data_ptr(), send_offset.data_ptr(), fields, slots)
+        counts = send_counts.view(self.num_ranks, call.num_local_experts).sum(1).tolist()
+        exchange.publish(buffer_index, round_, slots,
+                         [sizes["header_bytes"] + n * sizes["dispatch_stride"] for n in counts])
+        expected = call.header_fields()
+
+        def unpack(outputs) -> list:
+            recv_x, recv_scales, src_info, layout_range, recv_count = outputs
+            received = exchange.receive(buffer_index, round_, message_bytes, self._live(), timeout_seconds())
+            sources, problems = self._receive(received, _C.ll_message_status, layout_args, expected,
+                                              "low_latency_dispatch (receive: waiting for a sender's rows)",
+                                              call.wait_stats)
+            _C.ll_dispatch_unpack(sources, *layout_args, call.use_ue8m0, recv_x.data_ptr(),
+                                  recv_scales.data_ptr() if recv_scales is not None else 0, src_info.data_ptr(),
+                                  layout_range.data_ptr(), recv_count.data_ptr(), 0)
+            return problems
+
+        return unpack
 
     def combine(self, call: CombineCall, async_finish: bool, return_recv_hook: bool):
         """See Buffer.low_latency_combine; returns (combined_x, event, hook)."""
@@ -405,7 +523,8 @@ class CpuLowLatency:
         out = call.out if call.out is not None else torch.empty(handle.num_tokens, call.hidden, dtype=torch.bfloat16)
 
         def receive() -> None:
-            sources, problems = self._receive(exchange, buffer_index, round_, message_bytes, layout_args, fields,
+            received = exchange.receive(buffer_index, round_, message_bytes, self._live(), timeout_seconds())
+            sources, problems = self._receive(received, _C.ll_message_status, layout_args, fields,
                                               "low_latency_combine (receive: waiting for an expert rank's rows)",
                                               call.wait_stats)
             _C.ll_combine_reduce(sources, exchange.zero_copy_addresses(buffer_index, sources), *layout_args[:4], call.topk_idx.data_ptr(), call.topk_weights.data_ptr(),
@@ -455,20 +574,29 @@ class CpuLowLatency:
     def reject(self, what: str, error: Exception) -> None:
         """Raises ``error``, a check that this rank's call failed, after taking part in the call's round with a
         header that says so: the peers then raise at once (RuntimeError naming this rank) instead of waiting out
-        the timeout, and every rank stays in step for the next call. Before the first call (no exchange yet)
-        it raises at once."""
-        if self._exchange is None or self._out_of_step is not None or any(self.state.awaiting):
+        the timeout, and every rank stays in step for the next call. At the first call (no exchange yet) the
+        exchange's set-up carries the rejection instead."""
+        if self._out_of_step is not None or any(self.state.awaiting):
             raise error
-        exchange = self._exchange
+        if self._exchange is None:
+            self._make_exchange(0, rejected=True)
+            raise error
+        exchange, live, timeout_s = self._exchange, self._live(), timeout_seconds()
         buffer_index, round_ = self.state.next_call(what)
-        slots, failed = exchange.send(buffer_index, round_, self._message_bytes, self._live(), timeout_seconds())
         fields = header_fields(1, 1, 1, 1, 0, 0, rejected=True)
-        for slot in slots:
-            if slot:
-                _C.ll_write_header(slot, 1, 1, 1, 0, False, fields, [])
-        exchange.publish(buffer_index, round_, slots, [_C.LL_HEADER_FIELDS * 4 if slot else 0 for slot in slots])
-        _, _, failed_receive = exchange.receive(buffer_index, round_, self._message_bytes, self._live(),
-                                                timeout_seconds())
+        if what == "low_latency_dispatch" and exchange.pulls_dispatch:
+            published, failed = exchange.published_buffer(buffer_index, round_, _C.LL_HEADER_FIELDS * 4, live,
+                                                           timeout_s)
+            _C.ll_write_header(published, 1, 1, 1, 0, False, fields, [])
+            exchange.publish_dispatch(buffer_index, round_)
+            _, _, failed_receive = exchange.receive_published(buffer_index, round_, live, timeout_s)
+        else:
+            slots, failed = exchange.send(buffer_index, round_, self._message_bytes, live, timeout_s)
+            for slot in slots:
+                if slot:
+                    _C.ll_write_header(slot, 1, 1, 1, 0, False, fields, [])
+            exchange.publish(buffer_index, round_, slots, [_C.LL_HEADER_FIELDS * 4 if slot else 0 for slot in slots])
+            _, _, failed_receive = exchange.receive(buffer_index, round_, self._message_bytes, live, timeout_s)
         exchange.release(buffer_index, round_)
         if self.enable_shrink:
             for r in set(failed) | set(failed_receive):

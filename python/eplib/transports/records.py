@@ -3,7 +3,7 @@ must share, and receive totals that int32 positions can index. And the header th
 the cpu transport exchanges first (``make_header``, ``Headers``, ``check_headers``)."""
 
 import struct
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -76,10 +76,23 @@ def header_words(num_ranks: int) -> int:
     return len(_HEAD) + 2 * num_ranks + MESSAGE_WORDS
 
 
+# Where a header holds its error's length (> 0: this rank's input failed), and its count words.
+ERROR_WORD = _HEAD.index("error_bytes")
+
+
+def count_slices(num_ranks: int) -> Tuple[slice, slice]:
+    """The words of a header that hold the rows a rank sends to each rank, and those it expects."""
+    first = len(_HEAD)
+    return slice(first, first + num_ranks), slice(first + num_ranks, first + 2 * num_ranks)
+
+
 def make_header(num_ranks: int, op: int, call: str, *, error: Optional[BaseException] = None,
                 sends: Optional[Counts] = None, expects: Optional[Counts] = None, num_worst_tokens: int = 0,
                 **format_fields: int) -> torch.Tensor:
     """This rank's header, int64 [header_words(R)]; ``format_fields`` are FORMAT_FIELDS (0 if absent)."""
+    unknown = set(format_fields) - set(FORMAT_FIELDS)
+    if unknown:
+        raise TypeError(f"make_header: {sorted(unknown)} are not format fields (records.FORMAT_FIELDS)")
     message = b"" if error is None else f"{type(error).__name__}: {error}".encode()
     room = MESSAGE_WORDS * 8
     if len(message) > room:
@@ -114,6 +127,19 @@ class Headers:
         """int64 [source, destination]: rows each rank sends to each rank."""
         return self.table[:, len(_HEAD):len(_HEAD) + self.num_ranks]
 
+    @property
+    def expects(self) -> torch.Tensor:
+        """int64 [rank, source]: rows each rank expects from each rank (-1: not known)."""
+        return self.table[:, len(_HEAD) + self.num_ranks:len(_HEAD) + 2 * self.num_ranks]
+
+    def failed(self) -> List[int]:
+        """The ranks whose input failed a check."""
+        return [r for r, length in enumerate(self.column("error_bytes")) if length]
+
+    def quote(self, ranks: Sequence[int]) -> str:
+        """Each of ``ranks``' call and error, for a message."""
+        return "; ".join(f"rank {r} in {self.call(r)}: {self.error(r)}" for r in ranks)
+
     def _counts(self, first: int) -> List[List[int]]:
         return [row[first:first + self.num_ranks] for row in self._rows]
 
@@ -136,18 +162,18 @@ class Headers:
         return None
 
 
-def check_headers(headers: Headers, rank: int, call: str, channel: GroupChannel) -> None:
+def check_headers(headers: Headers, rank: int, call: str, channel: Optional[GroupChannel]) -> None:
     """Raises on every rank alike, before anything else travels, when a rank's input failed
     (PeerInputError, quoting it), when the ranks are at different op indices (CollectiveError; they
-    continue from the highest) or in different calls (RuntimeError), or disagree on the row format or,
-    in a cached dispatch or combine, on the rows each sends the other (ValueError)."""
-    failed = [r for r, length in enumerate(headers.column("error_bytes")) if length]
+    continue from the highest; only with a ``channel``, which numbers the ops) or in different calls
+    (RuntimeError), or disagree on the row format or, in a cached dispatch or combine, on the rows each
+    sends the other (ValueError)."""
+    failed = headers.failed()
     if failed:
-        quotes = "; ".join(f"rank {r} in {headers.call(r)}: {headers.error(r)}" for r in failed)
         raise PeerInputError(f"eplib: {call} abandoned on rank {rank}: the input of {describe_ranks(failed)} failed a "
-                             f"check ({quotes}). Nothing was exchanged; the Buffer stays usable")
+                             f"check ({headers.quote(failed)}). Nothing was exchanged; the Buffer stays usable")
     ops = headers.column("op")
-    if len(set(ops)) > 1:
+    if channel is not None and len(set(ops)) > 1:
         channel.realign(max(ops) + 1)
         raise CollectiveError(f"eplib: {call} abandoned on rank {rank}: the ranks were out of step (op indices "
                               f"{ops}); they continue together from the next call")
