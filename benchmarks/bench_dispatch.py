@@ -114,7 +114,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                              f"(without it, --transport ipc defaults to {IPC_SWEEP})")
     parser.add_argument("--mode", choices=("normal", "ll"), default="normal",
                         help="normal: the sweep above; ll: low-latency dispatch/combine beside the normal mode on "
-                             "the same inputs (benchmarks/bench_low_latency.py; cpu transport; defaults "
+                             "the same inputs (benchmarks/bench_low_latency.py; any --transport; defaults "
                              f"{bench_low_latency.LL_SWEEP}, --quick {bench_low_latency.LL_QUICK})")
     parser.add_argument("--json", metavar="PATH", help="write every figure and the machine info here")
     parser.add_argument("--plot", metavar="PATH", help="draw latency vs tokens here (needs matplotlib)")
@@ -327,7 +327,7 @@ def run_ipc_point(point: Point, pipelines: List[Pipeline], args: argparse.Namesp
 def main() -> None:
     args = parse_args()
     if args.mode == "ll":
-        bench_low_latency.run(args)
+        bench_low_latency.run(args, init_distributed(args.transport, args.timeout_s))
         return
     points = sweep(args)
     if args.plot:

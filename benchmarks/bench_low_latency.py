@@ -51,10 +51,12 @@ MODES = ("ll", "ll_zero_copy", "normal")
 class Inputs:
     """One rank's inputs at a point: bf16 x [T, H] of small integers, routing, and the FP8 tuple."""
 
-    def __init__(self, tokens: int, hidden: int, spec: routing.RoutingSpec, seed: int, rank: int) -> None:
+    def __init__(self, tokens: int, hidden: int, spec: routing.RoutingSpec, seed: int, rank: int,
+                 device: torch.device) -> None:
         generator = torch.Generator().manual_seed(seed * 1000 + rank + 500)
-        self.x = torch.randint(-4, 5, (tokens, hidden), generator=generator).to(torch.bfloat16)
-        self.topk_idx, self.topk_weights = routing.generate(spec, tokens, seed, rank)
+        self.x = torch.randint(-4, 5, (tokens, hidden), generator=generator).to(torch.bfloat16).to(device)
+        topk_idx, topk_weights = routing.generate(spec, tokens, seed, rank)
+        self.topk_idx, self.topk_weights = topk_idx.to(device), topk_weights.to(device)
         self.num_experts = spec.num_experts
 
 
@@ -106,7 +108,7 @@ def guard(buffer: eplib.Buffer, inputs: Inputs, num_max: int, use_fp8: bool) -> 
             problems.append("ll fp8 recv_count differs from bf16's")
     else:
         combined = ll_combine(buffer, inputs, recv, handle)
-        acc = torch.zeros(inputs.x.shape, dtype=torch.float32)
+        acc = torch.zeros(inputs.x.shape, dtype=torch.float32, device=inputs.x.device)
         for k in range(inputs.topk_idx.shape[1]):
             acc = acc + inputs.topk_weights[:, k:k + 1] * inputs.x.float()
         if not torch.equal(combined, acc.to(torch.bfloat16)):
@@ -126,7 +128,7 @@ def guard(buffer: eplib.Buffer, inputs: Inputs, num_max: int, use_fp8: bool) -> 
 def time_point(buffer: eplib.Buffer, inputs: Inputs, num_max: int, use_fp8: bool, warmup: int, iters: int,
                meter) -> Dict[str, Dict[str, List[float]]]:
     """Per mode and op, this rank's times (ms) of the timed iterations."""
-    device = torch.device("cpu")
+    device = inputs.x.device
     times = {mode: {op: [] for op in OPS} for mode in MODES}
     # Expert outputs: the rows themselves (bf16), or for FP8 zeros in the recv_count rows that combine reads
     # (dequantizing all E_local * R * num_max rows would take gigabytes at H=7168). The dispatches below
@@ -134,7 +136,7 @@ def time_point(buffer: eplib.Buffer, inputs: Inputs, num_max: int, use_fp8: bool
     recv, recv_count, _ = ll_round(buffer, inputs, num_max, use_fp8)
     ll_out = recv
     if use_fp8:
-        ll_out = torch.empty(recv[0].shape, dtype=torch.bfloat16)
+        ll_out = torch.empty(recv[0].shape, dtype=torch.bfloat16, device=device)
         for expert, count in enumerate(recv_count.tolist()):
             ll_out[expert, :count] = 0
     normal_out = dequantized(normal_dispatch(buffer, inputs, use_fp8)[0])
@@ -184,7 +186,7 @@ CELLS = (("ll", "dispatch"), ("ll", "combine"), ("ll", "end_to_end"), ("ll_zero_
 
 
 def render(result: dict) -> str:
-    lines = ["LL vs normal mode, eplib cpu transport: median ms [p10-p90] of the slowest rank. speed-up LL both: "
+    lines = [f"LL vs normal mode, eplib {result['machine']['transport']} transport: median ms [p10-p90] of the slowest rank. speed-up LL both: "
              "normal both / LL both (each one timed span); speed-up zero-copy: (normal dispatch + normal combine) / "
              "(LL dispatch + LL zero-copy combine), medians of per-iteration sums of separately timed calls", ""]
     header = ["T", "dtype", "LL dispatch", "LL combine", "LL both", "LL zero-copy combine",
@@ -227,14 +229,15 @@ def plot(result: dict, path: str) -> None:
         axis.set_xticks(tokens, [str(t) for t in tokens])
         axis.legend()
     machine = result["machine"]
-    figure.suptitle(f"eplib cpu transport, {machine['ranks']} gloo ranks on a {machine['cores']}-core VM shared with "
+    figure.suptitle(f"eplib {machine['transport']} transport, {machine['ranks']} ranks on a {machine['cores']}-core VM shared with "
                     f"other jobs, {machine['date_utc']}")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
 
 
-def run(args: argparse.Namespace) -> None:
-    """The --mode ll sweep (bench_dispatch.py parses the arguments and sets up nothing else)."""
+def run(args: argparse.Namespace, device: torch.device) -> None:
+    """The --mode ll sweep on ``device`` (bench_dispatch.py parses the arguments and makes the process group:
+    gloo for the cpu and ipc transports, NCCL for nccl; CUDA tensors on nccl and ipc)."""
     defaults = LL_QUICK if args.quick else LL_SWEEP
     for key, value in defaults.items():
         if getattr(args, key) is None:
@@ -242,30 +245,31 @@ def run(args: argparse.Namespace) -> None:
     for dtype in args.dtype:
         if dtype not in LL_DTYPES:
             raise SystemExit(f"--mode ll: --dtype takes {LL_DTYPES}, got {dtype!r}")
-    if args.transport not in ("cpu", "auto") or torch.cuda.is_available() and args.transport == "auto":
-        raise SystemExit("--mode ll: eplib's low-latency mode runs on the cpu transport only so far")
     if args.plot:
         report.require_matplotlib()
-    dist.init_process_group("gloo", timeout=__import__("datetime").timedelta(seconds=args.timeout_s))
     rank, world = dist.get_rank(), dist.get_world_size()
     from collective_meter import CollectiveMeter
 
     meter = CollectiveMeter(args.timeout_s, time_collectives=True)
-    machine = report.machine_info(world, "cpu", torch.device("cpu"))
+    machine = report.machine_info(world, args.transport, device)
     num_max = max(args.tokens)
     points = [(tokens, hidden, top_k, experts, kind, dtype) for hidden in args.hidden for top_k in args.top_k
               for experts in args.experts for kind in (args.routing or ["uniform"]) for dtype in args.dtype
               for tokens in args.tokens]
     rdma_bytes = max(eplib.Buffer.get_low_latency_rdma_size_hint(num_max, hidden, world, experts, top_k)
                      for _, hidden, top_k, experts, _, _ in points)
-    buffer = eplib.Buffer(dist.group.WORLD, num_rdma_bytes=rdma_bytes, low_latency_mode=True)
+    # ipc: the normal-mode calls need their peer buffer too (sized for the largest point's bf16 rows).
+    nvl_bytes = max(eplib.Buffer.get_nvl_buffer_size_hint(num_max, hidden * 2, world, top_k)
+                    for _, hidden, top_k, _, _, _ in points) if args.transport == "ipc" else 0
+    buffer = eplib.Buffer(dist.group.WORLD, num_nvl_bytes=nvl_bytes, num_rdma_bytes=rdma_bytes, low_latency_mode=True,
+                          transport=args.transport)
     records, started = [], time.monotonic()
     for index, (tokens, hidden, top_k, experts, kind, dtype) in enumerate(points):
         if rank == 0:
             print(f"[{index + 1}/{len(points)}] tokens={tokens} hidden={hidden} top-k={top_k} experts={experts} "
                   f"{kind} {dtype} ({time.monotonic() - started:.0f} s elapsed)", file=sys.stderr, flush=True)
         spec = routing.RoutingSpec(kind, experts, top_k)
-        inputs = Inputs(tokens, hidden, spec, args.seed, rank)
+        inputs = Inputs(tokens, hidden, spec, args.seed, rank, device)
         use_fp8 = dtype == "fp8"
         problems = guard(buffer, inputs, num_max, use_fp8)
         per_rank: List[List[str]] = [[] for _ in range(world)]

@@ -206,6 +206,55 @@ void def_kernel_args(py::module_& m) {
       EPLIB_FIELD(UnpermuteRowsArgs, num_rows) EPLIB_FIELD(UnpermuteRowsArgs, out);
 }
 
+// The low-latency kernels' argument structs (cuda/kernels.h, csrc/cuda/low_latency.cu).
+void def_low_latency_kernel_args(py::module_& m) {
+  namespace cuda = eplib::cuda;
+  using cuda::LLCombinePackArgs;
+  using cuda::LLCombineReduceArgs;
+  using cuda::LLDispatchPackArgs;
+  using cuda::LLDispatchUnpackArgs;
+  using cuda::LLLayoutArgs;
+  ArgsBinding<LLLayoutArgs>(m, "LLLayoutArgs") EPLIB_FIELD(LLLayoutArgs, topk_idx) EPLIB_FIELD(LLLayoutArgs, num_tokens)
+      EPLIB_FIELD(LLLayoutArgs, num_topk) EPLIB_FIELD(LLLayoutArgs, num_experts) EPLIB_FIELD(LLLayoutArgs, num_ranks)
+      EPLIB_FIELD(LLLayoutArgs, send_slot) EPLIB_FIELD(LLLayoutArgs, send_counts)
+      EPLIB_FIELD(LLLayoutArgs, send_offset) EPLIB_FIELD(LLLayoutArgs, error_flag);
+  ArgsBinding<LLDispatchPackArgs>(m, "LLDispatchPackArgs") EPLIB_FIELD(LLDispatchPackArgs, x)
+      EPLIB_FIELD(LLDispatchPackArgs, num_tokens) EPLIB_FIELD(LLDispatchPackArgs, num_max)
+      EPLIB_FIELD(LLDispatchPackArgs, hidden) EPLIB_FIELD(LLDispatchPackArgs, num_topk)
+      EPLIB_FIELD(LLDispatchPackArgs, num_experts) EPLIB_FIELD(LLDispatchPackArgs, num_ranks)
+      EPLIB_FIELD(LLDispatchPackArgs, format) EPLIB_FIELD(LLDispatchPackArgs, rejected)
+      EPLIB_FIELD(LLDispatchPackArgs, topk_idx) EPLIB_FIELD(LLDispatchPackArgs, send_slot)
+      EPLIB_FIELD(LLDispatchPackArgs, send_counts) EPLIB_FIELD(LLDispatchPackArgs, send_offset)
+      EPLIB_FIELD(LLDispatchPackArgs, messages) EPLIB_FIELD(LLDispatchPackArgs, mask);
+  ArgsBinding<LLDispatchUnpackArgs>(m, "LLDispatchUnpackArgs") EPLIB_FIELD(LLDispatchUnpackArgs, messages)
+      EPLIB_FIELD(LLDispatchUnpackArgs, mask) EPLIB_FIELD(LLDispatchUnpackArgs, poisoned)
+      EPLIB_FIELD(LLDispatchUnpackArgs, num_max) EPLIB_FIELD(LLDispatchUnpackArgs, hidden)
+      EPLIB_FIELD(LLDispatchUnpackArgs, num_topk) EPLIB_FIELD(LLDispatchUnpackArgs, num_experts)
+      EPLIB_FIELD(LLDispatchUnpackArgs, num_ranks) EPLIB_FIELD(LLDispatchUnpackArgs, format)
+      EPLIB_FIELD(LLDispatchUnpackArgs, recv_x) EPLIB_FIELD(LLDispatchUnpackArgs, recv_scales)
+      EPLIB_FIELD(LLDispatchUnpackArgs, src_info) EPLIB_FIELD(LLDispatchUnpackArgs, layout_range)
+      EPLIB_FIELD(LLDispatchUnpackArgs, recv_count) EPLIB_FIELD(LLDispatchUnpackArgs, cumulative_stats)
+      EPLIB_FIELD(LLDispatchUnpackArgs, error_flag);
+  ArgsBinding<LLCombinePackArgs>(m, "LLCombinePackArgs") EPLIB_FIELD(LLCombinePackArgs, x)
+      EPLIB_FIELD(LLCombinePackArgs, layout_range) EPLIB_FIELD(LLCombinePackArgs, num_max)
+      EPLIB_FIELD(LLCombinePackArgs, hidden) EPLIB_FIELD(LLCombinePackArgs, num_topk)
+      EPLIB_FIELD(LLCombinePackArgs, num_experts) EPLIB_FIELD(LLCombinePackArgs, num_ranks)
+      EPLIB_FIELD(LLCombinePackArgs, num_tokens) EPLIB_FIELD(LLCombinePackArgs, messages)
+      EPLIB_FIELD(LLCombinePackArgs, mask);
+  ArgsBinding<LLCombineReduceArgs>(m, "LLCombineReduceArgs") EPLIB_FIELD(LLCombineReduceArgs, messages)
+      EPLIB_FIELD(LLCombineReduceArgs, mask) EPLIB_FIELD(LLCombineReduceArgs, poisoned)
+      EPLIB_FIELD(LLCombineReduceArgs, num_max) EPLIB_FIELD(LLCombineReduceArgs, hidden)
+      EPLIB_FIELD(LLCombineReduceArgs, num_topk) EPLIB_FIELD(LLCombineReduceArgs, num_experts)
+      EPLIB_FIELD(LLCombineReduceArgs, num_ranks) EPLIB_FIELD(LLCombineReduceArgs, topk_idx)
+      EPLIB_FIELD(LLCombineReduceArgs, topk_weights) EPLIB_FIELD(LLCombineReduceArgs, num_tokens)
+      EPLIB_FIELD(LLCombineReduceArgs, send_slot) EPLIB_FIELD(LLCombineReduceArgs, send_offset)
+      EPLIB_FIELD(LLCombineReduceArgs, out) EPLIB_FIELD(LLCombineReduceArgs, error_flag);
+  ArgsBinding<cuda::LLSyncArgs>(m, "LLSyncArgs") EPLIB_FIELD(cuda::LLSyncArgs, step)
+      EPLIB_FIELD(cuda::LLSyncArgs, buffer_index) EPLIB_FIELD(cuda::LLSyncArgs, mask)
+      EPLIB_FIELD(cuda::LLSyncArgs, poisoned) EPLIB_FIELD(cuda::LLSyncArgs, shrink)
+      EPLIB_FIELD(cuda::LLSyncArgs, wait_stats);
+}
+
 #undef EPLIB_FIELD
 
 cudaStream_t stream_of(uintptr_t stream) { return reinterpret_cast<cudaStream_t>(stream); }
@@ -240,6 +289,12 @@ void def_cuda_kernels(py::module_& m) {
   def_kernel<cuda::PermuteLayoutArgs>(m, "cuda_permute_layout", cuda::permute_layout);
   def_kernel<cuda::PermuteRowsArgs>(m, "cuda_permute_rows", cuda::permute_rows);
   def_kernel<cuda::UnpermuteRowsArgs>(m, "cuda_unpermute_rows", cuda::unpermute_rows);
+  def_low_latency_kernel_args(m);
+  def_kernel<cuda::LLLayoutArgs>(m, "cuda_ll_layout", cuda::ll_layout);
+  def_kernel<cuda::LLDispatchPackArgs>(m, "cuda_ll_dispatch_pack", cuda::ll_dispatch_pack);
+  def_kernel<cuda::LLDispatchUnpackArgs>(m, "cuda_ll_dispatch_unpack", cuda::ll_dispatch_unpack);
+  def_kernel<cuda::LLCombinePackArgs>(m, "cuda_ll_combine_pack", cuda::ll_combine_pack);
+  def_kernel<cuda::LLCombineReduceArgs>(m, "cuda_ll_combine_reduce", cuda::ll_combine_reduce);
   m.def("cuda_current_device", &cuda::current_device, "eplib's CUDA runtime's current device on this thread.");
   m.def(
       "cuda_preload_kernels",
@@ -326,7 +381,23 @@ void def_cuda_kernels(py::module_& m) {
             self.join_rejected(combine, exchange, stream_of(stream));
           },
           py::arg("combine"), py::arg("exchange"), py::arg("stream"), release_gil,
-          "A rejected participant's dispatch or combine round: no rows (cuda/ipc.h \"Rejected rounds\").");
+          "A rejected participant's dispatch or combine round: no rows (cuda/ipc.h \"Rejected rounds\").")
+      .def(
+          "low_latency_sync",
+          [](IpcBuffer& self, const cuda::LLSyncArgs& args, uintptr_t stream) {
+            self.low_latency_sync(args, stream_of(stream));
+          },
+          py::arg("args"), py::arg("stream"), release_gil,
+          "One step of the low-latency protocol (cuda/low_latency_ipc.h).")
+      .def("region_addresses", &IpcBuffer::region_addresses,
+           "The address of every rank's region as this process maps it.");
+  py::dict steps;
+  steps["wait_freed"] = static_cast<int>(cuda::kLLWaitFreed);
+  steps["publish_arrived"] = static_cast<int>(cuda::kLLPublishArrived);
+  steps["wait_arrived"] = static_cast<int>(cuda::kLLWaitArrived);
+  steps["publish_freed"] = static_cast<int>(cuda::kLLPublishFreed);
+  m.attr("LL_SYNC_STEPS") = steps;
+  m.attr("LL_IPC_SLOTS_OFFSET") = cuda::kLLIpcSlotsOffset;
 }
 #endif
 
@@ -641,6 +712,7 @@ PYBIND11_MODULE(_C, m) {
   m.attr("ERR_RANK_COUNTS") = eplib::kErrorRankCounts;
   m.attr("ERR_EXPERT_COUNTS") = eplib::kErrorExpertCounts;
   m.attr("ERR_PEER_INPUT") = eplib::kErrorPeerInput;
+  m.attr("ERR_LL_MESSAGE") = eplib::kErrorLowLatencyMessage;
   // The ipc transport's fixed sizes (cuda/ipc.h), known without CUDA for size hints.
   m.def("ipc_header_bytes", [] { return eplib::cuda::kIpcRegionOffset; },
         "Bytes at the head of every ipc buffer before its receive region.");
@@ -661,6 +733,8 @@ PYBIND11_MODULE(_C, m) {
     phases[py::int_(static_cast<int>(cuda::kPhaseCombineSend))] = "combine (send: waiting for a receiver to be ready or to free ring slots)";
     phases[py::int_(static_cast<int>(cuda::kPhaseCombineReceive))] = "combine (receive: waiting for a sender's rows)";
     phases[py::int_(static_cast<int>(cuda::kPhaseBarrier))] = "destroy (barrier)";
+    phases[py::int_(static_cast<int>(cuda::kPhaseLowLatencySend))] = "low-latency call (send: waiting for a receiver to free its slot)";
+    phases[py::int_(static_cast<int>(cuda::kPhaseLowLatencyReceive))] = "low-latency call (receive: waiting for a sender's message)";
     m.attr("IPC_PHASES") = phases;
   }
   m.def("set_num_threads", &cpu::set_num_threads, py::arg("num_threads"));

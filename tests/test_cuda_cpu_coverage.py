@@ -15,7 +15,8 @@ pytestmark = [pytest.mark.cuda_cpu, pytest.mark.after_cuda_cpu_suite]
 
 CUDA_SOURCES = Path(__file__).resolve().parent.parent / "csrc" / "cuda"
 # The test files that launch kernels through the CPU execution.
-SUITE = {"test_cuda_kernels.py", "test_nccl_cuda_cpu.py", "test_ipc_cuda_cpu.py", "test_cuda_cpu_runtime.py"}
+SUITE = {"test_cuda_kernels.py", "test_nccl_cuda_cpu.py", "test_ipc_cuda_cpu.py", "test_cuda_cpu_runtime.py",
+         "test_low_latency_cuda_cpu.py"}
 
 
 def kernels_in_sources() -> set:

@@ -144,10 +144,28 @@ def _ll_round(buffer, rank: int, R: int, case: dict, round_: int, masked=()) -> 
     return errs + check_combine(rank, R, case, combined, round_, masked)
 
 
-def job_ll(rank, R, group, case):
+def ll_buffer(group, backend: str = "cpu", exchange: str = "auto", **kwargs):
+    """A Buffer for LL calls: eplib.Buffer on CPU tensors ("cpu"), or a gpu_harness backend whose calls take
+    CPU tensors through the nccl or ipc transport on the CPU execution of the CUDA sources ("cuda_cpu-*").
+    kwargs: Buffer's. exchange "gloo" (cpu only): the cpu engine sends messages on gloo point-to-point (the
+    exchange between hosts) instead of pulling dispatches from shared memory."""
     import eplib
+    from eplib.transports.low_latency_cpu import CpuLowLatency
 
-    buffer = eplib.Buffer(group, 0, 0, low_latency_mode=True, num_qps_per_rank=1)
+    kwargs = dict(low_latency_mode=True, num_qps_per_rank=1, **kwargs)
+    if backend != "cpu":
+        from gpu_harness import eplib_buffer
+
+        return eplib_buffer(backend, group, **kwargs)[0]
+    buffer = eplib.Buffer(group, 0, 0, **kwargs)
+    if exchange != "auto":
+        buffer._low_latency[buffer._transport_for("x", torch.empty(0))] = CpuLowLatency(
+            group, buffer.enable_shrink, 0, [False] * group.size(), exchange=exchange)
+    return buffer
+
+
+def job_ll(rank, R, group, case):
+    buffer = ll_buffer(group, case.get("backend", "cpu"))
     errs = []
     for round_ in range(case["rounds"]):
         errs += _ll_round(buffer, rank, R, case, round_)
@@ -181,22 +199,9 @@ def test_low_latency_equals_reference(ll_pool, name):
     assert not any(errs), "\n".join(e for rank_errs in errs for e in rank_errs)
 
 
-def ll_buffer(group, R: int, exchange: str = "auto"):
-    """A Buffer for LL calls; exchange "gloo": its engine sends messages on gloo point-to-point (the exchange
-    between hosts) instead of pulling dispatches from shared memory."""
-    import eplib
-    from eplib.transports.low_latency_cpu import CpuLowLatency
-
-    buffer = eplib.Buffer(group, 0, 0, low_latency_mode=True, num_qps_per_rank=1)
-    if exchange != "auto":
-        buffer._low_latency[buffer._transport_for("x", torch.empty(0))] = CpuLowLatency(
-            group, False, 0, [False] * R, exchange=exchange)
-    return buffer
-
-
 def job_ll_gloo(rank, R, group, case):
     """job_ll on the gloo exchange."""
-    buffer = ll_buffer(group, R, "gloo")
+    buffer = ll_buffer(group, exchange="gloo")
     errs = []
     for round_ in range(case["rounds"]):
         errs += _ll_round(buffer, rank, R, case, round_)
@@ -216,9 +221,7 @@ def test_low_latency_gloo_exchange(ll_pool, name):
 def job_two_hooks_and_stats(rank, R, group, case):
     """Two dispatches await their hooks at once (buffers 0 and 1); a third LL call is refused until a hook
     runs; hooks run in reverse order; the receive statistics accumulate; then both combines, hooked too."""
-    import eplib
-
-    buffer = eplib.Buffer(group, 0, 0, low_latency_mode=True, num_qps_per_rank=1)
+    buffer = ll_buffer(group, case.get("backend", "cpu"))
     cases = [case, dict(case, seed=case["seed"] + 100)]
     stats = torch.zeros(case["E"] // R, dtype=torch.int32)
     waits = torch.zeros(R, dtype=torch.int64)
@@ -281,9 +284,7 @@ def _normal_round(buffer, rank: int, R: int, seed: int) -> list:
 
 def job_mixed(rank, R, group, case):
     """Normal and LL calls on one Buffer, with clean_low_latency_buffer between them (as DeepEP asks)."""
-    import eplib
-
-    buffer = eplib.Buffer(group, 0, 0, low_latency_mode=True, num_qps_per_rank=1)
+    buffer = ll_buffer(group, case.get("backend", "cpu"))
     errs = _normal_round(buffer, rank, R, 1)
     for round_ in range(2):
         buffer.clean_low_latency_buffer(case["num_max"], case["H"], case["E"])
@@ -330,7 +331,7 @@ def job_bad_call(rank, R, group, name, bad_ranks, case, exchange="auto"):
     import time
 
     bad, argument = BAD_CALLS[name]
-    buffer = ll_buffer(group, R, exchange)
+    buffer = ll_buffer(group, exchange=exchange)
     errs = _ll_round(buffer, rank, R, case, 0)
     args, kwargs = _dispatch_args(rank, R, bad if rank in bad_ranks else {})
     start = time.monotonic()
@@ -370,7 +371,7 @@ def job_bad_first_call_on_one_rank(rank, R, group, case, exchange):
     then every rank makes good rounds."""
     import time
 
-    buffer = ll_buffer(group, R, exchange)
+    buffer = ll_buffer(group, exchange=exchange)
     bad = rank == R - 1
     args, kwargs = _dispatch_args(rank, R, dict(num_max=2) if bad else {})
     errs = []

@@ -17,7 +17,7 @@ import torch
 import torch.multiprocessing as mp
 
 from dist_harness import _free_port
-from test_low_latency import _ll_round, check_dispatch, fill, ll_case, ll_inputs
+from test_low_latency import _ll_round, check_dispatch, fill, ll_buffer, ll_case, ll_inputs
 
 
 def _mask_status(buffer, R: int) -> list:
@@ -28,9 +28,7 @@ def _mask_status(buffer, R: int) -> list:
 
 def job_manual_masks(rank, R, group, case):
     """The last rank and the others mask each other for two rounds, then every mask is cleaned."""
-    import eplib
-
-    buffer = eplib.Buffer(group, 0, 0, low_latency_mode=True, num_qps_per_rank=1, enable_shrink=True)
+    buffer = ll_buffer(group, case.get("backend", "cpu"), enable_shrink=True)
     last = R - 1
     errs = _ll_round(buffer, rank, R, case, 0)
     masked = [r for r in range(R - 1)] if rank == last else [last]

@@ -15,6 +15,9 @@
 #   bench_kernels  benchmarks/bench_kernels.py --json
 #   memcheck       tools/sanitizer_case.py under compute-sanitizer --tool memcheck
 #   bench_dispatch torchrun, 1 process, benchmarks/bench_dispatch.py --transport nccl --quick --json
+#   bench_ll_nccl  torchrun, 1 process, benchmarks/bench_dispatch.py --mode ll --transport nccl --quick: the
+#                  low-latency calls beside the normal mode, with their correctness guard
+#   bench_ll_ipc   the same on the ipc transport with 2 processes on the GPU (guard; timings time-slice)
 #   racecheck      tools/sanitizer_case.py under compute-sanitizer --tool racecheck (if time is left)
 # Steps run in order of what the run must not miss; later ones are the first to be cut.
 # The whole run stops starting steps past TOTAL_LIMIT_S (7.5 minutes); each step's limit is cut to
@@ -133,6 +136,10 @@ run_step memcheck 90 sanitize memcheck
 run_step bench_dispatch 45 "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node=1 \
     benchmarks/bench_dispatch.py \
     --transport nccl --quick --json "$OUT/bench_dispatch.json"
+run_step bench_ll_nccl 45 "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node=1 \
+    benchmarks/bench_dispatch.py --mode ll --transport nccl --quick --json "$OUT/bench_ll_nccl.json"
+run_step bench_ll_ipc 60 "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node=2 \
+    benchmarks/bench_dispatch.py --mode ll --transport ipc --quick --json "$OUT/bench_ll_ipc.json"
 run_step racecheck 60 sanitize racecheck
 
 echo "== total $((SECONDS - START_S))s; summary in $SUMMARY"

@@ -130,9 +130,39 @@ MUTATIONS: List[Mutation] = [
              "        torch.where(rejected, heads, self._rejections, out=self._rejections)",
              "        pass",
              ("tests/test_peer_errors_cuda_cpu.py::test_one_ranks_bad_input_raises_on_every_rank[nccl]",)),
+    # The ipc transport's low-latency protocol (csrc/cuda/low_latency_ipc.h). Its flag steps are kernels of
+    # their own, ordered with the row kernels by the stream, and its flags cross processes: a release store
+    # turned into a plain one changes nothing the CPU execution can see (x86 keeps the order, and
+    # ThreadSanitizer sees within one process only), so that mutation is left to the GPU.
+    Mutation("low-latency receiver that does not wait for the arrival flag", "csrc/cuda/low_latency_ipc.cu",
+             "      if (live && wait_for_peer(view, args, &own->arrived[b][peer], round, kPhaseLowLatencyReceive, peer) &&",
+             "      if (live && true &&",
+             ("tests/test_low_latency_cuda_cpu.py::test_low_latency_cuda_cpu_staggered",)),
+    Mutation("low-latency sender that does not wait for its destination to free the slot", "csrc/cuda/low_latency_ipc.cu",
+             "      if (live) wait_for_peer(view, args, &ll_flags(view, peer)->freed[b], round - 1, kPhaseLowLatencySend, peer);\n",
+             "",
+             ("tests/test_low_latency_cuda_cpu.py::test_low_latency_cuda_cpu_staggered",)),
+    Mutation("low-latency freed flag raised before the unpack finished", "python/eplib/transports/low_latency_cuda.py",
+             "                self._after_receive(buffer_index)\n                events.append(streams.finish(async_finish, outputs",
+             "                events.append(streams.finish(async_finish, outputs",
+             ("tests/test_low_latency_cuda_cpu.py::test_low_latency_cuda_cpu_staggered",)),
+    Mutation("low-latency round number off by one (arrival flag one round ahead)", "csrc/cuda/low_latency_ipc.cu",
+             "(args.step == kLLPublishArrived ? 0 : 1)",
+             "(args.step == kLLPublishArrived ? 1 : 1)",
+             ("tests/test_low_latency_cuda_cpu.py::test_low_latency_cuda_cpu_staggered",)),
+    Mutation("low-latency combine sums the slots in another order", "csrc/cuda/low_latency.cu",
+             "      for (int k = 0; k < num_topk; ++k) {\n        const int64_t expert = args.topk_idx[t * num_topk + k];",
+             "      for (int k = num_topk - 1; k >= 0; --k) {\n        const int64_t expert = args.topk_idx[t * num_topk + k];",
+             ("tests/test_low_latency_cuda_cpu.py::test_low_latency_cuda_cpu_equals_reference",)),
 ]
-# The last mutation needs the launch helper's clear removed too (either one alone is enough).
+# Mutations that need a second edit (either one alone is not the mutation).
 EXTRA_EDITS = {
+    "low-latency freed flag raised before the unpack finished":
+        ("python/eplib/transports/low_latency_cuda.py",
+         "                self._before_receive(buffer_index, call.wait_stats)\n                self._launch(_C.cuda_ll_dispatch_unpack",
+         "                self._before_receive(buffer_index, call.wait_stats)\n                self._after_receive(buffer_index)\n"
+         "                self._launch(_C.cuda_ll_dispatch_unpack"),
+    # The launch helper's clear removed too (either one alone is enough).
     "stale last error left for the next launch (wait_notify and launch keep it)":
         ("csrc/cuda/common.cuh", "  (void)cudaGetLastError();\n#if defined(__CUDACC__)", "#if defined(__CUDACC__)"),
 }

@@ -15,15 +15,16 @@ ROOT=$(pwd)
 OUT=$(realpath -m "${1:-build/tsan-reports}")
 BUILD="$ROOT/build/tsan"
 PYTHON=${PYTHON:-python}
-TESTS=(tests/test_ipc_cuda_cpu.py tests/test_cuda_cpu_runtime.py)
+TESTS=(tests/test_ipc_cuda_cpu.py tests/test_cuda_cpu_runtime.py tests/test_low_latency_cuda_cpu.py)
 # A selection sized for CI: rows streaming through small rings (2 channels; wrap-around, senders
 # blocked on credits) under random stalls at 2 and 4 ranks, and at 2 ranks (1 too for the replays) two
 # contract cases, the replayed rounds, the notify tables under a slow reader, the timeout that poisons,
-# a round rejected by one rank (no rows from it, its drain),
-# the runtime state and the executor's own tests. The default configs' 10 channels at 4 ranks (2560
+# a round rejected by one rank (no rows from it, its drain), the runtime state and the executor's own
+# tests; the low-latency ipc protocol at 2 ranks (FP8 UE8M0
+# rows, and ranks out of step). The default configs' 10 channels at 4 ranks (2560
 # fibers per exchange kernel per rank) outlast the tests' timeouts under ThreadSanitizer on two cores.
 # EPLIB_TSAN_SELECT="" runs every test of the two files.
-SELECT=${EPLIB_TSAN_SELECT-"(equals_reference and R2 and (fp32-uniform or bf16-hot-bias_tuple-num_worst)) or (streams_through and random_stalls) or (replayed and not 4) or (notify_tables and R2) or runtime or poisoned or rejected_round"}
+SELECT=${EPLIB_TSAN_SELECT-"(equals_reference and R2 and (fp32-uniform or bf16-hot-bias_tuple-num_worst)) or (streams_through and random_stalls) or (replayed and not 4) or (notify_tables and R2) or runtime or poisoned or rejected_round or (low_latency_cuda_cpu and cuda_cpu-ipc and (staggered or (equals_reference and R2 and fp8-ue8m0)))"}
 
 LIBTSAN=$(gcc -print-file-name=libtsan.so)
 [ -e "$LIBTSAN" ] || { echo "tsan_check: gcc's libtsan.so not found" >&2; exit 2; }

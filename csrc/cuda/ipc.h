@@ -25,7 +25,8 @@
 // Every sender warp (dispatch and combine), once its last row is published, closes its stream: it
 // stores closed[me][c] = close_mark(n) = 2n in d's header (release). A dispatch receiver stops when it
 // has consumed every row and seen closed >= 2n (its row count is not known to it per channel); a
-// combine receiver knows its row counts from send_pos and reads the close only when it waits.
+// combine receiver knows its row counts from send_pos, and waits for every source's close at its end
+// only to learn whether the round was rejected (below).
 // The last block to finish (a fence, then a counter) stores round = n; if the buffer aborted meanwhile
 // it first poisons the outputs (0xFF bytes: NaN rows, -1 ids and counts).
 //
@@ -80,6 +81,8 @@ enum IpcPhase : int32_t {
   kPhaseCombineSend = 4,
   kPhaseCombineReceive = 5,
   kPhaseBarrier = 6,          // destroy()
+  kPhaseLowLatencySend = 7,     // low-latency call: a destination had not freed its slot (low_latency_ipc.h)
+  kPhaseLowLatencyReceive = 8,  // low-latency call: a source's message had not arrived
 };
 
 // Head of every rank's buffer; the rings follow at kIpcRegionOffset. Flag arrays are indexed by the

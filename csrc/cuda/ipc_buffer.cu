@@ -321,4 +321,17 @@ void IpcBuffer::join_rejected(bool combine, const IpcExchangeArgs& exchange, cud
   ipc_join_rejected(*ipc, combine, exchange, stream);
 }
 
+void IpcBuffer::low_latency_sync(const LLSyncArgs& args, cudaStream_t stream) {
+  const IpcView* ipc = view();
+  DeviceGuard guard(device_);
+  ipc_low_latency_sync(*ipc, args, stream);
+}
+
+std::vector<uintptr_t> IpcBuffer::region_addresses() const {
+  const IpcView* ipc = view();
+  std::vector<uintptr_t> addresses;
+  for (int r = 0; r < num_ranks_; ++r) addresses.push_back(reinterpret_cast<uintptr_t>(ipc->bases[r]) + kIpcRegionOffset);
+  return addresses;
+}
+
 }  // namespace eplib::cuda

@@ -12,6 +12,7 @@
 
 #include "ipc.h"
 #include "kernels.h"
+#include "low_latency_ipc.h"
 
 namespace eplib::cuda {
 
@@ -93,6 +94,11 @@ class IpcBuffer {
   // its part of the round with no rows (ipc.h "Rejected rounds"). exchange: the call's channels and
   // rings, rejected set.
   void join_rejected(bool combine, const IpcExchangeArgs& exchange, cudaStream_t stream);
+
+  // Low-latency mode (low_latency_ipc.h): one protocol step on `stream`; the addresses of every rank's
+  // region as this process maps them (the LL kernels write and read messages there).
+  void low_latency_sync(const LLSyncArgs& args, cudaStream_t stream);
+  std::vector<uintptr_t> region_addresses() const;
 
  private:
   const IpcView* view() const;  // throws unless open

@@ -218,6 +218,108 @@ void permute_layout(const PermuteLayoutArgs& args, cudaStream_t stream);
 void permute_rows(const PermuteRowsArgs& args, cudaStream_t stream);
 void unpermute_rows(const UnpermuteRowsArgs& args, cudaStream_t stream);
 
+// ---- Low-latency mode (eplib/low_latency.h; csrc/cuda/low_latency.cu): rows placed exactly where the CPU
+// kernels of cpu/low_latency.h place them. Messages are reached through `messages`, device int64 [R] of
+// addresses (per destination when sending, per source when receiving): the nccl transport's send and
+// receive buffers, or the ipc transport's slots in the peers' mapped memory. `mask`: device int32 [R],
+// 1 = masked (nothing written to it or read from it). `poisoned` (int32 [1] or null): when nonzero the
+// receive kernels write poison (recv_count and layout_range -1, combined rows NaN) instead of results.
+// A received header that the receiver cannot use (rejected by its sender, another call's format, counts
+// beyond the message) sets kErrorLowLatencyMessage and counts as empty; an absent one (no magic: the
+// sender masked this rank) counts as empty.
+
+// cpu::ll_layout; an id outside [-1, E) sets kErrorExpertId and counts as -1.
+struct LLLayoutArgs {
+  const int64_t* topk_idx;  // [T, K]
+  int64_t num_tokens;
+  int num_topk;
+  int num_experts;
+  int num_ranks;
+  int32_t* send_slot;    // [T, K]
+  int32_t* send_counts;  // [E]
+  int32_t* send_offset;  // [E]
+  int32_t* error_flag;
+};
+
+// cpu::ll_dispatch_pack: headers, then the rows of bf16 x, FP8-cast when format has kLLFp8. rejected: the
+// headers say so and no row is written (num_tokens 0).
+struct LLDispatchPackArgs {
+  const bf16_t* x;  // [T, H]
+  int64_t num_tokens;
+  int64_t num_max;
+  int64_t hidden;
+  int num_topk;
+  int num_experts;
+  int num_ranks;
+  int32_t format;  // LowLatencyFormat bits
+  bool rejected;
+  const int64_t* topk_idx;
+  const int32_t* send_slot;
+  const int32_t* send_counts;
+  const int32_t* send_offset;
+  const int64_t* messages;
+  const int32_t* mask;
+};
+
+// cpu::ll_dispatch_unpack (header checks on the device, see above).
+struct LLDispatchUnpackArgs {
+  const int64_t* messages;
+  const int32_t* mask;
+  const int32_t* poisoned;
+  int64_t num_max;
+  int64_t hidden;
+  int num_topk;
+  int num_experts;
+  int num_ranks;
+  int32_t format;
+  uint8_t* recv_x;            // [E_local, R * num_max, H] bf16 or FP8 bytes
+  uint8_t* recv_scales;       // float32 or UE8M0 bytes, column-major (ll_scale_index); null for bf16
+  int32_t* src_info;          // [E_local, R * num_max]
+  int64_t* layout_range;      // [E_local, R]
+  int32_t* recv_count;        // [E_local]
+  int32_t* cumulative_stats;  // [E_local] or null
+  int32_t* error_flag;
+};
+
+// cpu::ll_combine_pack (rows always travel in the messages).
+struct LLCombinePackArgs {
+  const bf16_t* x;  // [E_local, R * num_max, H]
+  const int64_t* layout_range;
+  int64_t num_max;
+  int64_t hidden;
+  int num_topk;
+  int num_experts;
+  int num_ranks;
+  int64_t num_tokens;  // the header's (information)
+  const int64_t* messages;
+  const int32_t* mask;
+};
+
+// cpu::ll_combine_reduce.
+struct LLCombineReduceArgs {
+  const int64_t* messages;
+  const int32_t* mask;
+  const int32_t* poisoned;
+  int64_t num_max;
+  int64_t hidden;
+  int num_topk;
+  int num_experts;
+  int num_ranks;
+  const int64_t* topk_idx;
+  const float* topk_weights;
+  int64_t num_tokens;
+  const int32_t* send_slot;
+  const int32_t* send_offset;
+  bf16_t* out;  // [T, H]
+  int32_t* error_flag;
+};
+
+void ll_layout(const LLLayoutArgs& args, cudaStream_t stream);
+void ll_dispatch_pack(const LLDispatchPackArgs& args, cudaStream_t stream);
+void ll_dispatch_unpack(const LLDispatchUnpackArgs& args, cudaStream_t stream);
+void ll_combine_pack(const LLCombinePackArgs& args, cudaStream_t stream);
+void ll_combine_reduce(const LLCombineReduceArgs& args, cudaStream_t stream);
+
 // Loads every kernel above now (cudaFuncGetAttributes), so that no later launch loads a module
 // lazily: with CUDA_MODULE_LOADING=LAZY a first launch waits for the device to go idle, which can mean
 // waiting behind an ipc kernel that spins on a peer. The CUDA transports and IpcBuffer call it once.
@@ -228,6 +330,7 @@ void preload_layout_kernels();
 void preload_dispatch_kernels();
 void preload_combine_kernels();
 void preload_permute_kernels();
+void preload_low_latency_kernels();
 void preload_ipc_kernels();
 }  // namespace detail
 

@@ -3,6 +3,7 @@
 #include "common.cuh"
 #include "eplib/layout.h"
 #include "kernels.h"
+#include "low_latency_ipc.h"
 
 namespace eplib::cuda {
 
@@ -169,6 +170,8 @@ void preload_kernels() {
   detail::preload_dispatch_kernels();
   detail::preload_combine_kernels();
   detail::preload_permute_kernels();
+  detail::preload_low_latency_kernels();
+  detail::preload_low_latency_ipc_kernels();
   detail::preload_ipc_kernels();
 }
 

@@ -19,6 +19,8 @@ from .handle import DispatchHandle
 from .low_latency import CombineCall, DispatchCall, LowLatencyHandle, check_clean_args, rdma_size_hint
 from .transports import CpuTransport, CudaTransport, IpcTransport, IpcUnavailable, NcclTransport
 from .transports.low_latency_cpu import CpuLowLatency
+from .transports.low_latency_ipc import IpcLowLatency
+from .transports.low_latency_nccl import NcclLowLatency
 from .validation import (check_allocation, check_bias, check_int, check_int32_product, check_num_experts,
                          check_tensor, check_topk, check_x)
 
@@ -166,6 +168,10 @@ class Buffer:
         self._destroyed = True
         self._cpu = None  # frees the staging bytes
         self._local_buffers = {}
+        for engine in self._low_latency.values():
+            if isinstance(engine, IpcLowLatency):
+                engine.destroy()  # its own ipc memory: a barrier with the other ranks, then freed
+        self._low_latency = {}
         if isinstance(self._cuda, IpcTransport):
             self._cuda.destroy()  # a barrier with the other ranks, then the ipc memory is freed
         self._cuda = None  # its communication stream and error flag
@@ -181,6 +187,9 @@ class Buffer:
         self._check_alive()
         if isinstance(self._cuda, IpcTransport):
             self._cuda.check_failed()
+        for engine in self._low_latency.values():
+            if isinstance(engine, IpcLowLatency):
+                engine.check_failed()
 
     def _check_alive(self) -> None:
         if self._destroyed:
@@ -609,12 +618,13 @@ class Buffer:
         if not isinstance(tensor, Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(tensor).__name__}")
         transport = self._transport_for(name, tensor)
-        if not isinstance(transport, CpuTransport):
-            raise NotImplementedError(f"{name}: eplib's low-latency mode runs on the cpu transport (CPU tensors) "
-                                      f"only so far; the nccl and ipc transports do not have it yet")
         engine = self._low_latency.get(transport)
         if engine is None:
-            engine = CpuLowLatency(self.group, self.enable_shrink, self.num_rdma_bytes, self._masked)
+            if isinstance(transport, CpuTransport):
+                engine = CpuLowLatency(self.group, self.enable_shrink, self.num_rdma_bytes, self._masked)
+            else:
+                engine_type = IpcLowLatency if isinstance(transport, IpcTransport) else NcclLowLatency
+                engine = engine_type(transport, self.enable_shrink, self.num_rdma_bytes, self._masked)
             self._low_latency[transport] = engine
         return engine
 

@@ -1,7 +1,8 @@
 """Low-latency (LL) mode: DeepEP's ``low_latency_dispatch`` / ``low_latency_combine``. What every
 transport shares: the handle, the argument checks, and the state of the two alternating buffers,
-the receive hooks. The transports' engines: ``transports/low_latency_cpu.py`` (the nccl and ipc
-transports have none yet). Layout and message format: ``csrc/include/eplib/low_latency.h``.
+the receive hooks. The transports' engines: ``transports/low_latency_cpu.py`` (CPU tensors) and
+``transports/low_latency_cuda.py`` with its nccl and ipc engines (CUDA tensors). Layout and message
+format: ``csrc/include/eplib/low_latency.h``.
 
 Rows and their order (every transport, bit for bit):
 - A token travels once to each distinct expert among its top-k slots (a slot that repeats an expert
@@ -290,6 +291,18 @@ class ReceiveHook:
         self._called = True
         self._state.awaiting[self._buffer_index] = None
         self._receive()
+
+
+def zero_copy_source(zero_copy: List[Optional[Tensor]], state: LowLatencyState, call: CombineCall) -> Tensor:
+    """The tensor a zero_copy combine reads: the one get_next_low_latency_combine_buffer handed out for the
+    next call's buffer (``zero_copy``: per buffer)."""
+    buffer_index = state.num_calls % 2
+    source = zero_copy[buffer_index]
+    if source is None or source.shape != call.x.shape:
+        raise ValueError("zero_copy: fill the tensor from get_next_low_latency_combine_buffer(handle) right before "
+                         "this combine (it belongs to the next low-latency call's buffer); none of this shape "
+                         "was handed out for it")
+    return source
 
 
 def run_receive(state: LowLatencyState, buffer_index: int, what: str, receive: Callable[[], None],

@@ -69,6 +69,19 @@ EPLIB_HOST_DEVICE Fp8BlockScale fp8_block_scale(float amax, bool round_scale) {
 // The UE8M0 byte of a power-of-two scale: its biased exponent.
 EPLIB_HOST_DEVICE uint8_t ue8m0_of(float scale_inv) { return static_cast<uint8_t>((float_bits(scale_inv) >> 23) & 0xFFu); }
 
+// The two steps of bf16_block_amax, for kernels that split a block between threads (the CUDA
+// low-latency pack): the magnitude bits that a value adds to the block's maximum (0 for NaN), and the
+// amax of the largest of them.
+EPLIB_HOST_DEVICE uint16_t bf16_amax_bits(bf16_t value) {
+  const uint16_t magnitude = static_cast<uint16_t>(value.bits & 0x7FFFu);
+  return magnitude > 0x7F80u ? 0 : magnitude;
+}
+
+EPLIB_HOST_DEVICE float fp8_amax_of_bits(uint16_t largest) {
+  const float amax = to_float(bf16_t{largest});
+  return amax > kFp8AmaxFloor ? amax : kFp8AmaxFloor;
+}
+
 // The largest magnitude of a block of kFp8BlockSize bf16 values, at least kFp8AmaxFloor; NaN is
 // passed over. On the bits: bf16 magnitudes order as their bits do, and integer maxima vectorize
 // (signed 16-bit ones even with SSE2 alone; a magnitude fits in 15 bits).
@@ -79,8 +92,7 @@ EPLIB_HOST_DEVICE float bf16_block_amax(const bf16_t* block) {
     const int16_t finite_or_inf = magnitude > 0x7F80 ? 0 : magnitude;
     largest = finite_or_inf > largest ? finite_or_inf : largest;
   }
-  const float amax = to_float(bf16_t{static_cast<uint16_t>(largest)});
-  return amax > kFp8AmaxFloor ? amax : kFp8AmaxFloor;
+  return fp8_amax_of_bits(static_cast<uint16_t>(largest));
 }
 
 }  // namespace eplib

@@ -103,6 +103,40 @@ EPLIB_HOST_DEVICE LowLatencyLayout make_low_latency_layout(int64_t num_max, int6
   return layout;
 }
 
+// Field `field` of the header of a call's messages (what eplib.low_latency.header_fields gives the host).
+EPLIB_HOST_DEVICE int32_t ll_header_field(int field, int64_t num_max, int64_t hidden, int num_experts, int num_topk,
+                                          int32_t format, bool rejected, int64_t num_tokens) {
+  switch (field) {
+    case kLLFieldMagic: return kLLMagic;
+    case kLLFieldNumMax: return static_cast<int32_t>(num_max);
+    case kLLFieldHidden: return static_cast<int32_t>(hidden);
+    case kLLFieldNumExperts: return num_experts;
+    case kLLFieldNumTopk: return num_topk;
+    case kLLFieldFormat: return format;
+    case kLLFieldRejected: return rejected ? 1 : 0;
+    case kLLFieldNumTokens: return static_cast<int32_t>(num_tokens);
+    default: return 0;
+  }
+}
+
+// What a received message's header (fields, then one count per local expert) says against the
+// receiver's own header fields: 0 usable; 1 absent (no magic); 2 its sender rejected its input; 3 + f:
+// format field f differs; -1: its counts exceed num_max or the message's capacity.
+EPLIB_HOST_DEVICE int ll_header_status(const int32_t* header, const LowLatencyLayout& layout,
+                                       const int32_t* expected_fields) {
+  if (header[kLLFieldMagic] != kLLMagic) return 1;
+  if (header[kLLFieldRejected] != 0) return 2;
+  for (int f = kLLFirstFormatField; f <= kLLLastFormatField; ++f)
+    if (header[f] != expected_fields[f]) return 3 + f;
+  int64_t rows = 0;
+  for (int le = 0; le < layout.num_local_experts; ++le) {
+    const int32_t count = header[kLLHeaderFields + le];
+    if (count < 0 || count > layout.num_max) return -1;
+    rows += count;
+  }
+  return rows <= layout.capacity ? 0 : -1;
+}
+
 // Published dispatch (the cpu transport's shared memory: the destinations pull the rows). A source
 // writes its call once, into a buffer of its own that every destination reads: the kLLHeaderFields
 // fields of a message header (no counts), topk_idx int64 [T, K] at kLLHeaderFields * 4 bytes, then

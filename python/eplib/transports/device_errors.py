@@ -33,6 +33,7 @@ ERR_WEIGHT = _C.ERR_WEIGHT
 ERR_OVERFLOW = _C.ERR_OVERFLOW
 ERR_RANK_COUNTS = _C.ERR_RANK_COUNTS
 ERR_EXPERT_COUNTS = _C.ERR_EXPERT_COUNTS
+ERR_LL_MESSAGE = _C.ERR_LL_MESSAGE
 
 # Above every kernel's bit (csrc/include/eplib/errors.h), in the int32 flag word of a record.
 REJECTED = 1 << 30
@@ -46,11 +47,14 @@ _ERROR_MESSAGES = {
     ERR_RANK_COUNTS: "num_tokens_per_rank: differs from the per-rank counts of is_token_in_rank",
     ERR_EXPERT_COUNTS: "num_tokens_per_expert: differs from the per-expert counts of topk_idx (or, without "
                        "topk_idx, holds a negative count)",
+    ERR_LL_MESSAGE: "low-latency call: a message from another rank was rejected by its sender or made for a call "
+                    "of another format (num_max_dispatch_tokens_per_rank, hidden, num_experts, top-k, FP8 options); "
+                    "it was counted as empty",
     ERR_PEER_INPUT: "another rank's input failed a check in an earlier call without a host sync (num_worst_tokens "
                     "or cached dispatch, combine), which was abandoned",
 }
 assert not (REJECTED | ERR_PEER_INPUT) & (ERR_EXPERT_ID | ERR_WEIGHT | ERR_OVERFLOW | ERR_RANK_COUNTS
-                                         | ERR_EXPERT_COUNTS), "a host mark collides with a kernel's error bit"
+                                         | ERR_EXPERT_COUNTS | ERR_LL_MESSAGE), "a host mark collides with a kernel's error bit"
 
 # Fields at the head of each rank's normal-mode record: each rank's own error flag, then the format
 # fields that must agree on all ranks (records.FORMAT_FIELDS). Then R send counts, then per-expert counts.

@@ -34,7 +34,8 @@ from .. import _C
 from ..collectives import timeout_seconds
 from ..event import EventOverlap
 from ..low_latency import (ZERO_COPY_HANDLE_BYTES, CombineCall, DispatchCall, LowLatencyHandle, LowLatencyState,
-                           flags_bytes, header_fields, message_problem, region_bytes, run_receive)
+                           flags_bytes, header_fields, message_problem, region_bytes, run_receive,
+                           zero_copy_source)
 from .ipc import _all_gather_bytes
 
 Tensor = torch.Tensor
@@ -506,7 +507,7 @@ class CpuLowLatency:
         sizes = call.layout()
         message_bytes = sizes["message_bytes"]
         exchange = self._exchange_for(message_bytes)
-        x = self._zero_copy_source(call) if call.zero_copy else call.x
+        x = zero_copy_source(self._zero_copy, self.state, call) if call.zero_copy else call.x
         # Rows in this rank's shared zero-copy region stay there: the peers read them from it.
         pulled = call.zero_copy and isinstance(exchange, SharedMemoryExchange)
         buffer_index, round_ = self.state.next_call("low_latency_combine")
@@ -569,15 +570,6 @@ class CpuLowLatency:
         elif self._zero_copy[buffer_index] is None or tuple(self._zero_copy[buffer_index].shape) != shape:
             self._zero_copy[buffer_index] = torch.zeros(shape, dtype=torch.bfloat16)
         return self._zero_copy[buffer_index]
-
-    def _zero_copy_source(self, call: CombineCall) -> Tensor:
-        buffer_index = self.state.num_calls % 2
-        source = self._zero_copy[buffer_index]
-        if source is None or source.shape != call.x.shape:
-            raise ValueError("zero_copy: fill the tensor from get_next_low_latency_combine_buffer(handle) right before "
-                             "this combine (it belongs to the next low-latency call's buffer); none of this shape "
-                             "was handed out for it")
-        return source
 
     def reject(self, what: str, error: Exception) -> None:
         """Raises ``error``, a check that this rank's call failed, after taking part in the call's round with a
