@@ -277,6 +277,43 @@ class LowLatencyState:
             raise RuntimeError(f"{what}: {pending[0]} still awaits its receive hook; call it first")
 
 
+class DispatchOutputs:
+    """The outputs of the dispatches on each of the two buffers: ``(recv_x, recv_scales or None, src_info,
+    layout_range, recv_count)``, kept and handed out again by the buffer's next dispatch when their shapes
+    fit. As in DeepEP, at most two low-latency results are alive at once; reusing them spares the page
+    faults of fresh outputs (``[E/R, R * num_max, H]`` is hundreds of MB at H=7168, of which a dispatch
+    writes a few) and keeps their addresses fixed for CUDA graph replays."""
+
+    def __init__(self, num_ranks: int) -> None:
+        self.num_ranks = num_ranks
+        self._kept: List[Optional[tuple]] = [None, None]  # per buffer: (shape key, outputs)
+
+    def get(self, buffer_index: int, call: "DispatchCall", empty: Callable[..., Tensor]) -> tuple:
+        """The outputs for ``call`` on buffer ``buffer_index``; new ones come from ``empty(*shape, dtype=)``.
+        FP8 scales are float32 ``[E_local, rows, H / 128]``, or int32 ``[E_local, rows, ceil(H / 512)]``,
+        column-major in the last two dims (DeepEP's layout)."""
+        num_local, rows = call.num_local_experts, self.num_ranks * call.num_max
+        key = (num_local, rows, call.hidden, call.use_fp8, call.use_ue8m0)
+        kept = self._kept[buffer_index]
+        if kept is None or kept[0] != key:
+            recv_x = empty(num_local, rows, call.hidden, dtype=torch.float8_e4m3fn if call.use_fp8 else torch.bfloat16)
+            recv_scales = None
+            if call.use_fp8:
+                num_scales = call.hidden // 128
+                columns = (num_scales + 3) // 4 if call.use_ue8m0 else num_scales
+                recv_scales = empty(num_local, columns, rows,
+                                    dtype=torch.int32 if call.use_ue8m0 else torch.float32).transpose(1, 2)
+            kept = self._kept[buffer_index] = (key, (
+                recv_x, recv_scales, empty(num_local, rows, dtype=torch.int32),
+                empty(num_local, self.num_ranks, dtype=torch.int64), empty(num_local, dtype=torch.int32)))
+        return kept[1]
+
+    def kept(self, buffer_index: int) -> Optional[tuple]:
+        """The outputs last handed out on buffer ``buffer_index`` (None before its first dispatch)."""
+        kept = self._kept[buffer_index]
+        return kept[1] if kept is not None else None
+
+
 class ReceiveHook:
     """The ``hook`` of a call with ``return_recv_hook=True``: calling it completes the receive (once)."""
 

@@ -33,7 +33,7 @@ import torch.distributed as dist
 from .. import _C
 from ..collectives import timeout_seconds
 from ..event import EventOverlap
-from ..low_latency import (ZERO_COPY_HANDLE_BYTES, CombineCall, DispatchCall, LowLatencyHandle, LowLatencyState,
+from ..low_latency import (ZERO_COPY_HANDLE_BYTES, CombineCall, DispatchCall, DispatchOutputs, LowLatencyHandle, LowLatencyState,
                            flags_bytes, header_fields, message_problem, region_bytes, run_receive,
                            zero_copy_source)
 from .ipc import _all_gather_bytes
@@ -304,7 +304,7 @@ class CpuLowLatency:
         self._exchange = None
         self._message_bytes = 0  # the largest message of a call so far (what a rejecting rank may receive)
         self._zero_copy: List[Optional[Tensor]] = [None, None]
-        self._outputs: List[Optional[tuple]] = [None, None]  # per buffer: (shape key, dispatch outputs)
+        self._outputs = DispatchOutputs(self.num_ranks)
         self._out_of_step: Optional[str] = None
 
     # --------------------------------------------------------------------------------------------
@@ -406,7 +406,7 @@ class CpuLowLatency:
         send = self._publish_dispatch if exchange.pulls_dispatch else self._send_dispatch_messages
         fields = call.header_fields(rejected=rejection is not None)
         receive_rows = send(exchange, call, buffer_index, round_, sizes, fields, send_slot, send_counts, send_offset)
-        outputs = self._dispatch_outputs(buffer_index, call)
+        outputs = self._outputs.get(buffer_index, call, torch.empty)
 
         def receive() -> None:
             problems = receive_rows(outputs)
@@ -536,24 +536,6 @@ class CpuLowLatency:
         hook = run_receive(self.state, buffer_index, "low_latency_combine", receive, return_recv_hook)
         return out, EventOverlap(), hook
 
-    def _dispatch_outputs(self, buffer_index: int, call: DispatchCall) -> Tuple[Tensor, Optional[Tensor], Tensor,
-                                                                                Tensor, Tensor]:
-        """(recv_x, recv_scales or None, src_info, layout_range, recv_count) of a dispatch on buffer
-        ``buffer_index``: the tensors of the buffer's previous dispatch when their shapes fit. As in DeepEP,
-        at most two low-latency results are alive at once; reusing them spares the page faults of fresh
-        outputs (``[E/R, R * num_max, H]`` is hundreds of MB at H=7168, of which a dispatch writes a few)."""
-        num_local, rows = call.num_local_experts, self.num_ranks * call.num_max
-        key = (num_local, rows, call.hidden, call.use_fp8, call.use_ue8m0)
-        cached = self._outputs[buffer_index]
-        if cached is None or cached[0] != key:
-            recv_x = torch.empty(num_local, rows, call.hidden,
-                                 dtype=torch.float8_e4m3fn if call.use_fp8 else torch.bfloat16)
-            recv_scales = _scales_tensor(num_local, rows, call.hidden, call.use_ue8m0) if call.use_fp8 else None
-            cached = self._outputs[buffer_index] = (key, (
-                recv_x, recv_scales, torch.empty(num_local, rows, dtype=torch.int32),
-                torch.empty(num_local, self.num_ranks, dtype=torch.int64), torch.empty(num_local, dtype=torch.int32)))
-        return cached[1]
-
     def next_combine_buffer(self, handle: LowLatencyHandle) -> Tensor:
         """bf16 [E_local, R * num_max, H]: the tensor the next combine reads with zero_copy=True."""
         self._start()
@@ -622,12 +604,3 @@ def raise_first(problems: list) -> None:
     if problems:
         kind, message = problems[0]
         raise kind(message)
-
-
-def _scales_tensor(num_local: int, rows: int, hidden: int, use_ue8m0: bool) -> Tensor:
-    """FP8 scales in DeepEP's layout: float32 [E_local, rows, H / 128], or int32 [E_local, rows, ceil(H / 512)],
-    column-major in the last two dims."""
-    num_scales = hidden // 128
-    columns = (num_scales + 3) // 4 if use_ue8m0 else num_scales
-    dtype = torch.int32 if use_ue8m0 else torch.float32
-    return torch.empty(num_local, columns, rows, dtype=dtype).transpose(1, 2)

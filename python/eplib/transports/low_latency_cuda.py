@@ -20,13 +20,13 @@ write to nor read from a masked rank.
 """
 
 import struct
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence
 
 import torch
 
 from .. import _C
-from ..low_latency import (CombineCall, DispatchCall, LowLatencyHandle, LowLatencyState, flags_bytes, region_bytes,
-                           run_receive, zero_copy_source)
+from ..low_latency import (CombineCall, DispatchCall, DispatchOutputs, LowLatencyHandle, LowLatencyState, flags_bytes,
+                           region_bytes, run_receive, zero_copy_source)
 from .ipc import _all_gather_bytes
 from .tensors import ptr
 
@@ -55,7 +55,7 @@ class CudaLowLatency:
                 self.set_masked(r, True)
         self.slot_bytes = 0  # fixed by the first call (a collective): every rank's share of the largest region
         self.messages: List[List[Tensor]] = []  # [direction: 0 send, 1 receive][buffer]: int64 [R] addresses
-        self._outputs: List[Optional[tuple]] = [None, None]
+        self._outputs = DispatchOutputs(self.num_ranks)
         self._zero_copy: List[Optional[Tensor]] = [None, None]
 
     # --------------------------------------------------------------------------------------------
@@ -143,7 +143,7 @@ class CudaLowLatency:
                 send_offset=send_offset.data_ptr(), messages=self.messages[0][buffer_index].data_ptr(),
                 mask=self.mask.data_ptr()), (call.x, call.topk_idx, send_slot, send_counts, send_offset))
             self._send(buffer_index, "low_latency_dispatch (messages)")
-            outputs = self._dispatch_outputs(buffer_index, call, streams)
+            outputs = self._outputs.get(buffer_index, call, streams.empty)
             event = streams.finish(async_finish, (call.x, call.topk_idx, send_slot, send_counts, send_offset))
         recv_x, recv_scales, src_info, layout_range, recv_count = outputs
         events = [event]
@@ -209,28 +209,6 @@ class CudaLowLatency:
 
         hook = run_receive(self.state, buffer_index, "low_latency_combine", receive, return_recv_hook)
         return out, events[-1], hook
-
-    def _dispatch_outputs(self, buffer_index: int, call: DispatchCall, streams) -> Tuple[Tensor, Optional[Tensor],
-                                                                                       Tensor, Tensor, Tensor]:
-        """(recv_x, recv_scales or None, src_info, layout_range, recv_count) of a dispatch on buffer
-        ``buffer_index``: the tensors of the buffer's previous dispatch when their shapes fit (as in DeepEP,
-        at most two low-latency results are alive at once; fixed addresses also keep graph replays valid)."""
-        num_local, rows = call.num_local_experts, self.num_ranks * call.num_max
-        key = (num_local, rows, call.hidden, call.use_fp8, call.use_ue8m0)
-        cached = self._outputs[buffer_index]
-        if cached is None or cached[0] != key:
-            recv_x = streams.empty(num_local, rows, call.hidden,
-                                   dtype=torch.float8_e4m3fn if call.use_fp8 else torch.bfloat16)
-            recv_scales = None
-            if call.use_fp8:
-                num_scales = call.hidden // 128
-                columns = (num_scales + 3) // 4 if call.use_ue8m0 else num_scales
-                recv_scales = streams.empty(num_local, columns, rows, dtype=torch.int32 if call.use_ue8m0
-                                            else torch.float32).transpose(1, 2)
-            cached = self._outputs[buffer_index] = (key, (
-                recv_x, recv_scales, streams.empty(num_local, rows, dtype=torch.int32),
-                streams.empty(num_local, self.num_ranks, dtype=torch.int64), streams.empty(num_local, dtype=torch.int32)))
-        return cached[1]
 
     def next_combine_buffer(self, handle: LowLatencyHandle) -> Tensor:
         """bf16 [E_local, R * num_max, H] that the next combine reads with zero_copy=True (one per buffer,
