@@ -316,15 +316,19 @@ __global__ void __launch_bounds__(kMaxThreadsPerBlock) ll_combine_reduce_kernel(
   }
 }
 
-LowLatencyLayout layout_of(int64_t num_max, int64_t hidden, int num_topk, int num_experts, int num_ranks, bool fp8) {
-  return make_low_latency_layout(num_max, hidden, num_topk, num_experts / num_ranks, fp8);
-}
-
 void check_ranks(int num_ranks, int num_experts, const char* kernel) {
   if (num_ranks <= 0 || num_ranks > kMaxRanks || num_experts <= 0 || num_experts % num_ranks != 0)
     throw std::invalid_argument(std::string("eplib: ") + kernel + " needs 1 to " + std::to_string(kMaxRanks) +
                                 " ranks dividing num_experts, got E=" + std::to_string(num_experts) +
                                 ", R=" + std::to_string(num_ranks));
+}
+
+// The checked layout of a call, from the shape fields every row kernel's arguments carry (num_max, hidden,
+// num_topk, num_experts, num_ranks).
+template <typename Args>
+LowLatencyLayout checked_layout(const Args& args, bool fp8, const char* kernel) {
+  check_ranks(args.num_ranks, args.num_experts, kernel);
+  return make_low_latency_layout(args.num_max, args.hidden, args.num_topk, args.num_experts / args.num_ranks, fp8);
 }
 
 // The one place where a low-latency row format becomes the kernels' template arguments.
@@ -345,11 +349,9 @@ void ll_layout(const LLLayoutArgs& args, cudaStream_t stream) {
 }
 
 void ll_dispatch_pack(const LLDispatchPackArgs& args, cudaStream_t stream) {
-  check_ranks(args.num_ranks, args.num_experts, "ll_dispatch_pack");
+  const LowLatencyLayout layout = checked_layout(args, args.format & kLLFp8, "ll_dispatch_pack");
   if (args.num_topk > kLLMaxTopk)
     throw std::invalid_argument("eplib: ll_dispatch_pack takes at most " + std::to_string(kLLMaxTopk) + " slots");
-  const LowLatencyLayout layout =
-      layout_of(args.num_max, args.hidden, args.num_topk, args.num_experts, args.num_ranks, args.format & kLLFp8);
   visit_ll_format(args.format, [&](auto fp8, auto) {
     launch("ll_dispatch_pack_kernel", ll_dispatch_pack_kernel<decltype(fp8)::value>,
            warp_launch_shape(args.num_tokens, 0), 0, stream, args, layout);
@@ -357,9 +359,7 @@ void ll_dispatch_pack(const LLDispatchPackArgs& args, cudaStream_t stream) {
 }
 
 void ll_dispatch_unpack(const LLDispatchUnpackArgs& args, cudaStream_t stream) {
-  check_ranks(args.num_ranks, args.num_experts, "ll_dispatch_unpack");
-  const LowLatencyLayout layout =
-      layout_of(args.num_max, args.hidden, args.num_topk, args.num_experts, args.num_ranks, args.format & kLLFp8);
+  const LowLatencyLayout layout = checked_layout(args, args.format & kLLFp8, "ll_dispatch_unpack");
   const int blocks_per_expert = unpack_blocks_per_expert(args.num_ranks * args.num_max);
   const unsigned blocks = static_cast<unsigned>(layout.num_local_experts * blocks_per_expert);
   visit_ll_format(args.format, [&](auto fp8, auto ue8m0) {
@@ -369,17 +369,13 @@ void ll_dispatch_unpack(const LLDispatchUnpackArgs& args, cudaStream_t stream) {
 }
 
 void ll_combine_pack(const LLCombinePackArgs& args, cudaStream_t stream) {
-  check_ranks(args.num_ranks, args.num_experts, "ll_combine_pack");
-  const LowLatencyLayout layout =
-      layout_of(args.num_max, args.hidden, args.num_topk, args.num_experts, args.num_ranks, false);
+  const LowLatencyLayout layout = checked_layout(args, false, "ll_combine_pack");
   launch("ll_combine_pack_kernel", ll_combine_pack_kernel,
          {grid_for(static_cast<int64_t>(args.num_ranks) * layout.num_local_experts, 1), 256}, 0, stream, args, layout);
 }
 
 void ll_combine_reduce(const LLCombineReduceArgs& args, cudaStream_t stream) {
-  check_ranks(args.num_ranks, args.num_experts, "ll_combine_reduce");
-  const LowLatencyLayout layout =
-      layout_of(args.num_max, args.hidden, args.num_topk, args.num_experts, args.num_ranks, false);
+  const LowLatencyLayout layout = checked_layout(args, false, "ll_combine_reduce");
   // Message rows are 16-byte aligned when the messages are; `out` rows when H * 2 is a multiple of 16.
   const bool aligned = all_16_byte_aligned({reinterpret_cast<uintptr_t>(args.out),
                                             static_cast<uint64_t>(args.hidden * sizeof(bf16_t))});
